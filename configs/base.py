@@ -1,0 +1,58 @@
+"""The full config schema with CPU-sized defaults; every preset starts from ``base_config()``.
+
+Every field can be overridden on the command line: ``--config.optimizer.lr=1e-3``.
+"""
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.workdir = "runs/default"
+    c.seed = 0
+    c.steps = 300  # total optimizer steps
+    c.batch_size = 16  # global, in sequences
+    c.seq_len = 256
+    c.microbatches = 1  # gradient accumulation: batch_size is split into this many microbatches
+    c.cpu_devices = 8  # simulated CPU devices; 0 leaves the platform alone (GPU/TPU runs)
+    c.log_every = 10
+    c.eval_every = 100
+    c.eval_batches = 8  # held-out batches (of batch_size sequences) per evaluation
+    c.checkpoint_every = 100
+    c.keep_checkpoints = 3  # most recent checkpoints kept
+    c.keep_every = 0  # also keep every K-th step's checkpoint (0: none)
+    c.init_from = ""  # checkpoint dir to take params from (fine-tuning with a fresh optimizer)
+    c.multiprocess = False  # call jax.distributed.initialize() (SLURM / TPU pods / launch.local set this)
+
+    c.mesh = ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2))  # one entry may be -1
+
+    c.model = ml_collections.ConfigDict(dict(
+        name="cpu-small",
+        vocab_size=0,  # 0: the tokenizer's vocabulary
+        vocab_multiple=128,  # pad the vocabulary to a multiple of this (shardable, faster matmuls)
+        compute_dtype="float32",
+        remat="none",
+        dropout=0.0,
+        document_mask=True,
+    ))
+
+    c.data = ml_collections.ConfigDict(dict(
+        corpus="shakespeare",  # or a directory of .txt files
+        dir="data_cache/shakespeare-bpe4096",
+        vocab_size=4096,  # tokenizer vocabulary trained on the corpus
+        num_threads=2,
+    ))
+
+    c.optimizer = ml_collections.ConfigDict(dict(
+        name="adamw",
+        lr=3e-3,  # peak learning rate
+        schedule="cosine",  # cosine | constant | wsd
+        warmup_steps=30,
+        min_lr_ratio=0.1,
+        decay_fraction=0.2,  # wsd: share of the steps spent decaying
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        weight_decay=0.1,  # on matrices and embeddings only
+        clip_norm=1.0,  # global-norm clipping, 0 disables
+    ))
+    return c

@@ -1,0 +1,192 @@
+"""GPT-2 / GPT-3 (dense) decoder in flax NNX.
+
+Pre-LayerNorm blocks, GELU MLP of width 4d, learned absolute positions, biases everywhere, and the output
+head tied to the token embedding. Attention kernels keep the heads as a leading (batch) axis:
+
+    qkv kernel  [3, N, D, H]   (q/k/v, heads, d_model, head_dim)
+    out kernel  [N, H, D]
+
+so that matrix-aware optimizers (Celo2, Muon) see per-head D x H matrices and tensor parallelism splits
+the head axis N. All biases and norm parameters are vectors (the qkv bias is stored flat as [3*N*H]),
+so "ndim <= 1" identifies exactly the non-matrix parameters.
+
+Shapes in names: B batch, L sequence, D d_model, N heads, H head_dim, F mlp width, V vocab.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.partitioning import constrain
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    n_layers: int
+    d_model: int
+    n_heads: int
+    ctx: int
+    vocab_size: int = 50257
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    compute_dtype: str = "float32"  # parameters stay float32 (master weights); activations in this dtype
+    remat: str = "none"  # one of REMAT_POLICIES
+    document_mask: bool = True  # block attention across document boundaries (segment ids)
+    init_std: float = 0.02
+    ln_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"model.remat={self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"model.compute_dtype={self.compute_dtype!r} must be 'float32' or 'bfloat16'")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+def _param(rngs: nnx.Rngs, shape, axes, std: float | None) -> nnx.Param:
+    """A float32 parameter with logical axis names: N(0, std^2) init, or zeros when std is None."""
+    value = jnp.zeros(shape, jnp.float32) if std is None else std * jax.random.normal(rngs.params(), shape)
+    return nnx.Param(value, axes=axes)
+
+
+class LayerNorm(nnx.Module):
+    """y = (x - mean) / sqrt(var + eps) * scale + bias over the last axis, computed in float32."""
+
+    def __init__(self, d: int, eps: float):
+        self.scale = nnx.Param(jnp.ones((d,), jnp.float32), axes=("norm",))
+        self.bias = nnx.Param(jnp.zeros((d,), jnp.float32), axes=("norm",))
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale.value + self.bias.value
+        return y.astype(x.dtype)
+
+
+def _dropout(x, rate: float, key):
+    if rate == 0.0 or key is None:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
+        D, N, H = cfg.d_model, cfg.n_heads, cfg.head_dim
+        resid_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        self.qkv_kernel = _param(rngs, (3, N, D, H), ("qkv", "heads", "embed", "head_dim"), cfg.init_std)
+        self.qkv_bias = _param(rngs, (3 * N * H,), ("norm",), None)
+        self.out_kernel = _param(rngs, (N, H, D), ("heads", "head_dim", "embed"), resid_std)
+        self.out_bias = _param(rngs, (D,), ("norm",), None)
+        self.cfg = cfg
+
+    def __call__(self, x_BxLxD, mask_Bx1xLxL, dropout_key=None):
+        cfg, dt = self.cfg, x_BxLxD.dtype
+        qkv_bias_3xNxH = self.qkv_bias.value.reshape(3, cfg.n_heads, cfg.head_dim)
+        qkv_3xBxLxNxH = jnp.einsum("bld,kndh->kblnh", x_BxLxD, self.qkv_kernel.value.astype(dt))
+        qkv_3xBxLxNxH = qkv_3xBxLxNxH + qkv_bias_3xNxH[:, None, None].astype(dt)
+        q, k, v = (constrain(t, ("batch", "length", "act_heads", None)) for t in qkv_3xBxLxNxH)
+        if mask_Bx1xLxL is None:
+            y_BxLxNxH = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y_BxLxNxH = jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xLxL)
+        y_BxLxD = jnp.einsum("blnh,nhd->bld", y_BxLxNxH, self.out_kernel.value.astype(dt))
+        y_BxLxD = y_BxLxD + self.out_bias.value.astype(dt)
+        return _dropout(y_BxLxD, cfg.dropout, dropout_key)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
+        D, F = cfg.d_model, cfg.mlp_ratio * cfg.d_model
+        resid_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        self.fc_kernel = _param(rngs, (D, F), ("embed", "mlp"), cfg.init_std)
+        self.fc_bias = _param(rngs, (F,), ("mlp",), None)
+        self.proj_kernel = _param(rngs, (F, D), ("mlp", "embed"), resid_std)
+        self.proj_bias = _param(rngs, (D,), ("norm",), None)
+        self.cfg = cfg
+
+    def __call__(self, x_BxLxD, dropout_key=None):
+        dt = x_BxLxD.dtype
+        h_BxLxF = x_BxLxD @ self.fc_kernel.value.astype(dt) + self.fc_bias.value.astype(dt)
+        h_BxLxF = constrain(jax.nn.gelu(h_BxLxF, approximate=True), ("batch", "length", "act_mlp"))
+        y_BxLxD = h_BxLxF @ self.proj_kernel.value.astype(dt) + self.proj_bias.value.astype(dt)
+        return _dropout(y_BxLxD, self.cfg.dropout, dropout_key)
+
+
+class Block(nnx.Module):
+    """x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
+        self.ln1 = LayerNorm(cfg.d_model, cfg.ln_eps)
+        self.attn = Attention(cfg, rngs)
+        self.ln2 = LayerNorm(cfg.d_model, cfg.ln_eps)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x_BxLxD, mask_Bx1xLxL, dropout_key=None):
+        k1, k2 = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+        x_BxLxD = x_BxLxD + self.attn(self.ln1(x_BxLxD), mask_Bx1xLxL, k1)
+        x_BxLxD = x_BxLxD + self.mlp(self.ln2(x_BxLxD), k2)
+        return constrain(x_BxLxD, ("batch", "length", "act_embed"))
+
+
+def attention_mask(segment_ids_BxL):
+    """Causal mask restricted to tokens of the same document: [B, 1, L, L] booleans."""
+    L = segment_ids_BxL.shape[1]
+    causal_LxL = jnp.tril(jnp.ones((L, L), bool))
+    same_doc_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+    return (causal_LxL & same_doc_BxLxL)[:, None]
+
+
+class GPT(nnx.Module):
+    def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
+        self.token_embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std)
+        self.pos_embed = _param(rngs, (cfg.ctx, cfg.d_model), ("position", "embed"), cfg.init_std / 2)
+        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+        self.ln_f = LayerNorm(cfg.d_model, cfg.ln_eps)
+        self.cfg = cfg
+
+    def __call__(self, tokens_BxL, segment_ids_BxL=None, dropout_key=None):
+        """Float32 logits [B, L, V] of the next token at every position."""
+        cfg = self.cfg
+        B, L = tokens_BxL.shape
+        if L > cfg.ctx:
+            raise ValueError(f"sequence length {L} exceeds the model context {cfg.ctx}")
+        dt = jnp.dtype(cfg.compute_dtype)
+        # Gather the tables over fsdp first (as FSDP does for every weight) so the lookup's gradient, a
+        # scatter-add of batch-sharded rows, needs no resharding of the activations.
+        table_VxD = constrain(self.token_embed.value, ("vocab", None))
+        pos_LxD = constrain(self.pos_embed.value[:L], (None, None))
+        x_BxLxD = (table_VxD[tokens_BxL] + pos_LxD).astype(dt)
+        x_BxLxD = constrain(x_BxLxD, ("batch", "length", "act_embed"))
+        use_doc_mask = cfg.document_mask and segment_ids_BxL is not None
+        mask = attention_mask(segment_ids_BxL) if use_doc_mask else None
+        keys = [None] * cfg.n_layers if dropout_key is None else jax.random.split(dropout_key, cfg.n_layers)
+        policy = REMAT_POLICIES[cfg.remat]
+        for block, key in zip(self.blocks, keys):
+            if cfg.remat == "none":
+                x_BxLxD = block(x_BxLxD, mask, key)
+            else:
+                x_BxLxD = nnx.remat(lambda blk, x, m, k: blk(x, m, k), policy=policy)(block, x_BxLxD, mask, key)
+        x_BxLxD = self.ln_f(x_BxLxD)
+        logits_BxLxV = jnp.einsum("bld,vd->blv", x_BxLxD, self.token_embed.value.astype(dt))
+        return constrain(logits_BxLxV, ("batch", "length", "act_vocab")).astype(jnp.float32)

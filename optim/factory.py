@@ -1,0 +1,51 @@
+"""The optimizer factory: every optimizer of the project by name, built from the ``optimizer`` config.
+
+``make_optimizer(cfg, total_steps)`` returns an ``Optimizer(tx, schedule)``: ``tx`` is an
+``optax.GradientTransformationExtraArgs`` (the train step always passes ``loss=`` so that optimizers
+that need the loss, like VeLO, receive it; the others ignore it) that already includes global-norm
+clipping, and ``schedule(step)`` gives the peak-relative learning rate used for logging.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import optax
+
+from optim.schedules import make_schedule
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+    tx: optax.GradientTransformationExtraArgs
+    schedule: optax.Schedule
+
+
+def matrices_only(params):
+    """Weight-decay mask: True for weight matrices and embeddings (ndim >= 2), False for biases and norms."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def _adamw(cfg, schedule):
+    return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                       mask=matrices_only)
+
+
+BUILDERS: dict[str, Callable] = {
+    "adamw": _adamw,
+}
+
+
+def make_optimizer(cfg, total_steps: int) -> Optimizer:
+    """Build the optimizer named ``cfg.name`` with its schedule and global-norm clipping (``cfg.clip_norm``)."""
+    if cfg.name not in BUILDERS:
+        raise ValueError(f"optimizer.name={cfg.name!r} is not known; choose one of: {', '.join(BUILDERS)}")
+    schedule = make_schedule(cfg.schedule, cfg.lr, total_steps, cfg.warmup_steps,
+                             cfg.min_lr_ratio, cfg.decay_fraction)
+    tx = BUILDERS[cfg.name](cfg, schedule)
+    if cfg.clip_norm:
+        if cfg.clip_norm < 0:
+            raise ValueError(f"optimizer.clip_norm={cfg.clip_norm} must be >= 0 (0 disables clipping)")
+        tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
+    return Optimizer(optax.with_extra_args_support(tx), schedule)

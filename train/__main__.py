@@ -1,0 +1,34 @@
+"""``python -m train --config configs/<preset>.py [--config.<field>=<value> ...]``"""
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Run config (a python file).")
+
+
+def main(argv) -> None:
+    del argv
+    cfg = _CONFIG.value
+    from train.loop import NonFiniteLoss, setup_platform, train
+
+    setup_platform(cfg)
+    try:
+        summary = train(cfg)
+    except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
+        if os.environ.get("TRAIN_DEBUG"):
+            raise
+        print(f"error: {e}\n(set TRAIN_DEBUG=1 for the traceback)", file=sys.stderr)
+        sys.exit(2)
+    msg = (f"done: step {summary['step']}, train loss {summary.get('loss', float('nan')):.4f}, "
+           f"eval loss {summary.get('eval_loss', float('nan')):.4f} (unigram entropy "
+           f"{summary['unigram_entropy']:.4f}); outputs in {os.path.abspath(cfg.workdir)}")
+    if "plot" in summary:
+        msg += f" (plot: {summary['plot']})"
+    print(("stopped early and checkpointed; rerun the same command to resume. " if summary["stopped_early"]
+           else "") + msg)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,59 @@
+"""The train state (step, params, optimizer state), its shardings, and its initialisation on the mesh."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from models import GPT, GPTConfig, abstract_params, param_specs
+from optim.sharding import named, state_specs
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: Any  # pure dict of float32 arrays
+    opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Everything static about a run's state: the model graph, abstract shapes and shardings."""
+    graphdef: Any
+    abstract: TrainState  # jax.ShapeDtypeStruct leaves carrying the shardings of this mesh
+    shardings: TrainState  # NamedSharding tree
+    param_specs: Any
+
+
+def make_layout(model_cfg: GPTConfig, tx, mesh: Mesh) -> Layout:
+    graphdef, abstract_state = abstract_params(model_cfg)
+    p_specs = param_specs(abstract_state)
+    params = abstract_state.to_pure_dict()
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    opt_state = jax.eval_shape(tx.init, params)
+    o_specs = state_specs(opt_state, params, p_specs, mesh)
+    specs = TrainState(P(), p_specs, o_specs)
+    shardings = named(mesh, specs)
+    shapes = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, opt_state)
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    return Layout(graphdef, abstract, shardings, p_specs)
+
+
+def init_state(model_cfg: GPTConfig, tx, layout: Layout, seed: int) -> TrainState:
+    """Initialise params and optimizer state directly into their shardings (nothing is gathered).
+
+    The values do not depend on the mesh: the same seed gives the same model on any device layout.
+    """
+    def init(key):
+        _, params = nnx.split(GPT(model_cfg, nnx.Rngs(params=key)), nnx.Param)
+        params = params.to_pure_dict()
+        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+    return jax.jit(init, out_shardings=layout.shardings)(jax.random.key(seed))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())

@@ -1,0 +1,73 @@
+"""The jitted train and eval steps.
+
+Loss: mean next-token cross-entropy over the tokens whose ``loss_mask`` is 1,
+
+    loss = sum_{b,l} CE(logits[b,l], targets[b,l]) * mask[b,l] / sum_{b,l} mask[b,l].
+
+With gradient accumulation the batch is split into ``microbatches`` interleaved slices (rows j*M + i),
+which keeps each slice sharded like the batch; the per-slice gradients of the masked *sum* are added up
+and divided once by the batch's token count, so the result equals the full-batch gradient.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from train.state import Layout, TrainState
+
+
+def batch_sharding(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(("data", "fsdp")))
+
+
+def _loss_sum(graphdef, params, batch, dropout_key):
+    logits = nnx.merge(graphdef, params)(batch["inputs"], batch["segment_ids"], dropout_key)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    return jnp.sum(ce * batch["loss_mask"])
+
+
+def make_train_step(layout: Layout, tx, schedule, mesh, *, microbatches: int, seed: int, dropout: bool):
+    graphdef = layout.graphdef
+    grad_fn = jax.value_and_grad(lambda p, b, k: _loss_sum(graphdef, p, b, k))
+
+    def step(state: TrainState, batch):
+        n_tokens = jnp.maximum(batch["loss_mask"].sum(), 1.0)
+        key = jax.random.fold_in(jax.random.key(seed), state.step) if dropout else None
+        if microbatches == 1:
+            loss_sum, grads = grad_fn(state.params, batch, key)
+        else:
+            micro = jax.tree.map(
+                lambda x: x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1),
+                batch)
+
+            def accumulate(carry, xs):
+                i, mb = xs
+                mb_key = None if key is None else jax.random.fold_in(key, i)
+                l, g = grad_fn(state.params, mb, mb_key)
+                return jax.tree.map(jnp.add, carry, (l, g)), None
+
+            zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
+            (loss_sum, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(microbatches), micro))
+        loss = loss_sum / n_tokens
+        grads = jax.tree.map(lambda g: g / n_tokens, grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, loss=loss)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(step, in_shardings=(layout.shardings, batch_sharding(mesh)),
+                   out_shardings=(layout.shardings, replicated), donate_argnums=(0,))
+
+
+def make_eval_step(layout: Layout, mesh):
+    """(sum of masked CE, number of masked tokens) for one held-out batch."""
+    def step(params, batch):
+        return _loss_sum(layout.graphdef, params, batch, None), batch["loss_mask"].sum()
+
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(step, in_shardings=(layout.shardings.params, batch_sharding(mesh)),
+                   out_shardings=(replicated, replicated))
