@@ -79,7 +79,7 @@ class LayerNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         mean = x32.mean(-1, keepdims=True)
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale.value + self.bias.value
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
         return y.astype(x.dtype)
 
 
@@ -102,16 +102,16 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BxLxD, mask_Bx1xLxL, dropout_key=None):
         cfg, dt = self.cfg, x_BxLxD.dtype
-        qkv_bias_3xNxH = self.qkv_bias.value.reshape(3, cfg.n_heads, cfg.head_dim)
-        qkv_3xBxLxNxH = jnp.einsum("bld,kndh->kblnh", x_BxLxD, self.qkv_kernel.value.astype(dt))
+        qkv_bias_3xNxH = self.qkv_bias[...].reshape(3, cfg.n_heads, cfg.head_dim)
+        qkv_3xBxLxNxH = jnp.einsum("bld,kndh->kblnh", x_BxLxD, self.qkv_kernel[...].astype(dt))
         qkv_3xBxLxNxH = qkv_3xBxLxNxH + qkv_bias_3xNxH[:, None, None].astype(dt)
         q, k, v = (constrain(t, ("batch", "length", "act_heads", None)) for t in qkv_3xBxLxNxH)
         if mask_Bx1xLxL is None:
             y_BxLxNxH = jax.nn.dot_product_attention(q, k, v, is_causal=True)
         else:
             y_BxLxNxH = jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xLxL)
-        y_BxLxD = jnp.einsum("blnh,nhd->bld", y_BxLxNxH, self.out_kernel.value.astype(dt))
-        y_BxLxD = y_BxLxD + self.out_bias.value.astype(dt)
+        y_BxLxD = jnp.einsum("blnh,nhd->bld", y_BxLxNxH, self.out_kernel[...].astype(dt))
+        y_BxLxD = y_BxLxD + self.out_bias[...].astype(dt)
         return _dropout(y_BxLxD, cfg.dropout, dropout_key)
 
 
@@ -127,9 +127,9 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BxLxD, dropout_key=None):
         dt = x_BxLxD.dtype
-        h_BxLxF = x_BxLxD @ self.fc_kernel.value.astype(dt) + self.fc_bias.value.astype(dt)
+        h_BxLxF = x_BxLxD @ self.fc_kernel[...].astype(dt) + self.fc_bias[...].astype(dt)
         h_BxLxF = constrain(jax.nn.gelu(h_BxLxF, approximate=True), ("batch", "length", "act_mlp"))
-        y_BxLxD = h_BxLxF @ self.proj_kernel.value.astype(dt) + self.proj_bias.value.astype(dt)
+        y_BxLxD = h_BxLxF @ self.proj_kernel[...].astype(dt) + self.proj_bias[...].astype(dt)
         return _dropout(y_BxLxD, self.cfg.dropout, dropout_key)
 
 
@@ -174,8 +174,8 @@ class GPT(nnx.Module):
         dt = jnp.dtype(cfg.compute_dtype)
         # Gather the tables over fsdp first (as FSDP does for every weight) so the lookup's gradient, a
         # scatter-add of batch-sharded rows, needs no resharding of the activations.
-        table_VxD = constrain(self.token_embed.value, ("vocab", None))
-        pos_LxD = constrain(self.pos_embed.value[:L], (None, None))
+        table_VxD = constrain(self.token_embed[...], ("vocab", None))
+        pos_LxD = constrain(self.pos_embed[...][:L], (None, None))
         x_BxLxD = (table_VxD[tokens_BxL] + pos_LxD).astype(dt)
         x_BxLxD = constrain(x_BxLxD, ("batch", "length", "act_embed"))
         use_doc_mask = cfg.document_mask and segment_ids_BxL is not None
@@ -188,5 +188,5 @@ class GPT(nnx.Module):
             else:
                 x_BxLxD = nnx.remat(lambda blk, x, m, k: blk(x, m, k), policy=policy)(block, x_BxLxD, mask, key)
         x_BxLxD = self.ln_f(x_BxLxD)
-        logits_BxLxV = jnp.einsum("bld,vd->blv", x_BxLxD, self.token_embed.value.astype(dt))
+        logits_BxLxV = jnp.einsum("bld,vd->blv", x_BxLxD, self.token_embed[...].astype(dt))
         return constrain(logits_BxLxV, ("batch", "length", "act_vocab")).astype(jnp.float32)

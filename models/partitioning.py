@@ -51,11 +51,12 @@ def param_specs(params_with_axes) -> dict:
     def spec(variable):
         axes = variable.get_metadata().get("axes")
         if axes is None:
-            raise ValueError(f"parameter of shape {variable.value.shape} has no logical axis names")
+            raise ValueError(f"parameter of shape {variable.shape} has no logical axis names")
         return logical_to_spec(axes)
 
-    specs = jax.tree.map(spec, params_with_axes, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return nnx.State(specs).to_pure_dict() if not isinstance(specs, dict) else specs
+    leaves, treedef = jax.tree.flatten(params_with_axes, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    pure_treedef = jax.tree.structure(nnx.to_pure_dict(params_with_axes))
+    return jax.tree.unflatten(pure_treedef, [spec(v) for v in leaves])
 
 
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:

@@ -31,7 +31,7 @@ class Layout:
 def make_layout(model_cfg: GPTConfig, tx, mesh: Mesh) -> Layout:
     graphdef, abstract_state = abstract_params(model_cfg)
     p_specs = param_specs(abstract_state)
-    params = abstract_state.to_pure_dict()
+    params = nnx.to_pure_dict(abstract_state)
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     opt_state = jax.eval_shape(tx.init, params)
     o_specs = state_specs(opt_state, params, p_specs, mesh)
@@ -49,7 +49,7 @@ def init_state(model_cfg: GPTConfig, tx, layout: Layout, seed: int) -> TrainStat
     """
     def init(key):
         _, params = nnx.split(GPT(model_cfg, nnx.Rngs(params=key)), nnx.Param)
-        params = params.to_pure_dict()
+        params = nnx.to_pure_dict(params)
         return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
     return jax.jit(init, out_shardings=layout.shardings)(jax.random.key(seed))

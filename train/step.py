@@ -55,7 +55,7 @@ def make_train_step(layout: Layout, tx, schedule, mesh, *, microbatches: int, se
         grads = jax.tree.map(lambda g: g / n_tokens, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params, loss=loss)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
         return TrainState(state.step + 1, params, opt_state), metrics
 
     replicated = NamedSharding(mesh, P())

@@ -1,0 +1,50 @@
+"""Shared test utilities: small configs and synthetic batches for the sharded train step."""
+import jax
+import numpy as np
+
+from configs.base import base_config
+from models import model_config
+from optim.factory import make_optimizer
+from train.mesh import build_mesh
+from train.state import init_state, make_layout
+from train.step import batch_sharding, make_train_step
+
+VOCAB = 256
+
+
+def synthetic_batches(n, batch=8, seq=32, seed=0):
+    """Token batches with learnable structure (each token predicts the next as (t*7+3) % VOCAB)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        start = rng.integers(0, VOCAB, (batch, 1))
+        seq_ids = (start * np.power(7, np.arange(seq + 1)) % VOCAB + 3 * np.arange(seq + 1)) % VOCAB
+        seg = np.where(np.arange(seq) < seq // 2, 1, 2)[None].repeat(batch, 0)
+        out.append(dict(inputs=seq_ids[:, :-1].astype(np.int32), targets=seq_ids[:, 1:].astype(np.int32),
+                        segment_ids=seg.astype(np.int32), loss_mask=np.ones((batch, seq), np.float32)))
+    return out
+
+
+def optimizer_config(name="adamw", **overrides):
+    cfg = base_config().optimizer
+    cfg.name = name
+    cfg.warmup_steps = 2
+    cfg.update(overrides)
+    return cfg
+
+
+def run_steps(mesh_shape, opt_cfg, batches, microbatches=1, model="cpu-tiny", steps_total=20):
+    """Train on the given synthetic batches; returns (final state, losses, layout, mesh)."""
+    n = int(np.prod(mesh_shape))
+    mesh = build_mesh(dict(zip(("data", "fsdp", "tensor"), mesh_shape)), jax.devices()[:n])
+    model_cfg = model_config(model, vocab_size=VOCAB)
+    opt = make_optimizer(opt_cfg, steps_total)
+    layout = make_layout(model_cfg, opt.tx, mesh)
+    state = init_state(model_cfg, opt.tx, layout, seed=0)
+    step = make_train_step(layout, opt.tx, opt.schedule, mesh, microbatches=microbatches, seed=0, dropout=False)
+    losses = []
+    with jax.set_mesh(mesh):
+        for b in batches:
+            state, m = step(state, jax.device_put(b, batch_sharding(mesh)))
+            losses.append(float(m["loss"]))
+    return state, np.array(losses), layout, mesh
