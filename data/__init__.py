@@ -1,0 +1,18 @@
+"""Data: corpus preparation (sentencepiece BPE + ArrayRecord token chunks) and the grain input pipeline.
+
+    info = ensure_prepared("data/shakespeare", corpus="shakespeare", vocab_size=4096)
+    it = train_iterator(info, seq_len=256, global_batch_size=32, seed=0,
+                        process_index=jax.process_index(), process_count=jax.process_count(),
+                        start_step=step)
+    batch = next(it)  # {"inputs", "targets", "segment_ids": int32, "loss_mask": float32} [B/P, L]
+    evals = eval_batches(info, seq_len=256, batch_size=32, ...)
+
+CLI: ``python -m data prepare --corpus shakespeare --out DIR`` and ``python -m data info DIR``.
+See ``data.prepare`` for the on-disk format and ``data.pipeline`` for the example and batch semantics.
+"""
+from data.pipeline import eval_batches, train_iterator
+from data.prepare import DatasetInfo, ensure_prepared, load_info, prepare_corpus
+from data.tokenizer import Tokenizer
+
+__all__ = ["ensure_prepared", "prepare_corpus", "load_info", "DatasetInfo", "Tokenizer", "train_iterator",
+           "eval_batches"]

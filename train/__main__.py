@@ -2,7 +2,7 @@
 import os
 import sys
 
-from absl import app, flags
+from absl import app, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Run config (a python file).")
@@ -11,6 +11,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Run c
 def main(argv) -> None:
     del argv
     cfg = _CONFIG.value
+    logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
     from train.loop import NonFiniteLoss, setup_platform, train
 
     setup_platform(cfg)

@@ -40,18 +40,21 @@ class Checkpointer:
             items["config"] = ocp.args.JsonSave(config)
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-    def restore(self, step: int, abstract_state, data_iterator=None):
-        """Train state of ``step`` (and the iterator's position, restored in place)."""
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        return self.manager.restore(step, args=ocp.args.Composite(**items)).state
+    def restore(self, step: int, abstract_state):
+        """Train state of ``step``.
 
-    def restore_latest(self, abstract_state, data_iterator=None):
+        The data iterator's saved state is not read back: the pipeline's position is a pure function of
+        the step (``data.train_iterator(..., start_step=step)``), which also holds when the number of
+        processes changed, whereas grain's saved state is per process.
+        """
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        return self.manager.restore(step, args=args).state
+
+    def restore_latest(self, abstract_state):
         """(step, state) of the newest checkpoint that restores cleanly, or (None, None) if there is none."""
         for step in reversed(self.steps()):
             try:
-                return step, self.restore(step, abstract_state, data_iterator)
+                return step, self.restore(step, abstract_state)
             except Exception as e:  # noqa: BLE001 - any failure means this checkpoint is unusable
                 msg = (f"checkpoint {os.path.join(self.directory, str(step))} could not be restored "
                        f"({type(e).__name__}: {str(e)[:300]}); trying the previous one")

@@ -79,12 +79,13 @@ def train(cfg) -> dict:
     mesh_lib.check_divisibility(layout.abstract.params, layout.param_specs, mesh)
 
     pidx, pcount = jax.process_index(), jax.process_count()
-    train_data = data.train_iterator(info, seq_len=cfg.seq_len, global_batch_size=cfg.batch_size, seed=cfg.seed,
-                                     process_index=pidx, process_count=pcount, num_threads=cfg.data.num_threads)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints, cfg.keep_every)
-    start_step, state = ckpt.restore_latest(layout.abstract, train_data)
+    start_step, state = ckpt.restore_latest(layout.abstract)
     if state is None:
         start_step, state = 0, init_state(model_cfg, optimizer.tx, layout, cfg.seed)
+    train_data = data.train_iterator(info, seq_len=cfg.seq_len, global_batch_size=cfg.batch_size, seed=cfg.seed,
+                                     process_index=pidx, process_count=pcount, start_step=start_step,
+                                     num_threads=cfg.data.num_threads)
     if pidx == 0:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "config.json"), "w") as f:

@@ -1,0 +1,128 @@
+"""SentencePiece BPE tokenizer: training on a corpus and a small lazily loaded wrapper.
+
+The trained model is lossless on any text: identity normalization, whitespace kept as is (no dummy
+prefix, no collapsing of spaces), ``"\\n"`` as a user-defined piece (a single token) and byte fallback for
+characters outside the vocabulary, so ``decode(encode(s)) == s``. Ids: 0 = ``<unk>``, 1 = ``<s>`` (BOS),
+2 = ``</s>`` (EOS), no padding id. Training is deterministic (fixed sentencepiece seed; all lines are used
+unless there are more than ``input_sentence_size``).
+"""
+from __future__ import annotations
+
+import io
+import os
+import threading
+from typing import Iterable, Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+# Settings passed to SentencePieceTrainer.train (recorded in meta.json).
+TRAINER_SETTINGS = dict(
+    model_type="bpe",
+    byte_fallback=True,
+    character_coverage=0.9999,
+    normalization_rule_name="identity",
+    remove_extra_whitespaces=False,
+    add_dummy_prefix=False,
+    allow_whitespace_only_pieces=True,
+    split_digits=True,
+    user_defined_symbols=["\n"],
+    unk_id=0,
+    bos_id=1,
+    eos_id=2,
+    pad_id=-1,
+    input_sentence_size=2_000_000,  # lines; a few MB of text has far fewer, so all of them are used
+    shuffle_input_sentence=True,  # only matters above input_sentence_size
+    max_sentence_length=16384,  # bytes; longer lines are cut (below) rather than skipped by the trainer
+    num_threads=2,
+)
+TRAINER_SEED = 0
+_MAX_LINE_CHARS = 4096
+
+
+class Tokenizer:
+  """A sentencepiece model file, loaded on first use (the processor itself is never pickled)."""
+
+  def __init__(self, model_path: str | os.PathLike):
+    self.model_path = os.fspath(model_path)
+    self._sp = None
+    self._lock = threading.Lock()
+
+  @property
+  def sp(self) -> spm.SentencePieceProcessor:
+    if self._sp is None:
+      with self._lock:
+        if self._sp is None:
+          if not os.path.isfile(self.model_path):
+            raise ValueError(f"tokenizer model {self.model_path!r} does not exist")
+          sp = spm.SentencePieceProcessor()
+          try:
+            sp.Load(self.model_path)
+          except (OSError, RuntimeError) as e:
+            raise ValueError(f"{self.model_path!r} is not a sentencepiece model: {e}") from e
+          self._sp = sp
+    return self._sp
+
+  def __getstate__(self):
+    return {"model_path": self.model_path}
+
+  def __setstate__(self, state):
+    self.__init__(state["model_path"])
+
+  def __repr__(self):
+    return f"Tokenizer({self.model_path!r})"
+
+  def encode(self, text: str) -> list[int]:
+    return self.sp.EncodeAsIds(text)
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return self.sp.EncodeAsIds(list(texts), num_threads=TRAINER_SETTINGS["num_threads"])
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return self.sp.DecodeIds([int(i) for i in np.asarray(ids).reshape(-1)])
+
+  @property
+  def vocab_size(self) -> int:
+    return self.sp.GetPieceSize()
+
+  @property
+  def bos_id(self) -> int:
+    return self.sp.bos_id()
+
+  @property
+  def eos_id(self) -> int:
+    return self.sp.eos_id()
+
+  @property
+  def unk_id(self) -> int:
+    return self.sp.unk_id()
+
+  @staticmethod
+  def train(texts: Iterable[str], model_path: str | os.PathLike, vocab_size: int = 4096) -> "Tokenizer":
+    """Trains a BPE model on the lines of ``texts`` and writes it to ``model_path``."""
+    if vocab_size < 300:
+      raise ValueError(f"vocab_size={vocab_size} is too small: byte fallback alone needs 259 ids; use >= 300")
+    spm.set_random_generator_seed(TRAINER_SEED)
+    proto = io.BytesIO()
+    try:
+      spm.SentencePieceTrainer.train(
+          sentence_iterator=_lines(texts), model_writer=proto, vocab_size=vocab_size, minloglevel=2,
+          **TRAINER_SETTINGS)
+    except RuntimeError as e:
+      raise ValueError(
+          f"sentencepiece could not train a {vocab_size}-token vocabulary: {e}. Fix: use a smaller "
+          "--vocab_size (or a larger corpus)") from e
+    tmp = f"{os.fspath(model_path)}.tmp"
+    with open(tmp, "wb") as f:
+      f.write(proto.getvalue())
+    os.replace(tmp, model_path)
+    return Tokenizer(model_path)
+
+
+def _lines(texts: Iterable[str]):
+  for text in texts:
+    for line in text.split("\n"):
+      for start in range(0, len(line), _MAX_LINE_CHARS):
+        piece = line[start:start + _MAX_LINE_CHARS]
+        if piece.strip():
+          yield piece
