@@ -54,5 +54,10 @@ def base_config() -> ml_collections.ConfigDict:
         eps=1e-8,
         weight_decay=0.1,  # on matrices and embeddings only
         clip_norm=1.0,  # global-norm clipping, 0 disables
+        adam_lr_mult=0.0,  # lr of the AdamW branch of Muon/Celo2 relative to lr; 0: the optimizer's
+        #                    default (muon 0.15, celo2 20 = the meta-training mult_1d)
+        theta="",  # Celo2/VeLO weight file (official theta.state format); "": the shipped weights
+        muon_beta=0.95,
+        muon_nesterov=True,
     ))
     return c

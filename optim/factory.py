@@ -32,8 +32,31 @@ def _adamw(cfg, schedule):
                        mask=matrices_only)
 
 
+def _muon(cfg, schedule):
+    from optim.muon import muon
+
+    ratio = cfg.adam_lr_mult or 0.15
+    return muon(schedule, lambda t: ratio * schedule(t), beta=cfg.muon_beta, nesterov=cfg.muon_nesterov,
+                weight_decay=cfg.weight_decay, adam_b1=cfg.b1, adam_b2=cfg.b2, eps=cfg.eps)
+
+
+def _celo2(cfg, schedule):
+    from optim.celo2 import celo2
+
+    return celo2(schedule, cfg.theta or None, weight_decay=cfg.weight_decay, mult_1d=cfg.adam_lr_mult or 20.0)
+
+
+def _celo2_base(cfg, schedule):
+    from optim.celo2 import celo2_base
+
+    return celo2_base(schedule, cfg.theta or None, weight_decay=cfg.weight_decay)
+
+
 BUILDERS: dict[str, Callable] = {
     "adamw": _adamw,
+    "muon": _muon,
+    "celo2": _celo2,
+    "celo2-base": _celo2_base,
 }
 
 

@@ -1,0 +1,371 @@
+"""Celo2: a learned per-element MLP update rule, orthogonalised and RMS-normalised (arXiv 2602.19142).
+
+For every parameter leaf p with gradient g (clipped elementwise to +-1000), Celo2 keeps EMAs of g
+(3 decays), of g^2 (1 decay) and Adafactor-style factored EMAs of g^2 (3 decays), builds 30 features per
+element (15 for vectors and scalars), normalises each feature channel by its RMS over the last two axes of
+p, and maps them with a 30 -> 8 -> 8 -> 3 MLP (weights "theta", shared by all elements) to a direction d:
+
+    d    = MLP(features)[..., 0]
+    d    = NewtonSchulz5(d)                    over the last two axes, Celo2 only, ndim >= 2
+    step = d / sqrt(1e-9 + mean(d^2))          per slice of the last two axes: every slice has RMS 1
+
+``scale_by_celo2`` returns that step (before the learning rate). ``celo2`` is the harness used to train
+with it: the learned rule on matrices and N-d tensors, AdamW on vectors and embeddings. ``celo2_base``
+runs the rule without Newton-Schulz on every leaf.
+
+Memory: the 30 features are never built for a whole tensor (2048 x 8192 x 30 floats would be 2 GB). Two
+passes over blocks of rows (``chunk_elems`` elements each) rebuild the cheap elementwise features per
+block: the first sums their squares for the input normalisation, the second runs the MLP. The transient
+memory is about 2x the tensor plus ~60 floats per block element; the result is the unchunked math. Blocks
+take every k-th row, so on a row-sharded tensor each block is spread over all shards: no all-gather.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from optim.theta_io import (FEATURE_WIDTHS, THETA_SHAPES, check_theta, load_theta, save_theta,
+                            theta_from_bytes, theta_to_bytes)
+
+__all__ = ["ScaleByCelo2State", "scale_by_celo2", "celo2", "celo2_base", "param_labels", "routing_table",
+           "orthogonalize_ns", "init_theta", "load_theta", "save_theta", "theta_from_bytes",
+           "theta_to_bytes", "WEIGHTS_DIR"]
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"  # shipped weights: celo2.state, celo2-base.state
+
+MOMENTUM_DECAYS = (0.9, 0.99, 0.999)
+RMS_DECAYS = (0.95,)
+ADAFACTOR_DECAYS = (0.9, 0.99, 0.999)
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+GRAD_CLIP = 1000.0  # elementwise clip of the incoming gradient
+FEATURE_CLIP = 0.1  # the "clipped g" feature
+GSQ_EPS = 1e-30  # added to g^2 in the factored accumulators
+FACTOR_EPS = 1e-9  # floor inside the factored rsqrt, and eps of the row-mean normaliser
+RSQRT_EPS = 1e-8  # rsqrt(rms + eps), rsqrt(row/col stat + eps)
+NORM_EPS = 1e-9  # input-feature and output RMS normalisation
+CHUNK_ELEMS = 2**18  # elements per MLP block; bounds the transient feature memory (30 floats each)
+N_VECTOR_BLOCKS = 9  # feature blocks 0-8 exist for every leaf; 9-13 (factored) only for ndim >= 2
+ACTIVATIONS = {"relu": jax.nn.relu, "tanh": jnp.tanh}
+
+
+class ScaleByCelo2State(NamedTuple):
+    """State of ``scale_by_celo2``. Every field but ``iteration`` has the tree structure of the params.
+
+    m:      p.shape + (3,)              momentum EMAs, p's dtype
+    rms:    p.shape + (1,)              EMA of g^2, p's dtype
+    v_row:  delete(p.shape, d0) + (3,)  factored EMAs of mean(g^2, axis=d0), float32; (0, 3) if ndim <= 1
+    v_col:  delete(p.shape, d1) + (3,)  factored EMAs of mean(g^2, axis=d1), float32; (0, 3) if ndim <= 1
+    v_diag: p.shape + (3,)              EMAs of g^2 for ndim <= 1, float32; (0, 3) placeholder otherwise
+    with (d1, d0) the indices of the second-largest and largest dims. The official implementation also
+    counts steps per accumulator (MomAccumulator.t, ...); the math never reads them, so they are omitted.
+    """
+    iteration: jax.Array  # int32 scalar
+    m: optax.Updates
+    rms: optax.Updates
+    v_row: optax.Updates
+    v_col: optax.Updates
+    v_diag: optax.Updates
+
+
+def factored_dims(shape) -> tuple[int, int] | None:
+    """(d1, d0): indices of the second-largest and the largest dim, None for ndim < 2. Ties resolve as a
+    stable argsort (as NumPy's default sort does on such short arrays): (n, n) -> (0, 1)."""
+    if len(shape) < 2:
+        return None
+    order = np.argsort(shape, kind="stable")
+    return int(order[-2]), int(order[-1])
+
+
+def _factored_shapes(shape: tuple, k: int):
+    """Shapes of (v_row, v_col, v_diag) for a leaf of ``shape`` and k decays; (0, k) marks an unused one."""
+    dims = factored_dims(shape)
+    if dims is None:
+        return (0, k), (0, k), shape + (k,)
+    d1, d0 = dims
+    return shape[:d0] + shape[d0 + 1:] + (k,), shape[:d1] + shape[d1 + 1:] + (k,), (0, k)
+
+
+def orthogonalize_ns(x, coeffs=NS_COEFFS, iters: int = 5, eps: float = 1e-8):
+    """Newton-Schulz iteration towards U V^T of each matrix over the last two axes (leading axes batched).
+
+    Tall slices are transposed to wide; X <- X / (||X||_F + eps); then ``iters`` times
+    A = X X^T, B = b A + c A A, X <- a X + B X. No shape-dependent scaling (the RMS normalisation follows).
+    """
+    a, b, c = coeffs
+    tall = x.shape[-2] > x.shape[-1]
+    if tall:
+        x = jnp.swapaxes(x, -1, -2)
+    x = x / (jnp.linalg.norm(x, axis=(-2, -1), keepdims=True) + eps)
+    for _ in range(iters):
+        A = x @ jnp.swapaxes(x, -1, -2)
+        B = b * A + c * (A @ A)
+        x = a * x + B @ x
+    return jnp.swapaxes(x, -1, -2) if tall else x
+
+
+def _ema(old, x, decays):
+    """beta * old + (1 - beta) * x per decay (last axis), with beta in float32 and the result in old's dtype."""
+    beta = jnp.asarray(decays, jnp.float32)
+    return (beta * old + (1 - beta) * x).astype(old.dtype)
+
+
+def _rms_normalizer(x, axes):
+    return lax.rsqrt(NORM_EPS + jnp.mean(jnp.square(x), axes, keepdims=True))
+
+
+def _features(g, p, m, rms, *fac):
+    """The 14 feature blocks (9 if ``fac`` is the non-factored 1-tuple), each broadcastable to
+    g.shape + (width,): the factored statistics keep their size-1 axes.
+
+    ``fac`` is (row_factor, col_factor, v_row, v_col), each expanded back to the rank of p, or (v_diag,).
+    The inputs may be whole leaves or matching row blocks of them.
+    """
+    G = g[..., None]
+    R = lax.rsqrt(rms + RSQRT_EPS)
+    if len(fac) == 4:
+        row_factor, col_factor, v_row, v_col = fac
+        fac_g = G * row_factor * col_factor
+    else:
+        fac_g = G * lax.rsqrt(jnp.maximum(fac[0] + FACTOR_EPS, FACTOR_EPS))
+    blocks = [G, jnp.clip(G, -FEATURE_CLIP, FEATURE_CLIP), p[..., None], m, rms, m * R, R, fac_g, G * R]
+    if len(fac) == 4:
+        blocks += [v_row, v_col, lax.rsqrt(v_row + RSQRT_EPS), lax.rsqrt(v_col + RSQRT_EPS),
+                   m * row_factor * col_factor]
+    return blocks
+
+
+def _fold_row_blocks(fn, carry, inputs, axis: int, n_blocks: int):
+    """carry <- fn(carry, block, j) for j < n_blocks, block j holding rows j, j + n_blocks, j + 2 n_blocks, ...
+    of every input along ``axis`` (n_blocks divides its size). Inputs of size 1 there (broadcast) pass whole.
+
+    Strided blocks take the same rows from every shard of a sharded ``axis``, so they need no communication.
+    """
+    def take(x, j):
+        if x.shape[axis] == 1:
+            return x
+        x = x.reshape(x.shape[:axis] + (x.shape[axis] // n_blocks, n_blocks) + x.shape[axis + 1:])
+        return lax.dynamic_index_in_dim(x, j, axis + 1, keepdims=False)
+
+    return lax.fori_loop(0, n_blocks, lambda j, c: fn(c, [take(x, j) for x in inputs], j), carry)
+
+
+def _num_row_blocks(shape, axis: int, chunk_elems: int) -> int:
+    """The fewest blocks, dividing shape[axis] evenly, with at most ~chunk_elems elements each."""
+    n = shape[axis]
+    min_blocks = -(-math.prod(shape) // max(chunk_elems, 1))
+    return next(k for k in range(1, n + 1) if n % k == 0 and k >= min(min_blocks, n)) if n else 1
+
+
+def _accumulate(g, m, rms, v_row, v_col, v_diag, decays):
+    """Update the EMAs of a leaf with its clipped gradient g (A.2).
+
+    Returns the new (m, rms, v_row, v_col, v_diag) and ``fac``, the inputs of the factored features:
+    (row_factor, col_factor, v_row, v_col) expanded back to g's rank, or (v_diag,) when ndim <= 1.
+    """
+    momentum_decays, rms_decays, adafactor_decays = decays
+    G = g[..., None]
+    m = _ema(m, G, momentum_decays)
+    rms = _ema(rms, jnp.square(G), rms_decays)
+    gsq = jnp.square(G.astype(jnp.float32)) + GSQ_EPS
+    dims = factored_dims(g.shape)
+    if dims is None:
+        v_diag = _ema(v_diag, gsq, adafactor_decays)
+        return (m, rms, v_row, v_col, v_diag), (v_diag,)
+    d1, d0 = dims
+    v_row = _ema(v_row, jnp.mean(gsq, axis=d0), adafactor_decays)
+    v_col = _ema(v_col, jnp.mean(gsq, axis=d1), adafactor_decays)
+    row_mean = jnp.mean(v_row, axis=d1 - 1 if d1 > d0 else d1, keepdims=True)
+    row_factor = lax.rsqrt(jnp.maximum(v_row / (row_mean + FACTOR_EPS), FACTOR_EPS))
+    col_factor = lax.rsqrt(jnp.maximum(v_col, FACTOR_EPS))
+    fac = (jnp.expand_dims(row_factor, d0), jnp.expand_dims(col_factor, d1),
+           jnp.expand_dims(v_row, d0), jnp.expand_dims(v_col, d1))
+    return (m, rms, v_row, v_col, v_diag), fac
+
+
+def _input_scales(inputs, axes, n_row_blocks: int, n_feature_blocks: int):
+    """Per-channel rsqrt(1e-9 + mean(x^2)) over ``axes`` of every feature block x (A.4), accumulated over
+    blocks of rows along axes[0] so that no feature is ever built for the whole leaf."""
+    shape = inputs[0].shape
+    kept = [1 if a in axes else size for a, size in enumerate(shape)]
+
+    def add_squares(sums, block, j):
+        full = block[0].shape
+        return [s + jnp.sum(jnp.square(jnp.broadcast_to(f, full + f.shape[-1:])), axes, keepdims=True,
+                            dtype=jnp.float32) for s, f in zip(sums, _features(*block))]
+
+    sums = [jnp.zeros(kept + [w], jnp.float32) for w in FEATURE_WIDTHS[:n_feature_blocks]]
+    sums = _fold_row_blocks(add_squares, sums, inputs, axes[0], n_row_blocks)
+    return [lax.rsqrt(NORM_EPS + s / math.prod(shape[a] for a in axes)) for s in sums]
+
+
+def _resolve_theta(theta, variant: str) -> dict:
+    """A theta dict, a path to a theta.state file, or None for the shipped weights of ``variant``."""
+    if theta is None:
+        default = WEIGHTS_DIR / f"{variant}.state"
+        if not default.exists():
+            raise ValueError(f"no shipped {variant} weights exist yet ({default} is missing): pass theta=<path "
+                             "to a theta.state file> (official or meta-trained) or a theta dict")
+        theta = default
+    if isinstance(theta, (str, os.PathLike)):
+        theta = load_theta(theta)
+    check_theta(theta)
+    return {k: jnp.asarray(v, jnp.float32) for k, v in theta.items()}
+
+
+def scale_by_celo2(theta=None, *, orthogonalize: bool = True,
+                   initial_momentum_decays=MOMENTUM_DECAYS, initial_rms_decays=RMS_DECAYS,
+                   initial_adafactor_decays=ADAFACTOR_DECAYS, exp_mult: float = 0.0, rmsmult: float = 1.0,
+                   mlp_activation: str = "relu", ns_coeffs=NS_COEFFS, ns_iters: int = 5, ns_eps: float = 1e-8,
+                   chunk_elems: int = CHUNK_ELEMS) -> optax.GradientTransformation:
+    """The Celo2 learned rule; ``update(grads, state, params)`` returns the step before the learning rate.
+
+    Per leaf, with g <- clip(g, -1000, 1000) and EMAs new = beta old + (1 - beta) x (zero init, no bias
+    correction): m (3 decays) of g, rms (1 decay) of g^2, and Adafactor EMAs of g^2 + 1e-30 factored over
+    the two largest dims (v_row, v_col) or, for ndim <= 1, kept whole (v_diag). With G = g, R = rsqrt(rms +
+    1e-8), the feature blocks are, in order (w0__0..w0__13):
+      G, clip(G, +-0.1), p, m, rms, m R, R, fac_g, G R, row, col, rsqrt(row + 1e-8), rsqrt(col + 1e-8), m rf cf
+    where fac_g = G rf cf (Adafactor-normalised g; G rsqrt(v_diag + 1e-9) for vectors), rf/cf are the row and
+    column factors rsqrt(max(v_row / (mean(v_row) + 1e-9), 1e-9)), rsqrt(max(v_col, 1e-9)), and row/col are
+    v_row/v_col broadcast to p's shape. Vectors and scalars use blocks 0-8 only. Each channel x becomes
+    x rsqrt(1e-9 + mean(x^2)) over the last two axes of p, then
+
+        h = act(act(sum_i x_i w0__i + b0) w1 + b1);  o = h w2 + b2;  d = o[..., 0] exp(exp_mult o[..., 1])
+        d <- NS(d) if orthogonalize and ndim >= 2;   step = rmsmult d rsqrt(1e-9 + mean(d^2))
+
+    with the means over the last two axes. ``theta``: a dict, a theta.state path, or None for the shipped
+    weights (``WEIGHTS_DIR``). ``chunk_elems`` only trades speed for transient memory; results are the same.
+    """
+    theta = _resolve_theta(theta, "celo2" if orthogonalize else "celo2-base")
+    for name, decays, n in [("initial_momentum_decays", initial_momentum_decays, 3),
+                            ("initial_rms_decays", initial_rms_decays, 1),
+                            ("initial_adafactor_decays", initial_adafactor_decays, 3)]:
+        if len(decays) != n:
+            raise ValueError(f"{name} must have {n} entries to match theta's input widths, got {decays}")
+    if mlp_activation not in ACTIVATIONS:
+        raise ValueError(f"mlp_activation must be one of {sorted(ACTIVATIONS)}, got {mlp_activation!r}")
+    act = ACTIVATIONS[mlp_activation]
+    decays = (initial_momentum_decays, initial_rms_decays, initial_adafactor_decays)
+    w0_all = jnp.concatenate([theta[f"w0__{i}"] for i in range(len(FEATURE_WIDTHS))])
+
+    def direction(blocks, scales, w0):
+        shape = blocks[0].shape[:-1]
+        x = jnp.concatenate([jnp.broadcast_to(b * s, shape + b.shape[-1:]) for b, s in zip(blocks, scales)], -1)
+        h = act(x @ w0 + theta["b0"])
+        h = act(h @ theta["w1"] + theta["b1"])
+        o = h @ theta["w2"] + theta["b2"]
+        return o[..., 0] * jnp.exp(exp_mult * o[..., 1])
+
+    def update_leaf(g, p, m, rms, v_row, v_col, v_diag):
+        if p.ndim == 0:  # run as shape (1,) and squeeze back
+            step, m, rms, v_row, v_col, v_diag = update_leaf(g[None], p[None], m[None], rms[None],
+                                                             v_row, v_col, v_diag[None])
+            return step[0], m[0], rms[0], v_row, v_col, v_diag[0]
+        g = jnp.clip(g, -GRAD_CLIP, GRAD_CLIP)
+        new_state, fac = _accumulate(g, m, rms, v_row, v_col, v_diag, decays)
+        inputs = (g, p, *new_state[:2], *fac)
+        # Features exist for at most ~chunk_elems elements at a time: the input normalisation and the MLP
+        # both run over blocks of rows along the first of the last two axes.
+        axes = tuple(range(max(p.ndim - 2, 0), p.ndim))
+        n_rows = _num_row_blocks(p.shape, axes[0], chunk_elems)
+        n_feats = len(FEATURE_WIDTHS) if p.ndim >= 2 else N_VECTOR_BLOCKS
+        scales = _input_scales(inputs, axes, n_rows, n_feats)
+        w0 = w0_all[:sum(FEATURE_WIDTHS[:n_feats])]
+        blocked = p.shape[:axes[0]] + (p.shape[axes[0]] // n_rows, n_rows) + p.shape[axes[0] + 1:]
+
+        def put_direction(out, block, j):
+            return lax.dynamic_update_index_in_dim(out, direction(_features(*block), scales, w0), j, axes[0] + 1)
+
+        d = jnp.zeros(blocked, jnp.result_type(jnp.float32, *inputs, *theta.values()))
+        d = _fold_row_blocks(put_direction, d, inputs, axes[0], n_rows).reshape(p.shape)
+        if orthogonalize and p.ndim >= 2:
+            d = orthogonalize_ns(d, ns_coeffs, ns_iters, ns_eps)
+        step = rmsmult * d * _rms_normalizer(d, axes)
+        return (step.astype(p.dtype), *new_state)
+
+    def init_fn(params):
+        def zeros(shape_fn, dtype_fn):
+            return jax.tree.map(lambda p: jnp.zeros(shape_fn(tuple(p.shape)), dtype_fn(p)), params)
+
+        f32 = lambda p: jnp.float32
+        return ScaleByCelo2State(
+            iteration=jnp.zeros([], jnp.int32),
+            m=zeros(lambda s: s + (len(initial_momentum_decays),), lambda p: p.dtype),
+            rms=zeros(lambda s: s + (len(initial_rms_decays),), lambda p: p.dtype),
+            v_row=zeros(lambda s: _factored_shapes(s, len(initial_adafactor_decays))[0], f32),
+            v_col=zeros(lambda s: _factored_shapes(s, len(initial_adafactor_decays))[1], f32),
+            v_diag=zeros(lambda s: _factored_shapes(s, len(initial_adafactor_decays))[2], f32))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("scale_by_celo2 needs params: the parameter value is an input feature of the rule")
+        treedef = jax.tree.structure(updates)
+        trees = (updates, params, state.m, state.rms, state.v_row, state.v_col, state.v_diag)
+        outs = [update_leaf(*leaves) for leaves in zip(*(treedef.flatten_up_to(t) for t in trees))]
+        step, m, rms, v_row, v_col, v_diag = (treedef.unflatten([o[i] for o in outs]) for i in range(6))
+        return step, ScaleByCelo2State(optax.safe_increment(state.iteration), m, rms, v_row, v_col, v_diag)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def param_labels(params):
+    """'adam' for leaves with ndim <= 1 or 'embed' in their key path, else 'celo2' (spec G.1)."""
+    def label(path, p):
+        return "adam" if len(p.shape) <= 1 or "embed" in jax.tree_util.keystr(path) else "celo2"
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def routing_table(params) -> str:
+    """One line per leaf (key path, shape, optimizer label), then the parameter count per label."""
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    rows = [(jax.tree_util.keystr(path), str(tuple(p.shape)), label)
+            for (path, p), label in zip(leaves, jax.tree.leaves(param_labels(params)))]
+    wp, ws = (max((len(r[i]) for r in rows), default=0) for i in (0, 1))
+    totals = {}
+    for (_, p), (_, _, label) in zip(leaves, rows):
+        totals[label] = totals.get(label, 0) + math.prod(p.shape)
+    return "\n".join([f"{path:<{wp}}  {shape:<{ws}}  {label}" for path, shape, label in rows]
+                     + ["  ".join(f"{label}: {n:,} params" for label, n in sorted(totals.items()))])
+
+
+def celo2(learning_rate: optax.ScalarOrSchedule, theta=None, *, weight_decay: float = 0.0,
+          mult_1d: float = 20.0, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
+          **celo2_config: Any) -> optax.GradientTransformation:
+    """Celo2 as deployed (spec B.1, G.1-G.2): leaves labelled by ``param_labels``.
+
+    'celo2' leaves: p <- p - lr_t (scale_by_celo2(orthogonalize=True) + wd p).
+    'adam' leaves:  optax.adamw(mult_1d lr_t, b1, b2, eps, weight_decay=wd) (bias-corrected).
+    """
+    adam_lr = ((lambda count: mult_1d * learning_rate(count)) if callable(learning_rate)
+               else mult_1d * learning_rate)
+    return optax.partition({
+        "celo2": optax.chain(scale_by_celo2(theta, orthogonalize=True, **celo2_config),
+                             optax.add_decayed_weights(weight_decay),
+                             optax.scale_by_learning_rate(learning_rate)),
+        "adam": optax.adamw(adam_lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
+    }, param_labels)
+
+
+def celo2_base(learning_rate: optax.ScalarOrSchedule, theta=None, *, weight_decay: float = 0.0,
+               **celo2_config: Any) -> optax.GradientTransformation:
+    """Celo2-base: p <- p - lr_t (scale_by_celo2(orthogonalize=False) + wd p) on every leaf."""
+    return optax.chain(scale_by_celo2(theta, orthogonalize=False, **celo2_config),
+                       optax.add_decayed_weights(weight_decay),
+                       optax.scale_by_learning_rate(learning_rate))
+
+
+def init_theta(key: jax.Array) -> dict:
+    """Fresh theta for meta-training (Haiku init): weights ~ N(0, 1/fan_in) truncated at +-2 sigma without
+    variance correction, fan_in = 30 (the whole input width) for every w0__i and 8 for w1, w2; zero biases."""
+    weights = [k for k in THETA_SHAPES if k.startswith("w")]
+    keys = dict(zip(weights, jax.random.split(key, len(weights))))
+    fan_in = {k: (sum(FEATURE_WIDTHS) if k.startswith("w0") else THETA_SHAPES[k][0]) for k in weights}
+    return {k: (jax.random.truncated_normal(keys[k], -2.0, 2.0, shape, jnp.float32) / math.sqrt(fan_in[k])
+                if k in keys else jnp.zeros(shape, jnp.float32)) for k, shape in THETA_SHAPES.items()}
