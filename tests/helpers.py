@@ -1,4 +1,7 @@
 """Shared test utilities: small configs and synthetic batches for the sharded train step."""
+import os
+import tempfile
+
 import jax
 import numpy as np
 
@@ -25,10 +28,29 @@ def synthetic_batches(n, batch=8, seq=32, seed=0):
     return out
 
 
+DEFAULT_LR = {"adamw": 3e-3, "muon": 0.02, "celo2": 1e-3, "celo2-base": 1e-3}
+
+
+def learned_weights(name: str) -> str:
+    """The shipped weight file of a learned optimizer, or (before any are shipped) a freshly initialised
+    theta written to a temporary file, so that every optimizer can be exercised."""
+    from optim.celo2 import WEIGHTS_DIR, init_theta, save_theta
+
+    shipped = WEIGHTS_DIR / f"{name}.state"
+    if shipped.exists():
+        return str(shipped)
+    path = os.path.join(tempfile.gettempdir(), f"test-{name}-init.state")
+    save_theta(path, init_theta(jax.random.key(0)))
+    return path
+
+
 def optimizer_config(name="adamw", **overrides):
     cfg = base_config().optimizer
     cfg.name = name
+    cfg.lr = DEFAULT_LR.get(name, cfg.lr)
     cfg.warmup_steps = 2
+    if name.startswith("celo2"):
+        cfg.theta = learned_weights(name)
     cfg.update(overrides)
     return cfg
 
