@@ -27,12 +27,12 @@ def matrices_only(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def _adamw(cfg, schedule):
+def _adamw(cfg, schedule, total_steps):
     return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                        mask=matrices_only)
 
 
-def _muon(cfg, schedule):
+def _muon(cfg, schedule, total_steps):
     from optim.muon import muon
 
     ratio = cfg.adam_lr_mult or 0.15
@@ -40,16 +40,24 @@ def _muon(cfg, schedule):
                 weight_decay=cfg.weight_decay, adam_b1=cfg.b1, adam_b2=cfg.b2, eps=cfg.eps)
 
 
-def _celo2(cfg, schedule):
+def _celo2(cfg, schedule, total_steps):
     from optim.celo2 import celo2
 
     return celo2(schedule, cfg.theta or None, weight_decay=cfg.weight_decay, mult_1d=cfg.adam_lr_mult or 20.0)
 
 
-def _celo2_base(cfg, schedule):
+def _celo2_base(cfg, schedule, total_steps):
     from optim.celo2 import celo2_base
 
     return celo2_base(schedule, cfg.theta or None, weight_decay=cfg.weight_decay)
+
+
+def _velo(cfg, schedule, total_steps):
+    """VeLO sets its own step sizes; ``optimizer.lr`` multiplies its update (1 = VeLO as published) and the
+    schedule is ignored. Weight decay as learned_optimization's wrapper: on the gradient and the loss."""
+    from optim.velo import velo
+
+    return optax.chain(velo(cfg.theta or None, total_steps, weight_decay=cfg.weight_decay), optax.scale(cfg.lr))
 
 
 BUILDERS: dict[str, Callable] = {
@@ -57,16 +65,23 @@ BUILDERS: dict[str, Callable] = {
     "muon": _muon,
     "celo2": _celo2,
     "celo2-base": _celo2_base,
+    "velo": _velo,
 }
+
+# Optimizers that ignore the schedule: the logged lr is then the constant multiplier.
+CONSTANT_LR = ("velo",)
 
 
 def make_optimizer(cfg, total_steps: int) -> Optimizer:
     """Build the optimizer named ``cfg.name`` with its schedule and global-norm clipping (``cfg.clip_norm``)."""
     if cfg.name not in BUILDERS:
         raise ValueError(f"optimizer.name={cfg.name!r} is not known; choose one of: {', '.join(BUILDERS)}")
-    schedule = make_schedule(cfg.schedule, cfg.lr, total_steps, cfg.warmup_steps,
-                             cfg.min_lr_ratio, cfg.decay_fraction)
-    tx = BUILDERS[cfg.name](cfg, schedule)
+    if cfg.name in CONSTANT_LR:
+        schedule = optax.constant_schedule(cfg.lr)
+    else:
+        schedule = make_schedule(cfg.schedule, cfg.lr, total_steps, cfg.warmup_steps,
+                                 cfg.min_lr_ratio, cfg.decay_fraction)
+    tx = BUILDERS[cfg.name](cfg, schedule, total_steps)
     if cfg.clip_norm:
         if cfg.clip_norm < 0:
             raise ValueError(f"optimizer.clip_norm={cfg.clip_norm} must be >= 0 (0 disables clipping)")

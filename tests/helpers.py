@@ -1,13 +1,11 @@
 """Shared test utilities: small configs and synthetic batches for the sharded train step."""
-import os
-import tempfile
-
 import jax
 import numpy as np
 
 from configs.base import base_config
 from models import model_config
 from optim.factory import make_optimizer
+from train.bench import weights_path
 from train.mesh import build_mesh
 from train.state import init_state, make_layout
 from train.step import batch_sharding, make_train_step
@@ -28,20 +26,8 @@ def synthetic_batches(n, batch=8, seq=32, seed=0):
     return out
 
 
-DEFAULT_LR = {"adamw": 3e-3, "muon": 0.02, "celo2": 1e-3, "celo2-base": 1e-3}
-
-
-def learned_weights(name: str) -> str:
-    """The shipped weight file of a learned optimizer, or (before any are shipped) a freshly initialised
-    theta written to a temporary file, so that every optimizer can be exercised."""
-    from optim.celo2 import WEIGHTS_DIR, init_theta, save_theta
-
-    shipped = WEIGHTS_DIR / f"{name}.state"
-    if shipped.exists():
-        return str(shipped)
-    path = os.path.join(tempfile.gettempdir(), f"test-{name}-init.state")
-    save_theta(path, init_theta(jax.random.key(0)))
-    return path
+LEARNED = ("celo2", "celo2-base", "velo")
+DEFAULT_LR = {"adamw": 3e-3, "muon": 0.02, "celo2": 1e-3, "celo2-base": 1e-3, "velo": 1.0}
 
 
 def optimizer_config(name="adamw", **overrides):
@@ -49,8 +35,8 @@ def optimizer_config(name="adamw", **overrides):
     cfg.name = name
     cfg.lr = DEFAULT_LR.get(name, cfg.lr)
     cfg.warmup_steps = 2
-    if name.startswith("celo2"):
-        cfg.theta = learned_weights(name)
+    if name in LEARNED:
+        cfg.theta = weights_path(name)
     cfg.update(overrides)
     return cfg
 

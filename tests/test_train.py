@@ -12,14 +12,6 @@ from train.loop import train
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="session")
-def shakespeare(tmp_path_factory):
-    import data
-
-    path = str(tmp_path_factory.mktemp("data") / "shakespeare")
-    return data.ensure_prepared(path, corpus="shakespeare", vocab_size=4096, verbose=False).data_dir
-
-
 def tiny_config(workdir, data_dir, **overrides):
     cfg = get_config()
     cfg.workdir = str(workdir)

@@ -24,7 +24,7 @@ import time
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", default="cpu-small", help="comma list of model presets to run")
-    p.add_argument("--optimizers", default="adamw,muon,celo2,celo2-base", help="comma list (factory names)")
+    p.add_argument("--optimizers", default="adamw,muon,celo2,celo2-base,velo", help="comma list (factory names)")
     p.add_argument("--aot", default="", help="comma list of presets to compile only (abstract shapes)")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--seq_len", type=int, default=256)
@@ -76,26 +76,31 @@ def _setup(preset, opt_name, args, mesh, total_steps=100):
                              remat=args.remat)
     opt_cfg = base_config().optimizer
     opt_cfg.name = opt_name
-    if opt_name.startswith("celo2"):
-        opt_cfg.theta = _weights(opt_name)
+    if opt_name in ("celo2", "celo2-base", "velo"):
+        opt_cfg.theta = weights_path(opt_name)
     return model_cfg, make_optimizer(opt_cfg, total_steps)
 
 
-def _weights(name: str) -> str:
-    """Shipped learned-optimizer weights, or freshly initialised ones (speed does not depend on them)."""
+def weights_path(name: str) -> str:
+    """Shipped weights of a learned optimizer, or (before any are shipped) freshly initialised ones written
+    to a temporary file: speed, memory and sharding do not depend on the weights' values."""
     import os
     import tempfile
 
     import jax
 
     from optim.celo2 import WEIGHTS_DIR, init_theta, save_theta
+    from optim.velo import init_velo_theta, save_velo_theta
 
-    path = WEIGHTS_DIR / f"{name}.state"
-    if path.exists():
-        return str(path)
-    tmp = os.path.join(tempfile.gettempdir(), f"bench-{name}.state")
-    save_theta(tmp, init_theta(jax.random.key(0)))
-    return tmp
+    shipped = WEIGHTS_DIR / f"{name}.state"
+    if shipped.exists():
+        return str(shipped)
+    path = os.path.join(tempfile.gettempdir(), f"init-{name}.state")
+    if name == "velo":
+        save_velo_theta(path, init_velo_theta(jax.random.key(0)))
+    else:
+        save_theta(path, init_theta(jax.random.key(0)))
+    return path
 
 
 def _abstract_batch(args, mesh):

@@ -1,0 +1,164 @@
+"""VeLO weights ("theta") and the official VeLO parameter-file format.
+
+The file is what ``flax.serialization.to_bytes`` writes for the theta of learned_optimization's
+``HyperV2(lstm_hidden_size=512, param_inits=256)`` (spec E.2; same msgpack encoding as ``theta.state``, C.3):
+
+    {"lstm_init_state": {"hidden": (1, H), "cell": (1, H)},                 H = lstm_hidden_size = 512
+     "rnn_params": {"linear":          {"w": (F, H), "b": (H,)},            F = 30 per-tensor features
+                    "linear_1":        {"w": (F, H), "b": (H,)},
+                    "linear_2":        {"w": (F, H), "b": (H,)},
+                    "rnn/~/linear":    {"w": (2H, 4H), "b": (4H,)},         the LSTM's gate Linear
+                    "rnn_to_controls": {"w": (H, K), "b": (K,)},            K = param_inits = 256
+                    "step_size":       {"w": (H, 1), "b": (1,)}},
+     "ff_mod_stack": {"~": {w0__i: (K, k_i, 4) for the 14 feature blocks, b0: (K, 4), w1: (K, 4, 4),
+                            b1: (K, 4), w2: (K, 4, 3), b2: (K, 3)}}}
+
+Names are Haiku's: top-level Linears are "linear", "linear_1", ...; the LSTM module is "rnn" and its Linear
+"rnn/~/linear"; "~" holds parameters created outside any module. ``lstm_init_state`` is a Haiku
+``LSTMState`` namedtuple, which flax writes as a map of its fields. In memory theta is this nested dict of
+float32 arrays, keys in the creation order above; files are read by key name, whatever their order.
+
+F = 30: the spec's E.1/E.2 count of 28 (``var_rms`` of width 1) is off by two. The official feature code
+computes ``var_rms = mean((rms - mean_m)^2)`` with rms of width 1 and mean_m of width 3, which broadcasts
+to width 3, so the features are fraction_left 9 + loss 9 + mean_rms 1 + rank 5 + var_m 3 + var_rms 3 = 30
+(``HyperV2.init`` sizes the mixing Linears from that shape; PyTorch ports of the official weights use 30).
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+
+import msgpack
+import numpy as np
+
+from optim.theta_io import _NDARRAY_EXT, FEATURE_WIDTHS, _BadArray, _unpack_ext
+
+LSTM_HIDDEN = 512  # official lstm_hidden_size
+PARAM_INITS = 256  # official number of stored MLP weight sets ("param_inits")
+FF_HIDDEN = 4  # per-parameter MLP width (two hidden layers)
+FF_OUTPUTS = 3  # direction, magnitude, unused
+TENSOR_FEATURES = 9 + 9 + 1 + 5 + 3 + 3  # per-tensor LSTM inputs (see the module docstring)
+MIXING_LINEARS = ("linear", "linear_1", "linear_2")  # "linear" is computed and discarded upstream
+LSTM_LINEAR = "rnn/~/linear"
+
+
+def velo_theta_shapes(param_inits: int = PARAM_INITS, lstm_hidden_size: int = LSTM_HIDDEN) -> dict:
+    """The nested dict of array shapes of a VeLO theta (module docstring), in creation order."""
+    H, K = lstm_hidden_size, param_inits
+
+    def linear(n_in, n_out):
+        return {"w": (n_in, n_out), "b": (n_out,)}
+
+    ff = {f"w0__{i}": (K, w, FF_HIDDEN) for i, w in enumerate(FEATURE_WIDTHS)}
+    ff.update(b0=(K, FF_HIDDEN), w1=(K, FF_HIDDEN, FF_HIDDEN), b1=(K, FF_HIDDEN), w2=(K, FF_HIDDEN, FF_OUTPUTS),
+              b2=(K, FF_OUTPUTS))
+    return {
+        "lstm_init_state": {"hidden": (1, H), "cell": (1, H)},
+        "rnn_params": {**{name: linear(TENSOR_FEATURES, H) for name in MIXING_LINEARS},
+                       LSTM_LINEAR: linear(2 * H, 4 * H),
+                       "rnn_to_controls": linear(H, K),
+                       "step_size": linear(H, 1)},
+        "ff_mod_stack": {"~": ff},
+    }
+
+
+def count_params(tree) -> int:
+    """Number of numbers in a theta, or in a tree of shapes as given by ``velo_theta_shapes``."""
+    if isinstance(tree, Mapping):
+        return sum(count_params(v) for v in tree.values())
+    return math.prod(tree) if isinstance(tree, tuple) else math.prod(np.shape(tree))
+
+
+def check_velo_theta(theta, source: str = "theta", *, param_inits: int = PARAM_INITS,
+                     lstm_hidden_size: int = LSTM_HIDDEN) -> None:
+    """Raise ValueError unless ``theta`` has exactly the keys and shapes of ``velo_theta_shapes``."""
+    if isinstance(theta, Mapping) and set(theta) == {"ff_mod_stack"}:
+        raise ValueError(f"{source}: this is a Celo2 / Celo v1 theta (only 'ff_mod_stack', no LSTM "
+                         "hyper-network): VeLO needs lstm_init_state, rnn_params and ff_mod_stack. Load Celo2 "
+                         "weights with optim.celo2.load_theta")
+
+    def check(node, shapes, path):
+        where = "/".join(path) or "top level"
+        if not isinstance(shapes, Mapping):
+            got = tuple(getattr(node, "shape", ()))
+            if isinstance(node, Mapping) or got != shapes:
+                got = "a dict" if isinstance(node, Mapping) else got
+                raise ValueError(f"{source}: {where} has shape {got}, expected {shapes} (VeLO with "
+                                 f"param_inits={param_inits}, lstm_hidden_size={lstm_hidden_size})")
+            return
+        if not isinstance(node, Mapping):
+            raise ValueError(f"{source}: {where} should be a dict with keys {list(shapes)}, "
+                             f"got {type(node).__name__}")
+        missing, extra = [k for k in shapes if k not in node], sorted(set(node) - set(shapes))
+        if missing or extra:
+            raise ValueError(f"{source}: not a VeLO theta: at {where}, missing keys {missing}, "
+                             f"unexpected keys {extra}")
+        for k, sub in shapes.items():
+            check(node[k], sub, path + (k,))
+
+    check(theta, velo_theta_shapes(param_inits, lstm_hidden_size), ())
+
+
+def _ordered(tree, shapes):
+    """``tree``'s arrays in the key order of ``shapes`` (the canonical creation order)."""
+    if isinstance(shapes, Mapping):
+        return {k: _ordered(tree[k], sub) for k, sub in shapes.items()}
+    return tree
+
+
+def velo_theta_from_bytes(buf: bytes, source: str = "VeLO parameter file", *, param_inits: int = PARAM_INITS,
+                          lstm_hidden_size: int = LSTM_HIDDEN) -> dict:
+    """Parse and validate the bytes of a VeLO parameter file into the nested dict of float32 arrays."""
+    try:
+        tree = msgpack.unpackb(buf, raw=False, ext_hook=_unpack_ext, strict_map_key=True)
+    except _BadArray as e:
+        raise ValueError(f"{source}: {e}") from e
+    except ValueError as e:  # msgpack's own errors (truncated, extra data, bad format) are ValueErrors too
+        raise ValueError(f"{source}: not a valid msgpack VeLO parameter file ({e})") from e
+    except Exception as e:  # e.g. a TypeError from an ext payload of the wrong layout
+        raise ValueError(f"{source}: corrupt VeLO parameter file ({type(e).__name__}: {e})") from e
+    check_velo_theta(tree, source, param_inits=param_inits, lstm_hidden_size=lstm_hidden_size)
+    return _ordered(tree, velo_theta_shapes(param_inits, lstm_hidden_size))
+
+
+def velo_theta_to_bytes(theta: dict) -> bytes:
+    """Encode theta exactly as ``flax.serialization.to_bytes`` does (arrays cast to float32), keys in
+    theta's order. The shapes are validated against theta's own param_inits and lstm_hidden_size."""
+    try:
+        sizes = dict(param_inits=theta["ff_mod_stack"]["~"]["b0"].shape[0],
+                     lstm_hidden_size=theta["lstm_init_state"]["hidden"].shape[-1])
+    except (KeyError, TypeError, AttributeError, IndexError) as e:
+        raise ValueError(f"theta: not a VeLO theta ({type(e).__name__}: {e})") from e
+    check_velo_theta(theta, **sizes)
+
+    def pack(node):
+        if isinstance(node, Mapping):
+            return {k: pack(v) for k, v in node.items()}
+        a = np.ascontiguousarray(node, dtype=np.float32)
+        return msgpack.ExtType(_NDARRAY_EXT, msgpack.packb([list(a.shape), a.dtype.name, a.tobytes()]))
+
+    return msgpack.packb(pack(theta))
+
+
+def load_velo_theta(path: str | os.PathLike, *, param_inits: int = PARAM_INITS,
+                    lstm_hidden_size: int = LSTM_HIDDEN) -> dict:
+    """Read a VeLO parameter file (the official one, or one written by ``save_velo_theta``)."""
+    with open(path, "rb") as f:
+        return velo_theta_from_bytes(f.read(), os.fspath(path), param_inits=param_inits,
+                                     lstm_hidden_size=lstm_hidden_size)
+
+
+def save_velo_theta(path: str | os.PathLike, theta: dict) -> None:
+    """Write theta as a VeLO parameter file, atomically: tmp file + os.replace."""
+    buf = velo_theta_to_bytes(theta)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".velo-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(buf)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -1,0 +1,60 @@
+import json
+import os
+
+from configs.compare import compare_fields
+from configs.cpu_tiny import get_config
+from train.compare import Comparison, steps_to_reach, verdict
+
+
+def small_comparison(workdir, data_dir):
+    cfg = get_config()
+    cfg.workdir, cfg.data.dir = str(workdir), str(data_dir)
+    cfg.mesh.update(dict(data=8, fsdp=1, tensor=1))
+    cfg.update(dict(steps=4, batch_size=8, seq_len=32, eval_every=2, log_every=2, checkpoint_every=4,
+                    eval_batches=2))
+    cfg.optimizer.warmup_steps = 1
+    cfg.compare = compare_fields("adamw,muon", seeds=2, lrs={"adamw": "1e-3,1e-2", "muon": "2e-2"})
+    return cfg
+
+
+def test_comparison_writes_results_and_is_resumable(tmp_path, shakespeare, capsys):
+    cfg = small_comparison(tmp_path / "cmp", shakespeare)
+    results = Comparison(cfg).execute()
+    root = tmp_path / "cmp"
+    for name in ("results.json", "summary.md", "curves.png", "sweep.png"):
+        assert os.path.getsize(root / name) > 0, name
+    saved = json.load(open(root / "results.json"))
+    for opt in ("adamw", "muon"):
+        e = saved["optimizers"][opt]
+        assert {float(lr) for lr in e["sweep"]} == {float(lr) for lr in cfg.compare.lrs[opt].split(",")}
+        assert e["best_lr"] == float(min(e["sweep"], key=e["sweep"].get))
+        assert len(e["seed_losses"]) == 2 and e["tokens"] == 4 * 8 * 32
+        assert abs(e["mean"] - sum(e["seed_losses"]) / 2) < 1e-9
+    assert results["optimizers"]["adamw"]["speedup_vs_adamw"] in (None, 1.0)
+    summary = open(root / "summary.md").read()
+    assert "| adamw |" in summary and "| muon |" in summary and "Verdict rule" in summary
+    runs = sorted(os.listdir(root / "runs"))
+    assert len(runs) == 5 and all(os.path.exists(root / "runs" / r / "tensorboard") for r in runs)
+
+    # rerunning is a no-op: every run is recorded as done, nothing trains again
+    mtimes = {r: os.path.getmtime(root / "runs" / r / "metrics.jsonl") for r in runs}
+    capsys.readouterr()
+    Comparison(cfg).execute()
+    assert " ===\n" not in capsys.readouterr().out
+    assert mtimes == {r: os.path.getmtime(root / "runs" / r / "metrics.jsonl") for r in runs}
+
+    # a run killed mid-way is resumed, and only the unfinished run trains
+    os.remove(root / "runs" / runs[0] / "done.json")
+    Comparison(cfg).execute()
+    out = capsys.readouterr().out
+    assert out.count(" ===\n") == 1 and f"=== {runs[0]} ===" in out
+
+
+def test_steps_to_reach_interpolates_and_verdict_respects_noise():
+    curve = [(10, 5.0), (20, 4.0), (30, 3.0)]
+    assert steps_to_reach(curve, 3.5) == 25.0
+    assert steps_to_reach(curve, 6.0) == 10.0 and steps_to_reach(curve, 2.0) is None
+    ref = {"mean": 4.0, "std": 0.05}
+    assert verdict({"mean": 3.8, "std": 0.05}, ref).startswith("better")
+    assert verdict({"mean": 3.95, "std": 0.05}, ref).startswith("within noise")
+    assert verdict({"mean": 4.3, "std": 0.1}, ref).startswith("worse")

@@ -1,0 +1,298 @@
+"""``python -m train.compare --config configs/compare_cpu.py``: which optimizer trains this model best
+for this token budget?
+
+Every optimizer in ``compare.optimizers`` trains the same model on the same data for the same steps.
+1. Sweep: seed 0 at every peak learning rate in ``compare.lrs[<optimizer>]``.
+2. Seeds: the rate with the lowest final held-out loss is rerun with seeds 1 .. ``compare.seeds``-1.
+   Seed s gives every optimizer the same initial weights and the same data order.
+Each run is an ordinary training run in ``<workdir>/runs/<optimizer>_lr<lr>_s<seed>/`` (metrics.jsonl,
+TensorBoard, checkpoints): rerunning the command skips finished runs and resumes interrupted ones, and
+``tensorboard --logdir <workdir>/runs`` overlays them all.
+
+Outputs in ``<workdir>``: ``results.json`` (per optimizer: swept rates and their final losses, per-seed
+final eval loss, mean, std, best rate, tokens, wall time), ``summary.md`` (the table and the verdicts),
+``curves.png`` (eval loss of each optimizer's best rate, mean over seeds with the min-max band) and
+``sweep.png`` (final eval loss against learning rate).
+
+Verdict rule: optimizer X beats AdamW when its mean final eval loss is lower by more than twice the
+larger of the two seed standard deviations (and loses when higher by as much); otherwise the difference
+is within seed-to-seed noise and no winner is declared.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+
+from absl import app, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/compare_cpu.py", "Comparison config.")
+
+NOISE_FACTOR = 2.0  # a difference counts when it exceeds NOISE_FACTOR x the larger seed std
+
+
+def run_name(opt: str, lr: float, seed: int) -> str:
+    return f"{opt}_lr{lr:g}_s{seed}"
+
+
+def _lrs(cfg, opt: str) -> list[float]:
+    if opt not in cfg.compare.lrs:
+        raise ValueError(f"compare.lrs has no learning rates for {opt!r}; add --config.compare.lrs.{opt}=...")
+    return [float(x) for x in str(cfg.compare.lrs[opt]).split(",") if x.strip()]
+
+
+def _read_done(workdir: str) -> dict | None:
+    path = os.path.join(workdir, "done.json")
+    return json.load(open(path)) if os.path.exists(path) else None
+
+
+def _eval_curve(workdir: str) -> list[tuple[int, float]]:
+    from train.metrics import read_metrics
+
+    return [(r["step"], r["eval_loss"]) for r in read_metrics(workdir) if "eval_loss" in r]
+
+
+class Comparison:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.root = os.path.abspath(cfg.workdir)
+        self.optimizers = [o.strip() for o in cfg.compare.optimizers.split(",") if o.strip()]
+        from optim.factory import BUILDERS
+
+        unknown = [o for o in self.optimizers if o not in BUILDERS]
+        if unknown:
+            raise ValueError(f"compare.optimizers has unknown names {unknown}; known: {sorted(BUILDERS)}")
+        self.sweep = {o: _lrs(cfg, o) for o in self.optimizers}
+
+    def run_dir(self, name: str) -> str:
+        return os.path.join(self.root, "runs", name)
+
+    def run(self, opt: str, lr: float, seed: int) -> dict:
+        """Train one run (or resume it, or return its recorded result if it finished)."""
+        from train.loop import NonFiniteLoss, train
+
+        name = run_name(opt, lr, seed)
+        workdir = self.run_dir(name)
+        done = _read_done(workdir)
+        if done is not None:
+            return done
+        cfg = copy.deepcopy(self.cfg)
+        with cfg.unlocked():
+            del cfg["compare"]
+        cfg.workdir, cfg.seed = workdir, seed
+        cfg.optimizer.name, cfg.optimizer.lr = opt, lr
+        print(f"\n=== {name} ===", flush=True)
+        t = time.time()
+        try:
+            if train(cfg)["stopped_early"]:
+                raise KeyboardInterrupt(f"{name} stopped early; rerun the command to resume")
+            final = _eval_curve(workdir)[-1]
+            assert final[0] == cfg.steps, f"{name}: no eval at the last step"
+            final_loss = final[1]
+        except NonFiniteLoss as e:  # a diverging learning rate is a result of the sweep, not a failure
+            print(f"{name} diverged: {e}", flush=True)
+            final_loss = None
+        result = {"optimizer": opt, "lr": lr, "seed": seed, "final_eval_loss": final_loss,
+                  "tokens": cfg.steps * cfg.batch_size * cfg.seq_len, "wall_seconds": time.time() - t}
+        with open(os.path.join(workdir, "done.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        return result
+
+    def planned(self) -> list[tuple[str, float, int]]:
+        """All runs known so far: the sweep, then the seeds of each best rate whose sweep has finished."""
+        plan = [(o, lr, 0) for o in self.optimizers for lr in self.sweep[o]]
+        for o in self.optimizers:
+            best = self.best_lr(o)
+            if best is not None:
+                plan += [(o, best, s) for s in range(1, self.cfg.compare.seeds)]
+        return plan
+
+    def best_lr(self, opt: str) -> float | None:
+        results = [_read_done(self.run_dir(run_name(opt, lr, 0))) for lr in self.sweep[opt]]
+        if any(r is None for r in results):
+            return None
+        finite = [r for r in results if r["final_eval_loss"] is not None]
+        return min(finite, key=lambda r: r["final_eval_loss"])["lr"] if finite else None
+
+    def print_progress(self) -> None:
+        rows = []
+        for o, lr, s in self.planned():
+            name = run_name(o, lr, s)
+            d = self.run_dir(name)
+            status = "done" if _read_done(d) else ("started" if os.path.exists(d) else "pending")
+            rows.append(f"  {name:<28} {status}")
+        n_done = sum(r.endswith("done") for r in rows)
+        print(f"comparison in {self.root}: {n_done}/{len(rows)} runs done (seed runs are added once a sweep ends)")
+        print("\n".join(rows), flush=True)
+
+    def execute(self) -> dict:
+        for o in self.optimizers:
+            for lr in self.sweep[o]:
+                self.print_progress()
+                self.run(o, lr, 0)
+        for o in self.optimizers:
+            best = self.best_lr(o)
+            if best is None:
+                print(f"warning: every {o} run diverged; no seeds run for it", flush=True)
+                continue
+            for s in range(1, self.cfg.compare.seeds):
+                self.print_progress()
+                self.run(o, best, s)
+        self.print_progress()
+        return self.report()
+
+    def report(self) -> dict:
+        results = {"config": json.loads(self.cfg.to_json_best_effort()), "noise_factor": NOISE_FACTOR,
+                   "optimizers": {}}
+        for o in self.optimizers:
+            sweep = {lr: _read_done(self.run_dir(run_name(o, lr, 0))) for lr in self.sweep[o]}
+            best = self.best_lr(o)
+            entry = {"sweep": {f"{lr:g}": r["final_eval_loss"] for lr, r in sweep.items()}, "best_lr": best}
+            if best is not None:
+                seeds = [_read_done(self.run_dir(run_name(o, best, s))) for s in range(self.cfg.compare.seeds)]
+                losses = [r["final_eval_loss"] for r in seeds]
+                entry.update(
+                    seed_losses=losses, mean=statistics.fmean(losses),
+                    std=statistics.stdev(losses) if len(losses) > 1 else 0.0,
+                    tokens=seeds[0]["tokens"], wall_seconds=sum(r["wall_seconds"] for r in sweep.values())
+                    + sum(r["wall_seconds"] for r in seeds[1:]))
+            results["optimizers"][o] = entry
+        add_speedups(results, self)
+        with open(os.path.join(self.root, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        with open(os.path.join(self.root, "summary.md"), "w") as f:
+            f.write(summary_markdown(results))
+        plot_comparison(self, results)
+        return results
+
+
+def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
+    """First step at which the eval curve reaches ``target`` (linear interpolation between evals)."""
+    prev = None
+    for step, loss in curve:
+        if loss <= target:
+            if prev is None or prev[1] == loss:
+                return float(step)
+            (s0, l0) = prev
+            return s0 + (step - s0) * (l0 - target) / (l0 - loss)
+        prev = (step, loss)
+    return None
+
+
+def add_speedups(results: dict, comp: Comparison) -> None:
+    """Steps each optimizer needs (mean over seeds) to reach AdamW's mean final eval loss, and the
+    speed-up relative to AdamW's own step count."""
+    ref = results["optimizers"].get("adamw", {})
+    if "mean" not in ref:
+        return
+    for o, entry in results["optimizers"].items():
+        if entry.get("best_lr") is None:
+            continue
+        hits = [steps_to_reach(_eval_curve(comp.run_dir(run_name(o, entry["best_lr"], s))), ref["mean"])
+                for s in range(comp.cfg.compare.seeds)]
+        hits = [h for h in hits if h is not None]
+        entry["steps_to_adamw_loss"] = statistics.fmean(hits) if len(hits) == comp.cfg.compare.seeds else None
+    adamw_steps = ref.get("steps_to_adamw_loss")
+    for entry in results["optimizers"].values():
+        s = entry.get("steps_to_adamw_loss")
+        entry["speedup_vs_adamw"] = adamw_steps / s if s and adamw_steps else None
+
+
+def verdict(entry: dict, ref: dict) -> str:
+    if "mean" not in entry or "mean" not in ref:
+        return "no result"
+    diff = entry["mean"] - ref["mean"]
+    noise = NOISE_FACTOR * max(entry["std"], ref["std"])
+    if diff < -noise:
+        return f"better than AdamW by {-diff:.3f} (> {noise:.3f})"
+    if diff > noise:
+        return f"worse than AdamW by {diff:.3f} (> {noise:.3f})"
+    return f"within noise of AdamW ({diff:+.3f}, noise {noise:.3f})"
+
+
+def summary_markdown(results: dict) -> str:
+    cfg = results["config"]
+    ref = results["optimizers"].get("adamw", {})
+    tokens = cfg["steps"] * cfg["batch_size"] * cfg["seq_len"]
+    lines = [f"# Optimizer comparison: {cfg['model']['name']}, {tokens:,} tokens per run", "",
+             "| optimizer | best lr | eval loss (mean ± std over seeds) | steps to AdamW's final loss | "
+             "speed-up vs AdamW | verdict |", "|---|---|---|---|---|---|"]
+    for o, e in results["optimizers"].items():
+        if "mean" not in e:
+            lines.append(f"| {o} | – | diverged at every lr | – | – | – |")
+            continue
+        steps = f"{e['steps_to_adamw_loss']:.0f}" if e.get("steps_to_adamw_loss") else "not reached"
+        speed = f"{e['speedup_vs_adamw']:.2f}x" if e.get("speedup_vs_adamw") else "–"
+        lines.append(f"| {o} | {e['best_lr']:g} | {e['mean']:.4f} ± {e['std']:.4f} (n={len(e['seed_losses'])}) "
+                     f"| {steps} | {speed} | {'reference' if o == 'adamw' else verdict(e, ref)} |")
+    lines += ["", f"Verdict rule: a difference in mean final eval loss counts only when it exceeds "
+              f"{results['noise_factor']:g} x the larger seed standard deviation.", "",
+              "Learning-rate sweeps (seed 0, final eval loss):", ""]
+    for o, e in results["optimizers"].items():
+        lines.append(f"- {o}: " + ", ".join(f"{lr}: " + ("diverged" if v is None else f"{v:.4f}")
+                                            for lr, v in e["sweep"].items()))
+    return "\n".join(lines) + "\n"
+
+
+def plot_comparison(comp: Comparison, results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for o, e in results["optimizers"].items():
+        if e.get("best_lr") is None:
+            continue
+        curves = [_eval_curve(comp.run_dir(run_name(o, e["best_lr"], s))) for s in range(comp.cfg.compare.seeds)]
+        n = min(len(c) for c in curves)
+        steps = [s for s, _ in curves[0][:n]]
+        losses = np.array([[l for _, l in c[:n]] for c in curves])
+        line, = ax.plot(steps, losses.mean(0), marker="o", ms=3, label=f"{o} (lr {e['best_lr']:g})")
+        ax.fill_between(steps, losses.min(0), losses.max(0), color=line.get_color(), alpha=0.2)
+    ax.set(xlabel="step", ylabel="held-out loss (nats/token)", title="eval loss at each optimizer's best lr")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(comp.root, "curves.png"), dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for o, e in results["optimizers"].items():
+        pts = sorted((float(lr), v) for lr, v in e["sweep"].items() if v is not None)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=o)
+    ax.set(xscale="log", xlabel="peak learning rate", ylabel="final held-out loss (seed 0)",
+           title="learning-rate sweep")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(comp.root, "sweep.png"), dpi=120)
+    plt.close(fig)
+
+
+def main(argv) -> None:
+    del argv
+    cfg = _CONFIG.value
+    logging.set_verbosity(logging.WARNING)
+    from train.loop import setup_platform
+
+    setup_platform(cfg)
+    try:
+        results = Comparison(cfg).execute()
+    except ValueError as e:
+        if os.environ.get("TRAIN_DEBUG"):
+            raise
+        print(f"error: {e}\n(set TRAIN_DEBUG=1 for the traceback)", file=sys.stderr)
+        sys.exit(2)
+    print(summary_markdown(results))
+    print(f"results in {os.path.abspath(cfg.workdir)}: results.json summary.md curves.png sweep.png")
+
+
+if __name__ == "__main__":
+    app.run(main)
