@@ -69,16 +69,46 @@ def _unpack_ext(code: int, data: bytes):
     return arr.reshape(shape).copy()
 
 
-def theta_from_bytes(buf: bytes, source: str = "theta.state") -> dict:
-    """Parse and validate the bytes of a ``theta.state`` file into the flat 19-key dict of float32 arrays."""
+def tree_from_bytes(buf: bytes, source: str, kind: str = "theta.state") -> dict:
+    """Decode a flax-msgpack weight file (nested maps of float32 ndarrays) without validating its tree."""
     try:
-        tree = msgpack.unpackb(buf, raw=False, ext_hook=_unpack_ext, strict_map_key=True)
+        return msgpack.unpackb(buf, raw=False, ext_hook=_unpack_ext, strict_map_key=True)
     except _BadArray as e:
         raise ValueError(f"{source}: {e}") from e
     except ValueError as e:  # msgpack's own errors (truncated, extra data, bad format) are ValueErrors too
-        raise ValueError(f"{source}: not a valid msgpack theta.state file ({e})") from e
+        raise ValueError(f"{source}: not a valid msgpack {kind} file ({e})") from e
     except Exception as e:  # e.g. a TypeError from an ext payload of the wrong layout
-        raise ValueError(f"{source}: corrupt theta.state file ({type(e).__name__}: {e})") from e
+        raise ValueError(f"{source}: corrupt {kind} file ({type(e).__name__}: {e})") from e
+
+
+def tree_to_bytes(tree: Mapping) -> bytes:
+    """Encode nested maps of arrays exactly as ``flax.serialization.to_bytes`` does (float32, given key order)."""
+    def pack(node):
+        if isinstance(node, Mapping):
+            return {k: pack(v) for k, v in node.items()}
+        a = np.ascontiguousarray(node, dtype=np.float32)
+        return msgpack.ExtType(_NDARRAY_EXT, msgpack.packb([list(a.shape), a.dtype.name, a.tobytes()]))
+
+    return msgpack.packb(pack(tree))
+
+
+def write_atomic(path: str | os.PathLike, buf: bytes) -> None:
+    """Write ``buf`` to ``path`` through a temporary file and ``os.replace``: never a half-written file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".weights-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(buf)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def theta_from_bytes(buf: bytes, source: str = "theta.state") -> dict:
+    """Parse and validate the bytes of a ``theta.state`` file into the flat 19-key dict of float32 arrays."""
+    tree = tree_from_bytes(buf, source)
     node = tree
     for depth, key in enumerate(TREE_PATH):
         if not isinstance(node, dict) or set(node) != {key}:
@@ -95,12 +125,7 @@ def theta_to_bytes(theta: dict) -> bytes:
     """Encode theta exactly as ``flax.serialization.to_bytes({"ff_mod_stack": {"~": theta}})`` does,
     with the keys in creation order (``THETA_SHAPES``)."""
     check_theta(theta)
-
-    def ext(x):
-        a = np.ascontiguousarray(x, dtype=np.float32)
-        return msgpack.ExtType(_NDARRAY_EXT, msgpack.packb([list(a.shape), a.dtype.name, a.tobytes()]))
-
-    return msgpack.packb({TREE_PATH[0]: {TREE_PATH[1]: {k: ext(theta[k]) for k in THETA_SHAPES}}})
+    return tree_to_bytes({TREE_PATH[0]: {TREE_PATH[1]: {k: theta[k] for k in THETA_SHAPES}}})
 
 
 def load_theta(path: str | os.PathLike) -> dict:
@@ -111,14 +136,4 @@ def load_theta(path: str | os.PathLike) -> dict:
 
 def save_theta(path: str | os.PathLike, theta: dict) -> None:
     """Write theta as a ``theta.state`` file (arrays cast to float32), atomically: tmp file + os.replace."""
-    buf = theta_to_bytes(theta)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".theta-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_atomic(path, theta_to_bytes(theta))

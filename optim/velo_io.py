@@ -27,13 +27,11 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 
-import msgpack
 import numpy as np
 
-from optim.theta_io import _NDARRAY_EXT, FEATURE_WIDTHS, _BadArray, _unpack_ext
+from optim.theta_io import FEATURE_WIDTHS, tree_from_bytes, tree_to_bytes, write_atomic
 
 LSTM_HIDDEN = 512  # official lstm_hidden_size
 PARAM_INITS = 256  # official number of stored MLP weight sets ("param_inits")
@@ -111,14 +109,7 @@ def _ordered(tree, shapes):
 def velo_theta_from_bytes(buf: bytes, source: str = "VeLO parameter file", *, param_inits: int = PARAM_INITS,
                           lstm_hidden_size: int = LSTM_HIDDEN) -> dict:
     """Parse and validate the bytes of a VeLO parameter file into the nested dict of float32 arrays."""
-    try:
-        tree = msgpack.unpackb(buf, raw=False, ext_hook=_unpack_ext, strict_map_key=True)
-    except _BadArray as e:
-        raise ValueError(f"{source}: {e}") from e
-    except ValueError as e:  # msgpack's own errors (truncated, extra data, bad format) are ValueErrors too
-        raise ValueError(f"{source}: not a valid msgpack VeLO parameter file ({e})") from e
-    except Exception as e:  # e.g. a TypeError from an ext payload of the wrong layout
-        raise ValueError(f"{source}: corrupt VeLO parameter file ({type(e).__name__}: {e})") from e
+    tree = tree_from_bytes(buf, source, kind="VeLO parameter file")
     check_velo_theta(tree, source, param_inits=param_inits, lstm_hidden_size=lstm_hidden_size)
     return _ordered(tree, velo_theta_shapes(param_inits, lstm_hidden_size))
 
@@ -132,14 +123,7 @@ def velo_theta_to_bytes(theta: dict) -> bytes:
     except (KeyError, TypeError, AttributeError, IndexError) as e:
         raise ValueError(f"theta: not a VeLO theta ({type(e).__name__}: {e})") from e
     check_velo_theta(theta, **sizes)
-
-    def pack(node):
-        if isinstance(node, Mapping):
-            return {k: pack(v) for k, v in node.items()}
-        a = np.ascontiguousarray(node, dtype=np.float32)
-        return msgpack.ExtType(_NDARRAY_EXT, msgpack.packb([list(a.shape), a.dtype.name, a.tobytes()]))
-
-    return msgpack.packb(pack(theta))
+    return tree_to_bytes(theta)
 
 
 def load_velo_theta(path: str | os.PathLike, *, param_inits: int = PARAM_INITS,
@@ -152,13 +136,4 @@ def load_velo_theta(path: str | os.PathLike, *, param_inits: int = PARAM_INITS,
 
 def save_velo_theta(path: str | os.PathLike, theta: dict) -> None:
     """Write theta as a VeLO parameter file, atomically: tmp file + os.replace."""
-    buf = velo_theta_to_bytes(theta)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".velo-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_atomic(path, velo_theta_to_bytes(theta))
