@@ -1,0 +1,281 @@
+"""Evaluate meta-trained Celo2 weights against AdamW on held-out validation tasks, and plot a run.
+
+    python -m optim.meta.evaluate --theta runs/meta_celo2/theta.state --variant celo2 --out runs/eval_celo2
+    python -m optim.meta.evaluate --plot_run runs/meta_celo2
+
+The learned optimizer is used as deployed (``optim.celo2.celo2`` / ``celo2_base``) with its default lr
+1e-3 (and mult_1d 20), no tuning and no reparametrisation. AdamW (b1 0.9, b2 0.999, eps 1e-8, no weight
+decay) is swept over ``--lrs`` and reported at its best lr per task (lowest mean held-out loss). Every task
+trains on the first 80% of its dataset and reports the full train-split loss and the held-out (last 20%)
+loss after its number of steps, mean +- std over seeds. Writes ``eval.json`` and ``eval.png`` in ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import time
+from functools import lru_cache, partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optim.celo2 import celo2, celo2_base, load_theta
+from optim.meta import tasks as tasks_lib
+
+CURVE_EVERY = 10
+DEFAULT_LRS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+
+
+def learned_optimizer(variant: str, lr: float = 1e-3, mult_1d: float = 20.0):
+    """``theta -> optax transformation`` for the deployed harness of ``variant``."""
+    if variant == "celo2":
+        return lambda theta: celo2(lr, theta, mult_1d=mult_1d)
+    if variant == "celo2-base":
+        return lambda theta: celo2_base(lr, theta)
+    raise ValueError(f"variant must be 'celo2' or 'celo2-base', got {variant!r}")
+
+
+def adamw(lr):
+    return optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
+
+
+def full_loss(task, params, data, chunk: int = 8192):
+    """Mean cross-entropy over a whole split (in chunks, so memory stays small)."""
+    x, y = data
+    total = 0.0
+    for i in range(0, y.shape[0], chunk):
+        total = total + task.loss(params, (x[i:i + chunk], y[i:i + chunk])) * y[i:i + chunk].shape[0]
+    return total / y.shape[0]
+
+
+def make_trainer(task, make_opt, steps: int):
+    """jit(fn(hp, key, train, test)) -> {curve, train_loss, test_loss}: ``steps`` steps of ``make_opt(hp)``.
+
+    ``curve`` holds the minibatch training loss averaged over windows of CURVE_EVERY steps.
+    """
+    def run(hp, key, train, test):
+        k_init, k_data = jax.random.split(key)
+        params = task.init(k_init)
+        opt = make_opt(hp)
+        state = opt.init(params)
+
+        def body(carry, k):
+            params, state = carry
+            loss, g = jax.value_and_grad(task.loss)(params, task.sample_batch(train, k))
+            updates, state = opt.update(g, state, params)
+            return (optax.apply_updates(params, updates), state), loss
+
+        (params, _), losses = jax.lax.scan(body, (params, state), jax.random.split(k_data, steps))
+        curve = losses[: steps // CURVE_EVERY * CURVE_EVERY].reshape(-1, CURVE_EVERY).mean(-1)
+        return {"curve": curve, "train_loss": full_loss(task, params, train),
+                "test_loss": full_loss(task, params, test)}
+
+    return run
+
+
+@lru_cache(maxsize=None)
+def _splits(dataset: str, cache_dir=None):
+    train, test = tasks_lib.split(tasks_lib.load_dataset(dataset, cache_dir))
+    return (jnp.asarray(train.x), jnp.asarray(train.y)), (jnp.asarray(test.x), jnp.asarray(test.y))
+
+
+_COMPILED = {}
+
+
+def evaluate_task(name: str, make_opt, hps, seeds: int, steps: int | None = None, cache_dir=None, opt_key=None):
+    """Run ``make_opt(hp)`` for every hp in ``hps`` (a pytree with a leading axis) x seed on a validation task.
+
+    Returns numpy arrays with leading axes [n_hp, seeds]. With ``opt_key`` (a name for ``make_opt``) the
+    compiled function is cached, so repeated calls (e.g. monitoring a run) do not recompile.
+    """
+    task, default_steps = tasks_lib.VALID_TASKS[name]
+    steps = steps or default_steps
+    train, test = _splits(task.dataset, cache_dir)
+    cache_key = (name, steps, opt_key)
+    fn = _COMPILED.get(cache_key) if opt_key is not None else None
+    if fn is None:
+        run = make_trainer(task, make_opt, steps)
+        fn = jax.jit(jax.vmap(jax.vmap(run, in_axes=(None, 0, None, None)), in_axes=(0, None, None, None)))
+        if opt_key is not None:
+            _COMPILED[cache_key] = fn
+    keys = jax.random.split(jax.random.PRNGKey(1234), seeds)
+    return jax.tree.map(np.asarray, fn(hps, keys, train, test))
+
+
+def quick_validation(theta, variant: str, names=("fmnist_mlp32",), steps: int = 1000, cache_dir=None) -> dict:
+    """Held-out loss of ``theta`` (one seed, ``steps`` steps) per task, for monitoring a meta-training run."""
+    make = learned_optimizer(variant)
+    theta = jax.tree.map(lambda t: jnp.asarray(t)[None], theta)
+    return {f"valid/{n}": float(evaluate_task(n, make, theta, 1, steps, cache_dir, opt_key=variant)["test_loss"][0, 0]) for n in names}
+
+
+def adamw_baseline(name: str, seeds: int, lrs, cache_dir=None) -> dict:
+    """The AdamW sweep on a validation task; it does not depend on theta, so it is cached on disk
+    (``<cache>/meta_eval_adamw.json``, keyed by task, steps, seeds and lrs)."""
+    path = pathlib.Path(cache_dir or tasks_lib.default_cache_dir()) / "meta_eval_adamw.json"
+    cache = json.loads(path.read_text()) if path.exists() else {}
+    key = f"{name}|{tasks_lib.VALID_TASKS[name][1]}|{seeds}|{','.join(f'{x:g}' for x in lrs)}"
+    if key not in cache:
+        out = evaluate_task(name, adamw, jnp.asarray(lrs, jnp.float32), seeds, cache_dir=cache_dir)
+        cache = json.loads(path.read_text()) if path.exists() else {}
+        cache[key] = {k: np.asarray(v).tolist() for k, v in out.items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, path)
+    return {k: np.asarray(v, np.float32) for k, v in cache[key].items()}
+
+
+def _stats(x):
+    return float(np.mean(x)), float(np.std(x))
+
+
+def compare(theta_path, variant: str, names, seeds: int, lrs, cache_dir=None) -> dict:
+    theta = {k: jnp.asarray(v) for k, v in load_theta(theta_path).items()}
+    results = {"theta": str(theta_path), "variant": variant, "seeds": seeds, "adamw_lrs": list(lrs),
+               "learned_lr": 1e-3, "mult_1d": 20.0, "tasks": {}}
+    for name in names:
+        t0 = time.time()
+        lo = evaluate_task(name, learned_optimizer(variant), jax.tree.map(lambda t: t[None], theta), seeds,
+                           cache_dir=cache_dir)
+        ad = adamw_baseline(name, seeds, lrs, cache_dir)
+        ad_test = np.nan_to_num(ad["test_loss"], nan=np.inf).mean(1)
+        best = int(np.argmin(ad_test))
+        row = {
+            "steps": tasks_lib.VALID_TASKS[name][1],
+            "learned": {"train_loss": _stats(lo["train_loss"][0]), "test_loss": _stats(lo["test_loss"][0]),
+                        "curve": lo["curve"][0].mean(0).tolist()},
+            "adamw_best_lr": float(lrs[best]),
+            "adamw": {"train_loss": _stats(ad["train_loss"][best]), "test_loss": _stats(ad["test_loss"][best]),
+                      "curve": ad["curve"][best].mean(0).tolist()},
+            "adamw_sweep_test_loss": [float(v) for v in ad_test],
+            "adamw_sweep_train_loss": [float(v) for v in np.nan_to_num(ad["train_loss"], nan=np.inf).mean(1)],
+        }
+        row["learned_beats_adamw_test"] = row["learned"]["test_loss"][0] < row["adamw"]["test_loss"][0]
+        row["learned_beats_adamw_train"] = row["learned"]["train_loss"][0] < row["adamw"]["train_loss"][0]
+        results["tasks"][name] = row
+        print(f"  {name}: done in {time.time() - t0:.0f}s", flush=True)
+    rows = results["tasks"].values()
+    results["wins_test"] = sum(r["learned_beats_adamw_test"] for r in rows)
+    results["wins_train"] = sum(r["learned_beats_adamw_train"] for r in rows)
+    results["mean_test_ratio"] = float(np.mean([r["learned"]["test_loss"][0] / r["adamw"]["test_loss"][0]
+                                                for r in rows]))
+    return results
+
+
+def table(results) -> str:
+    lines = [f"{'task':<20} {'steps':>5} | {results['variant'] + ' train':>17} {'held-out':>17} | "
+             f"{'AdamW lr':>8} {'train':>17} {'held-out':>17}"]
+    for name, r in results["tasks"].items():
+        f = lambda s: f"{s[0]:.4f} +- {s[1]:.4f}"
+        lines.append(f"{name:<20} {r['steps']:>5} | {f(r['learned']['train_loss']):>17} "
+                     f"{f(r['learned']['test_loss']):>17} | {r['adamw_best_lr']:>8.0e} "
+                     f"{f(r['adamw']['train_loss']):>17} {f(r['adamw']['test_loss']):>17}")
+    lines.append(f"learned optimizer wins (held-out): {results['wins_test']}/{len(results['tasks'])}, "
+                 f"(train): {results['wins_train']}/{len(results['tasks'])}; mean held-out loss ratio "
+                 f"learned/AdamW = {results['mean_test_ratio']:.3f}  ({results['seeds']} seeds)")
+    return "\n".join(lines)
+
+
+def plot_compare(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(results["tasks"])
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        r = results["tasks"][name]
+        for label, key in [(results["variant"] + " (lr 1e-3)", "learned"), (f"AdamW (lr {r['adamw_best_lr']:g})", "adamw")]:
+            c = np.asarray(r[key]["curve"])
+            ax.plot(np.arange(1, len(c) + 1) * CURVE_EVERY, c, label=f"{label}: held-out {r[key]['test_loss'][0]:.3f}")
+        ax.set_yscale("log")
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("train minibatch loss")
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def read_metrics(workdir) -> list[dict]:
+    path = pathlib.Path(workdir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def plot_run(workdir, path=None):
+    """Meta-training objective and validation losses over a run -> ``<workdir>/meta_training.png``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = read_metrics(workdir)
+    train = [r for r in rows if "mean_loss" in r]
+    valid = [r for r in rows if any(k.startswith("valid/") for k in r)]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    if train:
+        it = np.array([r["iteration"] for r in train])
+        a.plot(it, [r["mean_loss"] for r in train], alpha=0.4, label="mean meta-loss (window)")
+        y = np.array([r["mean_loss"] for r in train])
+        k = max(1, len(y) // 30)
+        a.plot(it[k - 1:], np.convolve(y, np.ones(k) / k, "valid"), label=f"smoothed ({k} logs)")
+        fams = sorted({k for r in train for k in r if k.endswith("/mean_loss") and k.startswith("family")})
+        for f in fams:
+            a.plot(it, [r.get(f, np.nan) for r in train], lw=0.6, alpha=0.5, label=f)
+    a.set_xlabel("outer iteration")
+    a.set_ylabel("normalised inner training loss (PES objective)")
+    if train:
+        a.legend(fontsize=7)
+    if valid:
+        keys = sorted({k for r in valid for k in r if k.startswith("valid/")})
+        for k in keys:
+            b.plot([r["iteration"] for r in valid], [r.get(k, np.nan) for r in valid], marker="o", ms=3, label=k)
+    b.set_xlabel("outer iteration")
+    b.set_ylabel("held-out loss after training with theta")
+    if valid:
+        b.legend(fontsize=7)
+    fig.tight_layout()
+    path = path or pathlib.Path(workdir) / "meta_training.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m optim.meta.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--theta", help="theta.state to evaluate")
+    p.add_argument("--variant", default="celo2", choices=["celo2", "celo2-base"])
+    p.add_argument("--out", help="output directory for eval.json / eval.png (default: next to --theta)")
+    p.add_argument("--tasks", default=",".join(tasks_lib.VALID_TASKS), help="comma-separated validation tasks")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--lrs", default=",".join(f"{x:g}" for x in DEFAULT_LRS), help="AdamW lrs to sweep")
+    p.add_argument("--plot_run", help="a meta-training workdir: plot its objective and validation losses")
+    p.add_argument("--cache_dir", default=None)
+    args = p.parse_args(argv)
+    if args.plot_run:
+        print("wrote", plot_run(args.plot_run))
+    if args.theta:
+        out = pathlib.Path(args.out or pathlib.Path(args.theta).parent)
+        out.mkdir(parents=True, exist_ok=True)
+        lrs = [float(x) for x in args.lrs.split(",")]
+        res = compare(args.theta, args.variant, [t for t in args.tasks.split(",") if t], args.seeds, lrs,
+                      args.cache_dir)
+        print(table(res))
+        (out / "eval.json").write_text(json.dumps(res, indent=1))
+        plot_compare(res, out / "eval.png")
+        print("wrote", out / "eval.json", out / "eval.png")
+    if not (args.theta or args.plot_run):
+        p.error("give --theta and/or --plot_run")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Copy a meta-trained theta into ``optim/weights/<variant>.state`` with a JSON record of how it was made.
+
+    python -m optim.meta.ship --workdir runs/meta_celo2 --eval runs/eval_celo2/eval.json [--theta FILE]
+
+The JSON (``optim/weights/<variant>.json``) records the meta-training command and config, the outer
+iterations and wall time behind the weights, the measured throughput (inner steps/s and the ratio to the
+paper's ~20K/s on an A100), and the validation comparison against AdamW, including whether the weights beat
+it. ``--note`` adds free text (e.g. what limited the result).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import shutil
+
+import numpy as np
+
+from optim.celo2 import WEIGHTS_DIR, load_theta
+from optim.meta.evaluate import read_metrics
+
+PAPER_INNER_STEPS_PER_S = 3.2e8 / (4.5 * 3600)  # 100K outer iterations x 3,200 inner steps in 4.5 GPU-hours
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m optim.meta.ship", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--eval", required=True, help="eval.json written by python -m optim.meta.evaluate")
+    p.add_argument("--theta", default=None, help="default <workdir>/theta.state")
+    p.add_argument("--dest", default=str(WEIGHTS_DIR))
+    p.add_argument("--note", default="")
+    args = p.parse_args(argv)
+    workdir = pathlib.Path(args.workdir)
+    config = json.loads((workdir / "config.json").read_text())
+    ckpt = json.loads((workdir / "checkpoint.json").read_text())
+    theta_path = pathlib.Path(args.theta) if args.theta else workdir / "theta.state"
+    load_theta(theta_path)  # validate
+    rows = [r for r in read_metrics(workdir) if "inner_steps_per_s" in r]
+    rates = [r["inner_steps_per_s"] for r in rows[1:]] or [np.nan]  # the first window includes compilation
+    ev = json.loads(pathlib.Path(args.eval).read_text())
+    variant = config["variant"]
+    iteration = ckpt["iteration"]
+    if theta_path.name.startswith("theta_"):
+        iteration = int(theta_path.stem.split("_")[1])
+    record = {
+        "variant": variant,
+        "command": config.get("command"),
+        "config": {k: v for k, v in config.items() if k != "command"},
+        "outer_iterations": iteration,
+        "inner_steps": iteration * config["num_particles"] * 2 * len(config["tasks"].split(",")) * config["trunc_length"],
+        "wall_time_s": ckpt.get("wall_s"),
+        "throughput": {
+            "inner_steps_per_s_median": float(np.nanmedian(rates)),
+            "inner_steps_per_s_max": float(np.nanmax(rates)),
+            "paper_inner_steps_per_s": PAPER_INNER_STEPS_PER_S,
+            "ratio_to_paper_median": float(np.nanmedian(rates) / PAPER_INNER_STEPS_PER_S),
+            "machine": "2 shared CPU cores (XLA CPU), no accelerator",
+        },
+        "paper_outer_iterations": 100_001,
+        "validation": ev,
+        "beats_adamw_heldout_on_all_tasks": ev["wins_test"] == len(ev["tasks"]),
+        "note": args.note,
+    }
+    for r in record["validation"]["tasks"].values():  # curves belong in the eval.json, not here
+        r["learned"].pop("curve", None)
+        r["adamw"].pop("curve", None)
+    dest = pathlib.Path(args.dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(theta_path, dest / f"{variant}.state")
+    (dest / f"{variant}.json").write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {dest / (variant + '.state')} and {dest / (variant + '.json')}")
+
+
+if __name__ == "__main__":
+    main()
