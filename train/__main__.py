@@ -1,4 +1,9 @@
-"""``python -m train --config configs/<preset>.py [--config.<field>=<value> ...]``"""
+"""``python -m train --config configs/<preset>.py [--config.<field>=<value> ...]``
+
+Resumes from the newest usable checkpoint in ``--config.workdir``. SIGTERM/SIGINT: finish the step, write
+a checkpoint, exit 0 (a second signal exits at once). Multi-process jobs: ``--config.multiprocess=True``
+(see ``train.loop.setup_platform``; ``python -m launch.local`` starts one on this host).
+"""
 import os
 import sys
 
@@ -22,6 +27,9 @@ def main(argv) -> None:
             raise
         print(f"error: {e}\n(set TRAIN_DEBUG=1 for the traceback)", file=sys.stderr)
         sys.exit(2)
+    if "note" in summary:
+        print(summary["note"])
+        return
     msg = (f"done: step {summary['step']}, train loss {summary.get('loss', float('nan')):.4f}, "
            f"eval loss {summary.get('eval_loss', float('nan')):.4f} (unigram entropy "
            f"{summary['unigram_entropy']:.4f}); outputs in {os.path.abspath(cfg.workdir)}")

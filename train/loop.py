@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -11,18 +12,17 @@ import time
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 import data
 from models import count_params, model_config
 from optim.factory import make_optimizer
 from train import mesh as mesh_lib
-from train.checkpoint import Checkpointer
+from train.checkpoint import CheckpointError, Checkpointer, dataset_id, restore_params, warn
 from train.flops import flops_per_token, peak_flops
 from train.metrics import MetricsLogger
 from train.plots import plot_losses
-from train.preemption import StopRequest
-from train.state import init_state, make_layout
+from train.preemption import StopAgreement, StopRequest
+from train.state import TrainState, init_state, make_layout
 from train.step import batch_sharding, make_eval_step, make_train_step
 
 
@@ -31,14 +31,24 @@ class NonFiniteLoss(RuntimeError):
 
 
 def setup_platform(cfg) -> None:
-    """Must run before JAX starts its backends: simulated CPU devices and multi-process init."""
+    """Must run before JAX starts its backends: simulated CPU devices and multi-process init.
+
+    ``multiprocess=True`` calls ``jax.distributed.initialize()``, which auto-detects SLURM, Open MPI and
+    TPU pods. Elsewhere (``launch.local``, other clusters) the job is described by the environment:
+    ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0, read by JAX itself), ``JAX_NUM_PROCESSES`` and
+    ``JAX_PROCESS_ID``.
+    """
     if cfg.cpu_devices:
         jax.config.update("jax_platforms", "cpu")
         jax.config.update("jax_num_cpu_devices", int(cfg.cpu_devices))
     if cfg.multiprocess:
         if cfg.cpu_devices:
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize()
+        kwargs = {}
+        for env, arg in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+            if os.environ.get(env):
+                kwargs[arg] = int(os.environ[env])
+        jax.distributed.initialize(**kwargs)
 
 
 def build_model_config(cfg, tokenizer_vocab: int):
@@ -65,13 +75,86 @@ def _check_steps(cfg) -> None:
             raise ValueError(f"{name}={cfg[name]} must be a positive integer")
 
 
-def train(cfg) -> dict:
-    """Train (or resume) the run; returns the final {'step', 'loss', 'eval_loss', ...} summary."""
+def resolve_config(cfg):
+    """The config as the run uses it (paths made absolute), as saved in config.json and checkpoints."""
+    cfg = cfg.copy_and_resolve_references()
+    with cfg.unlocked():
+        cfg.workdir = os.path.abspath(cfg.workdir)
+        cfg.data.dir = os.path.abspath(cfg.data.dir)
+        if cfg.init_from:
+            cfg.init_from = os.path.abspath(cfg.init_from)
+    return cfg
+
+
+def data_order_check(cfg, info):
+    """``validate`` for ``Checkpointer.restore``: the saved run must read the same batches at each step."""
+    current = {"seed": cfg.seed, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len}
+    ds = dataset_id(info)
+    now = json.loads(cfg.to_json_best_effort())
+
+    def validate(step: int, meta: dict, saved: dict) -> None:
+        diffs = [f"{k}: checkpoint {saved.get(k)!r}, this run {v!r}" for k, v in current.items()
+                 if saved.get(k) != v]
+        saved_ds = meta.get("data", {}).get("dataset")
+        if saved_ds != ds:
+            diffs.append(f"dataset: checkpoint {saved.get('data', {}).get('dir')!r} (id {saved_ds}), this run "
+                         f"{cfg.data.dir!r} (id {ds})")
+        if diffs:
+            raise CheckpointError(
+                f"the checkpoint at step {step} in {cfg.workdir} was trained with another data order; resuming "
+                f"would silently repeat or skip training data:\n  " + "\n  ".join(diffs) + "\nRerun with "
+                f"the checkpoint's values (see {os.path.join(cfg.workdir, 'config.json')}), or start a new "
+                f"workdir from these weights with --config.init_from={cfg.workdir}")
+        changed = [f"{k} {a!r} -> {b!r}" for k, (a, b) in _config_changes(saved, now).items()
+                   if k not in ("data.dir", "workdir")]
+        if changed:
+            warn(f"resuming step {step} with changed settings (the run continues with the new ones): "
+                 + ", ".join(changed))
+
+    return validate
+
+
+def _config_changes(old: dict, new: dict, prefix: str = "") -> dict:
+    """{dotted key: (old, new)} of the leaves that differ between two config dicts."""
+    out = {}
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update(_config_changes(a, b, f"{prefix}{k}."))
+        elif a != b:
+            out[f"{prefix}{k}"] = (a, b)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _peak_flops(device_kind: str, n_devices: int):
+    """``peak_flops`` once per process and kind of device (on CPU it times a matmul)."""
+    return peak_flops([d for d in jax.devices() if d.device_kind == device_kind][:1] * n_devices)
+
+
+def _from_params(tx, layout, params) -> TrainState:
+    """A fresh train state (step 0, new optimizer state) around given params."""
+    return jax.jit(lambda p: TrainState(jax.numpy.zeros((), jax.numpy.int32), p, tx.init(p)),
+                   out_shardings=layout.shardings)(params)
+
+
+def train(cfg, *, devices=None, stop_at: int | None = None) -> dict:
+    """Train (or resume) the run; returns the final {'step', 'loss', 'eval_loss', ...} summary.
+
+    ``devices``: the devices of the mesh (default: all). ``stop_at``: behave as if preempted after this
+    step (checkpoint and return), for tests and scripted interruptions.
+    """
+    with StopRequest() as stop:
+        return _train(cfg, stop, devices, stop_at)
+
+
+def _train(cfg, stop: StopRequest, devices, stop_at) -> dict:
     _check_steps(cfg)
-    workdir = os.path.abspath(cfg.workdir)
+    cfg = resolve_config(cfg)
+    workdir = cfg.workdir
     info = data.ensure_prepared(cfg.data.dir, corpus=cfg.data.corpus, vocab_size=cfg.data.vocab_size)
     model_cfg = build_model_config(cfg, info.vocab_size)
-    mesh = mesh_lib.build_mesh(cfg.mesh)
+    mesh = mesh_lib.build_mesh(cfg.mesh, devices)
     mesh_lib.check_model(model_cfg, mesh)
     mesh_lib.check_batch(cfg.batch_size, cfg.microbatches, mesh, jax.process_count())
     optimizer = make_optimizer(cfg.optimizer, cfg.steps)
@@ -80,9 +163,20 @@ def train(cfg) -> dict:
 
     pidx, pcount = jax.process_index(), jax.process_count()
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints, cfg.keep_every)
-    start_step, state = ckpt.restore_latest(layout.abstract)
-    if state is None:
+    t0 = time.perf_counter()
+    start_step, state = ckpt.restore_latest(layout.abstract, validate=data_order_check(cfg, info))
+    restore_s = time.perf_counter() - t0
+    origin = f"resumed at step {start_step} ({restore_s:.1f} s)" if state is not None else ""
+    if state is None and cfg.init_from:
+        from_step, params = restore_params(cfg.init_from, layout.abstract.params)
+        start_step, state = 0, _from_params(optimizer.tx, layout, params)
+        origin = f"params from {cfg.init_from} (step {from_step}), fresh optimizer"
+    elif state is None:
         start_step, state = 0, init_state(model_cfg, optimizer.tx, layout, cfg.seed)
+    if start_step >= cfg.steps:
+        ckpt.close()
+        return {"step": start_step, "unigram_entropy": info.unigram_entropy_nats, "stopped_early": False,
+                "note": f"already at step {start_step} >= steps={cfg.steps}; nothing to do"}
     train_data = data.train_iterator(info, seq_len=cfg.seq_len, global_batch_size=cfg.batch_size, seed=cfg.seed,
                                      process_index=pidx, process_count=pcount, start_step=start_step,
                                      num_threads=cfg.data.num_threads)
@@ -90,19 +184,20 @@ def train(cfg) -> dict:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(cfg.to_json_best_effort(indent=2))
+    saved_config = json.loads(cfg.to_json_best_effort())
+    extra_meta = {"data": {"dataset": dataset_id(info), "dir": cfg.data.dir}}
 
     n_params = count_params(model_cfg)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     flops_per_step = flops_per_token(n_params, model_cfg.n_layers, model_cfg.d_model, model_cfg.ctx,
                                      cfg.seq_len) * tokens_per_step
-    peak, peak_source = peak_flops(jax.devices())
+    peak, peak_source = _peak_flops(mesh.devices.flat[0].device_kind, mesh.size)
     logger = MetricsLogger(workdir, cfg.steps, start_step)
     logger.print(f"model {model_cfg.n_layers}L d{model_cfg.d_model} h{model_cfg.n_heads} vocab "
-                 f"{model_cfg.vocab_size}: {n_params:,} params | mesh {dict(mesh.shape)} on {len(jax.devices())} "
-                 f"{jax.devices()[0].platform} devices, {pcount} process(es) | {tokens_per_step:,} tokens/step | "
+                 f"{model_cfg.vocab_size}: {n_params:,} params | mesh {dict(mesh.shape)} on {mesh.size} "
+                 f"{mesh.devices.flat[0].platform} devices, {pcount} process(es) | {tokens_per_step:,} tokens/step | "
                  f"peak {peak / 1e9:.0f} GFLOP/s ({peak_source}) | unigram entropy "
-                 f"{info.unigram_entropy_nats:.3f} nats | workdir {workdir}"
-                 + (f" | resumed at step {start_step}" if start_step else ""))
+                 f"{info.unigram_entropy_nats:.3f} nats | workdir {workdir}" + (f" | {origin}" if origin else ""))
 
     train_step = make_train_step(layout, optimizer.tx, optimizer.schedule, mesh, microbatches=cfg.microbatches,
                                  seed=cfg.seed, dropout=model_cfg.dropout > 0)
@@ -136,36 +231,55 @@ def train(cfg) -> dict:
             m.update(step_time=dt, tokens_per_sec=tokens_per_step / dt, mfu=flops_per_step / dt / peak)
         timer.update(t=now, step=step)
         m["tokens"] = step * tokens_per_step
+        if ckpt_time["pending"] is not None:
+            m["checkpoint_s"] = ckpt_time["pending"]
+            ckpt_time["pending"] = None
         logger.write(step, m)
         logger.progress(step, loss=m["loss"], tok_s=f"{m.get('tokens_per_sec', 0):.0f}")
 
-    pending = None
-    with StopRequest() as stop, jax.set_mesh(mesh):
-        for step in range(start_step, cfg.steps):
-            batch = _to_global(next(train_data), b_sharding)
-            state, metrics = train_step(state, batch)
+    ckpt_time = {"pending": None}
+    agree = StopAgreement()
+    pending, stopping = None, False
+    try:
+        with jax.set_mesh(mesh):
+            for step in range(start_step, cfg.steps):
+                batch = _to_global(next(train_data), b_sharding)
+                state, metrics = train_step(state, batch)
+                done = step + 1
+                # every process gets the same answer at the same step (see train.preemption)
+                stopping = agree(stop.requested) or (stop_at is not None and done >= stop_at)
+                if pending is not None:
+                    record(*pending)
+                pending = (done, metrics)
+                if timer["t"] is None and step == start_step:
+                    record(*pending)  # waits for the first step (compilation), then times from here
+                    pending = None
+                if done % cfg.eval_every == 0 or done == cfg.steps:
+                    last["eval_loss"] = evaluate(state.params)
+                    logger.write(done, {"eval_loss": last["eval_loss"], "tokens": done * tokens_per_step})
+                if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopping:
+                    if pending is not None:
+                        record(*pending)  # never checkpoint a state whose loss was not checked
+                        pending = None
+                    ckpt.save(done, state, train_data, saved_config, extra_meta)
+                    ckpt_time["pending"] = ckpt.last_save_blocking_s
+                if stopping:
+                    break
             if pending is not None:
                 record(*pending)
-            pending, done = (step + 1, metrics), step + 1
-            if timer["t"] is None and step == start_step:
-                record(*pending)  # waits for the first step (compilation), then times from here
-                pending = None
-            if done % cfg.eval_every == 0 or done == cfg.steps:
-                last["eval_loss"] = evaluate(state.params)
-                logger.write(done, {"eval_loss": last["eval_loss"], "tokens": done * tokens_per_step})
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps or stop.requested:
-                if pending is not None:
-                    record(*pending)  # never checkpoint a state whose loss was not checked
-                    pending = None
-                ckpt.save(done, state, train_data, cfg.to_dict())
-            if stop.requested:
-                break
-        if pending is not None:
-            record(*pending)
-        ckpt.close()
+    finally:
+        t0 = time.perf_counter()
+        ckpt.close()  # waits until the last save is durable (also when the loop failed)
+    if stopping:
+        why = (f"{stop.signal_name} received" if stop.signal_name else
+               "stop requested by another process" if stop_at is None else f"stop_at={stop_at} reached")
+        msg = (f"{why}: checkpoint of step {last['step']} written to {ckpt.step_dir(last['step'])} (durable "
+               f"{time.perf_counter() - t0:.1f} s after the step); exiting")
+        logger.print(msg) if pidx == 0 else print(msg, flush=True)
     logger.close()
     if pidx == 0 and logger.rows:
         last["plot"] = plot_losses(workdir, info.unigram_entropy_nats)
     last["unigram_entropy"] = info.unigram_entropy_nats
     last["stopped_early"] = last["step"] < cfg.steps
+    last["checkpoint"] = ckpt.step_dir(last["step"])
     return last

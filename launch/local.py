@@ -1,0 +1,156 @@
+"""Several JAX processes on this host forming one multi-controller job (CPU devices, gloo collectives).
+
+    python -m launch.local --processes 2 --devices-per-process 4 -- --config configs/cpu_tiny.py [...]
+
+Starts ``--processes`` copies of ``python -m train <train args> --config.multiprocess=True
+--config.cpu_devices=K``. Each learns its place in the job from the environment, as on any cluster that
+``jax.distributed.initialize()`` does not auto-detect: ``JAX_COORDINATOR_ADDRESS`` (127.0.0.1 and a free
+port; process 0 runs the coordinator), ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``.
+
+Output: every line of every process, prefixed with ``[p<i>]``. Signals: SIGINT/SIGTERM to the launcher
+are forwarded to all processes as SIGTERM (the first one makes the run checkpoint and exit 0 at a step all
+processes agree on; a second one exits at once). The children run in their own sessions so that a
+terminal's Ctrl-C reaches them once, through the launcher. If a process fails (non-zero exit), the others
+are killed: a multi-controller job cannot go on, nor checkpoint, without one of its processes.
+
+Exit code: 0 if every process exited 0, else the exit code of the first process that failed (a signal N
+counts as 128 + N); the processes the launcher killed afterwards do not count.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+_SPLIT = re.compile(rb"[\r\n]")
+_NOISE = re.compile(rb"^\[Gloo\] Rank \d+ is connected to \d+ peer ranks")  # one line per communicator
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _exit_code(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode
+
+
+class _Printer:
+    def __init__(self, stream):
+        self.stream = stream
+        self.lock = threading.Lock()
+
+    def line(self, text: str) -> None:
+        with self.lock:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+
+def _pump(proc: subprocess.Popen, prefix: str, out: _Printer) -> None:
+    """Copy a child's output line by line (carriage returns of progress bars end a line too)."""
+    buf = b""
+    fd = proc.stdout.fileno()
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        buf += chunk
+        *lines, buf = _SPLIT.split(buf)
+        for line in lines:
+            if line.strip() and not _NOISE.match(line):
+                out.line(prefix + line.decode(errors="replace"))
+    if buf.strip():
+        out.line(prefix + buf.decode(errors="replace"))
+
+
+def launch(processes: int, devices_per_process: int, args: list[str], *, module: str = "train",
+           port: int = 0, grace: float = 10.0, stream=None) -> int:
+    """Run the job; returns its exit code (see the module docstring)."""
+    if processes < 1 or devices_per_process < 1:
+        raise ValueError("--processes and --devices-per-process must be >= 1")
+    out = _Printer(stream or sys.stdout)
+    address = f"127.0.0.1:{port or free_port()}"
+    cmd = [sys.executable, "-m", module, *args, "--config.multiprocess=True",
+           f"--config.cpu_devices={devices_per_process}"]
+    procs: list[subprocess.Popen] = []
+    threads = []
+    for i in range(processes):
+        env = dict(os.environ, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES=str(processes),
+                   JAX_PROCESS_ID=str(i), PYTHONUNBUFFERED="1")
+        env.setdefault("TQDM_MININTERVAL", "5")  # progress bars become log lines here: fewer of them
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             env=env, start_new_session=True)
+        procs.append(p)
+        out.line(f"[launch] process {i}/{processes}: pid {p.pid}, {devices_per_process} CPU devices, "
+                 f"coordinator {address}")
+        t = threading.Thread(target=_pump, args=(p, f"[p{i}] ", out), daemon=True)
+        t.start()
+        threads.append(t)
+
+    def forward(signum, frame):
+        out.line(f"[launch] {signal.Signals(signum).name}: forwarding SIGTERM to all processes")
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    failed = None  # (process index, exit code) of the first failure
+    try:
+        while any(p.poll() is None for p in procs):
+            if failed is None:
+                for i, p in enumerate(procs):
+                    if p.poll() not in (None, 0):
+                        failed = (i, _exit_code(p.returncode))
+                        out.line(f"[launch] process {i} failed with exit code {failed[1]}; killing the others")
+                        for q in procs:
+                            if q.poll() is None:
+                                q.kill()
+                        break
+            time.sleep(0.05)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        deadline = time.time() + grace
+        for p in procs:  # only reached early by an exception in the launcher itself
+            if p.poll() is None:
+                p.kill()
+        for t in threads:
+            t.join(max(0.0, deadline - time.time()))
+    if failed is None:
+        for i, p in enumerate(procs):
+            if p.returncode != 0:
+                failed = (i, _exit_code(p.returncode))
+                break
+    code = 0 if failed is None else failed[1]
+    out.line(f"[launch] done: exit codes {[_exit_code(p.returncode) for p in procs]} -> {code}")
+    return code
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--" in argv:
+        split = argv.index("--")
+        own, rest = argv[:split], argv[split + 1:]
+    else:
+        own, rest = argv, []
+    parser = argparse.ArgumentParser(prog="python -m launch.local", description=__doc__.split("\n\n")[0],
+                                     usage="%(prog)s --processes N --devices-per-process K [options] -- "
+                                           "<train args>")
+    parser.add_argument("--processes", type=int, required=True, help="JAX processes to start")
+    parser.add_argument("--devices-per-process", type=int, required=True, help="simulated CPU devices each")
+    parser.add_argument("--module", default="train", help="python module to run (default: train)")
+    parser.add_argument("--port", type=int, default=0, help="coordinator port (default: a free one)")
+    parser.add_argument("--grace", type=float, default=10.0, help="seconds to wait for log output at the end")
+    a = parser.parse_args(own)
+    return launch(a.processes, a.devices_per_process, rest, module=a.module, port=a.port, grace=a.grace)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
