@@ -324,15 +324,9 @@ def param_labels(params):
 
 def routing_table(params) -> str:
     """One line per leaf (key path, shape, optimizer label), then the parameter count per label."""
-    leaves = jax.tree_util.tree_leaves_with_path(params)
-    rows = [(jax.tree_util.keystr(path), str(tuple(p.shape)), label)
-            for (path, p), label in zip(leaves, jax.tree.leaves(param_labels(params)))]
-    wp, ws = (max((len(r[i]) for r in rows), default=0) for i in (0, 1))
-    totals = {}
-    for (_, p), (_, _, label) in zip(leaves, rows):
-        totals[label] = totals.get(label, 0) + math.prod(p.shape)
-    return "\n".join([f"{path:<{wp}}  {shape:<{ws}}  {label}" for path, shape, label in rows]
-                     + ["  ".join(f"{label}: {n:,} params" for label, n in sorted(totals.items()))])
+    from optim.factory import routing_table as table
+
+    return table(params, param_labels(params))
 
 
 def celo2(learning_rate: optax.ScalarOrSchedule, theta=None, *, weight_decay: float = 0.0,

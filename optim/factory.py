@@ -8,6 +8,7 @@ clipping, and ``schedule(step)`` gives the peak-relative learning rate used for 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 import jax
@@ -20,6 +21,20 @@ from optim.schedules import make_schedule
 class Optimizer:
     tx: optax.GradientTransformationExtraArgs
     schedule: optax.Schedule
+    labels: Callable | None = None  # params -> tree of branch names, for optimizers that route leaves
+
+
+def routing_table(params, labels) -> str:
+    """One line per leaf (key path, shape, optimizer branch), then the parameter count per branch."""
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    rows = [(jax.tree_util.keystr(path), str(tuple(p.shape)), label)
+            for (path, p), label in zip(leaves, jax.tree.leaves(labels))]
+    wp, ws = (max((len(r[i]) for r in rows), default=0) for i in (0, 1))
+    totals = {}
+    for (_, p), (_, _, label) in zip(leaves, rows):
+        totals[label] = totals.get(label, 0) + math.prod(p.shape)
+    return "\n".join([f"{path:<{wp}}  {shape:<{ws}}  {label}" for path, shape, label in rows]
+                      + ["  ".join(f"{label}: {n:,} params" for label, n in sorted(totals.items()))])
 
 
 def matrices_only(params):
@@ -68,6 +83,17 @@ BUILDERS: dict[str, Callable] = {
     "velo": _velo,
 }
 
+def _labels(module: str):
+    def labels(params):
+        import importlib
+
+        return importlib.import_module(module).param_labels(params)
+    return labels
+
+
+# Optimizers that send different leaves to different rules: their routing is printed at start-up.
+LABELS = {"muon": _labels("optim.muon"), "celo2": _labels("optim.celo2")}
+
 # Optimizers that ignore the schedule: the logged lr is then the constant multiplier.
 CONSTANT_LR = ("velo",)
 
@@ -86,4 +112,4 @@ def make_optimizer(cfg, total_steps: int) -> Optimizer:
         if cfg.clip_norm < 0:
             raise ValueError(f"optimizer.clip_norm={cfg.clip_norm} must be >= 0 (0 disables clipping)")
         tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
-    return Optimizer(optax.with_extra_args_support(tx), schedule)
+    return Optimizer(optax.with_extra_args_support(tx), schedule, LABELS.get(cfg.name))

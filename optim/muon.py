@@ -31,6 +31,12 @@ def dimension_numbers(params):
     return jax.tree_util.tree_map_with_path(dims, params)
 
 
+def param_labels(params):
+    """'muon' or 'adam' per leaf, as ``dimension_numbers`` routes them."""
+    return jax.tree.map(lambda d: "adam" if d is None else "muon", dimension_numbers(params),
+                        is_leaf=lambda x: x is None or isinstance(x, MuonDimensionNumbers))
+
+
 def muon(learning_rate, adam_learning_rate, *, beta: float = 0.95, nesterov: bool = True,
          weight_decay: float = 0.0, adam_b1: float = 0.9, adam_b2: float = 0.95, eps: float = 1e-8):
     """``optax.contrib.muon`` with this project's routing (see module docstring)."""

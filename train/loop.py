@@ -15,7 +15,7 @@ import numpy as np
 
 import data
 from models import count_params, model_config
-from optim.factory import make_optimizer
+from optim.factory import make_optimizer, routing_table
 from train import mesh as mesh_lib
 from train.checkpoint import CheckpointError, Checkpointer, dataset_id, restore_params, warn
 from train.flops import flops_per_token, peak_flops
@@ -198,6 +198,9 @@ def _train(cfg, stop: StopRequest, devices, stop_at) -> dict:
                  f"{mesh.devices.flat[0].platform} devices, {pcount} process(es) | {tokens_per_step:,} tokens/step | "
                  f"peak {peak / 1e9:.0f} GFLOP/s ({peak_source}) | unigram entropy "
                  f"{info.unigram_entropy_nats:.3f} nats | workdir {workdir}" + (f" | {origin}" if origin else ""))
+    if optimizer.labels is not None:
+        params = layout.abstract.params
+        logger.print(f"{cfg.optimizer.name} routing:\n" + routing_table(params, optimizer.labels(params)))
 
     train_step = make_train_step(layout, optimizer.tx, optimizer.schedule, mesh, microbatches=cfg.microbatches,
                                  seed=cfg.seed, dropout=model_cfg.dropout > 0)

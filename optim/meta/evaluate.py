@@ -17,7 +17,7 @@ import math
 import os
 import pathlib
 import time
-from functools import lru_cache, partial
+from functools import lru_cache
 
 import jax
 import jax.numpy as jnp
