@@ -9,13 +9,13 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.workdir = "runs/default"
     c.seed = 0
-    c.steps = 300  # total optimizer steps
+    c.steps = 200  # total optimizer steps
     c.batch_size = 16  # global, in sequences
     c.seq_len = 256
     c.microbatches = 1  # gradient accumulation: batch_size is split into this many microbatches
     c.cpu_devices = 8  # simulated CPU devices; 0 leaves the platform alone (GPU/TPU runs)
     c.log_every = 10
-    c.eval_every = 100
+    c.eval_every = 50
     c.eval_batches = 8  # held-out batches (of batch_size sequences) per evaluation
     c.checkpoint_every = 100
     c.keep_checkpoints = 3  # most recent checkpoints kept
