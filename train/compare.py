@@ -184,18 +184,18 @@ def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | Non
 
 
 def add_speedups(results: dict, comp: Comparison) -> None:
-    """Steps each optimizer needs (mean over seeds) to reach AdamW's mean final eval loss, and the
-    speed-up relative to AdamW's own step count."""
+    """Steps each optimizer's seed-mean eval curve needs to reach AdamW's mean final eval loss, and the
+    speed-up relative to AdamW's own curve (which reaches it at its last step)."""
     ref = results["optimizers"].get("adamw", {})
     if "mean" not in ref:
         return
     for o, entry in results["optimizers"].items():
         if entry.get("best_lr") is None:
             continue
-        hits = [steps_to_reach(_eval_curve(comp.run_dir(run_name(o, entry["best_lr"], s))), ref["mean"])
-                for s in range(comp.cfg.compare.seeds)]
-        hits = [h for h in hits if h is not None]
-        entry["steps_to_adamw_loss"] = statistics.fmean(hits) if len(hits) == comp.cfg.compare.seeds else None
+        curves = [_eval_curve(comp.run_dir(run_name(o, entry["best_lr"], s))) for s in range(comp.cfg.compare.seeds)]
+        n = min(len(c) for c in curves)
+        mean_curve = [(curves[0][i][0], statistics.fmean(c[i][1] for c in curves)) for i in range(n)]
+        entry["steps_to_adamw_loss"] = steps_to_reach(mean_curve, ref["mean"] + 1e-9)
     adamw_steps = ref.get("steps_to_adamw_loss")
     for entry in results["optimizers"].values():
         s = entry.get("steps_to_adamw_loss")
