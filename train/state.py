@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
 from models import GPT, GPTConfig, abstract_params, param_specs
 from optim.sharding import named, state_specs
@@ -53,7 +53,3 @@ def init_state(model_cfg: GPTConfig, tx, layout: Layout, seed: int) -> TrainStat
         return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
     return jax.jit(init, out_shardings=layout.shardings)(jax.random.key(seed))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
