@@ -84,7 +84,7 @@ def factored_dims(shape) -> tuple[int, int] | None:
     return int(order[-2]), int(order[-1])
 
 
-def _factored_shapes(shape: tuple, k: int):
+def factored_shapes(shape: tuple, k: int):
     """Shapes of (v_row, v_col, v_diag) for a leaf of ``shape`` and k decays; (0, k) marks an unused one."""
     dims = factored_dims(shape)
     if dims is None:
@@ -142,7 +142,7 @@ def _features(g, p, m, rms, *fac):
     return blocks
 
 
-def _fold_row_blocks(fn, carry, inputs, axis: int, n_blocks: int):
+def fold_row_blocks(fn, carry, inputs, axis: int, n_blocks: int):
     """carry <- fn(carry, block, j) for j < n_blocks, block j holding rows j, j + n_blocks, j + 2 n_blocks, ...
     of every input along ``axis`` (n_blocks divides its size). Inputs of size 1 there (broadcast) pass whole.
 
@@ -157,14 +157,14 @@ def _fold_row_blocks(fn, carry, inputs, axis: int, n_blocks: int):
     return lax.fori_loop(0, n_blocks, lambda j, c: fn(c, [take(x, j) for x in inputs], j), carry)
 
 
-def _num_row_blocks(shape, axis: int, chunk_elems: int) -> int:
+def num_row_blocks(shape, axis: int, chunk_elems: int) -> int:
     """The fewest blocks, dividing shape[axis] evenly, with at most ~chunk_elems elements each."""
     n = shape[axis]
     min_blocks = -(-math.prod(shape) // max(chunk_elems, 1))
     return next(k for k in range(1, n + 1) if n % k == 0 and k >= min(min_blocks, n)) if n else 1
 
 
-def _accumulate(g, m, rms, v_row, v_col, v_diag, decays):
+def accumulate(g, m, rms, v_row, v_col, v_diag, decays):
     """Update the EMAs of a leaf with its clipped gradient g (A.2).
 
     Returns the new (m, rms, v_row, v_col, v_diag) and ``fac``, the inputs of the factored features:
@@ -202,7 +202,7 @@ def _input_scales(inputs, axes, n_row_blocks: int, n_feature_blocks: int):
                             dtype=jnp.float32) for s, f in zip(sums, _features(*block))]
 
     sums = [jnp.zeros(kept + [w], jnp.float32) for w in FEATURE_WIDTHS[:n_feature_blocks]]
-    sums = _fold_row_blocks(add_squares, sums, inputs, axes[0], n_row_blocks)
+    sums = fold_row_blocks(add_squares, sums, inputs, axes[0], n_row_blocks)
     return [lax.rsqrt(NORM_EPS + s / math.prod(shape[a] for a in axes)) for s in sums]
 
 
@@ -269,12 +269,12 @@ def scale_by_celo2(theta=None, *, orthogonalize: bool = True,
                                                              v_row, v_col, v_diag[None])
             return step[0], m[0], rms[0], v_row, v_col, v_diag[0]
         g = jnp.clip(g, -GRAD_CLIP, GRAD_CLIP)
-        new_state, fac = _accumulate(g, m, rms, v_row, v_col, v_diag, decays)
+        new_state, fac = accumulate(g, m, rms, v_row, v_col, v_diag, decays)
         inputs = (g, p, *new_state[:2], *fac)
         # Features exist for at most ~chunk_elems elements at a time: the input normalisation and the MLP
         # both run over blocks of rows along the first of the last two axes.
         axes = tuple(range(max(p.ndim - 2, 0), p.ndim))
-        n_rows = _num_row_blocks(p.shape, axes[0], chunk_elems)
+        n_rows = num_row_blocks(p.shape, axes[0], chunk_elems)
         n_feats = len(FEATURE_WIDTHS) if p.ndim >= 2 else N_VECTOR_BLOCKS
         scales = _input_scales(inputs, axes, n_rows, n_feats)
         w0 = w0_all[:sum(FEATURE_WIDTHS[:n_feats])]
@@ -284,7 +284,7 @@ def scale_by_celo2(theta=None, *, orthogonalize: bool = True,
             return lax.dynamic_update_index_in_dim(out, direction(_features(*block), scales, w0), j, axes[0] + 1)
 
         d = jnp.zeros(blocked, jnp.result_type(jnp.float32, *inputs, *theta.values()))
-        d = _fold_row_blocks(put_direction, d, inputs, axes[0], n_rows).reshape(p.shape)
+        d = fold_row_blocks(put_direction, d, inputs, axes[0], n_rows).reshape(p.shape)
         if orthogonalize and p.ndim >= 2:
             d = orthogonalize_ns(d, ns_coeffs, ns_iters, ns_eps)
         step = rmsmult * d * _rms_normalizer(d, axes)
@@ -299,9 +299,9 @@ def scale_by_celo2(theta=None, *, orthogonalize: bool = True,
             iteration=jnp.zeros([], jnp.int32),
             m=zeros(lambda s: s + (len(initial_momentum_decays),), lambda p: p.dtype),
             rms=zeros(lambda s: s + (len(initial_rms_decays),), lambda p: p.dtype),
-            v_row=zeros(lambda s: _factored_shapes(s, len(initial_adafactor_decays))[0], f32),
-            v_col=zeros(lambda s: _factored_shapes(s, len(initial_adafactor_decays))[1], f32),
-            v_diag=zeros(lambda s: _factored_shapes(s, len(initial_adafactor_decays))[2], f32))
+            v_row=zeros(lambda s: factored_shapes(s, len(initial_adafactor_decays))[0], f32),
+            v_col=zeros(lambda s: factored_shapes(s, len(initial_adafactor_decays))[1], f32),
+            v_diag=zeros(lambda s: factored_shapes(s, len(initial_adafactor_decays))[2], f32))
 
     def update_fn(updates, state, params=None):
         if params is None:

@@ -35,8 +35,8 @@ import optax
 from jax import lax
 
 from optim.celo2 import (ADAFACTOR_DECAYS, CHUNK_ELEMS, FACTOR_EPS, FEATURE_CLIP, GRAD_CLIP, MOMENTUM_DECAYS,
-                         RSQRT_EPS, WEIGHTS_DIR, _accumulate, _factored_shapes, _fold_row_blocks,
-                         _num_row_blocks)
+                         RSQRT_EPS, WEIGHTS_DIR, accumulate, factored_shapes, fold_row_blocks,
+                         num_row_blocks)
 from optim.theta_io import FEATURE_WIDTHS
 from optim.velo_io import (LSTM_HIDDEN, LSTM_LINEAR, PARAM_INITS, check_velo_theta, load_velo_theta,
                            save_velo_theta, velo_theta_shapes)
@@ -196,12 +196,12 @@ def _leaf_step(inputs, mlp, lr_mult, chunk_elems: int):
     and its MLP weights (w0 [30, 4], b0, w1, b1, w2, b2). Runs over blocks of rows of axis 0."""
     p = inputs[1]
     axes = tuple(range(p.ndim))
-    n_blocks = _num_row_blocks(p.shape, 0, chunk_elems)
+    n_blocks = num_row_blocks(p.shape, 0, chunk_elems)
 
     def add_squares(total, block, j):
         return total + jnp.sum(jnp.square(_feature_matrix(block)), axes)
 
-    squares = _fold_row_blocks(add_squares, jnp.zeros(sum(FEATURE_WIDTHS), jnp.float32), inputs, 0, n_blocks)
+    squares = fold_row_blocks(add_squares, jnp.zeros(sum(FEATURE_WIDTHS), jnp.float32), inputs, 0, n_blocks)
     scale = lax.rsqrt(INPUT_NORM_EPS + squares / p.size)
     param_scale = jnp.sqrt(jnp.mean(jnp.square(p.astype(jnp.float32))) + PARAM_SCALE_EPS)
     w0, b0, w1, b1, w2, b2 = mlp
@@ -213,7 +213,7 @@ def _leaf_step(inputs, mlp, lr_mult, chunk_elems: int):
         return lax.dynamic_update_index_in_dim(out, step, j, 1)
 
     out = jnp.zeros((p.shape[0] // n_blocks, n_blocks) + p.shape[1:], jnp.float32)
-    return _fold_row_blocks(put_step, out, inputs, 0, n_blocks).reshape(p.shape)
+    return fold_row_blocks(put_step, out, inputs, 0, n_blocks).reshape(p.shape)
 
 
 # --- the transformation ----------------------------------------------------------------------------------
@@ -275,9 +275,9 @@ def scale_by_velo(theta=None, num_steps: int | None = None, *, ff_mult: float = 
             num_steps=jnp.asarray(num_steps, jnp.int32),
             m=zeros(lambda s: s + (len(MOMENTUM_DECAYS),), lambda p: p.dtype),
             rms=zeros(lambda s: s + (len(RMS_DECAYS),), lambda p: p.dtype),
-            v_row=zeros(lambda s: _factored_shapes(s, len(ADAFACTOR_DECAYS))[0], f32),
-            v_col=zeros(lambda s: _factored_shapes(s, len(ADAFACTOR_DECAYS))[1], f32),
-            v_diag=zeros(lambda s: _factored_shapes(s, len(ADAFACTOR_DECAYS))[2], f32),
+            v_row=zeros(lambda s: factored_shapes(s, len(ADAFACTOR_DECAYS))[0], f32),
+            v_col=zeros(lambda s: factored_shapes(s, len(ADAFACTOR_DECAYS))[1], f32),
+            v_diag=zeros(lambda s: factored_shapes(s, len(ADAFACTOR_DECAYS))[2], f32),
             lstm_hidden=jnp.tile(init_state["hidden"], (n_tensors, 1)),
             lstm_cell=jnp.tile(init_state["cell"], (n_tensors, 1)),
             loss_means=jnp.zeros([N_LOSS_EMAS], jnp.float32),
@@ -312,7 +312,7 @@ def scale_by_velo(theta=None, num_steps: int | None = None, *, ff_mult: float = 
 
         outs = []
         for t, ((g, p, m, rms, v_row, v_col, v_diag), is_scalar) in enumerate(zip(leaves, scalar)):
-            new_state, fac = _accumulate(g, m, rms, v_row, v_col, v_diag, decays)
+            new_state, fac = accumulate(g, m, rms, v_row, v_col, v_diag, decays)
             weights = (w0[t], mlp["b0"][t], mlp["w1"][t], mlp["b1"][t], mlp["w2"][t], mlp["b2"][t])
             step = _leaf_step((g, p, *new_state[:2], *fac), weights, lr_mult[t], chunk_elems)
             out = [(-step).astype(p.dtype), *new_state]
