@@ -22,7 +22,7 @@ from train.flops import flops_per_token, peak_flops
 from train.metrics import MetricsLogger
 from train.plots import plot_losses
 from train.preemption import StopAgreement, StopRequest
-from train.state import TrainState, init_state, make_layout
+from train.state import init_state, make_layout, state_from_params
 from train.step import batch_sharding, make_eval_step, make_train_step
 
 
@@ -132,12 +132,6 @@ def _peak_flops(device_kind: str, n_devices: int):
     return peak_flops([d for d in jax.devices() if d.device_kind == device_kind][:1] * n_devices)
 
 
-def _from_params(tx, layout, params) -> TrainState:
-    """A fresh train state (step 0, new optimizer state) around given params."""
-    return jax.jit(lambda p: TrainState(jax.numpy.zeros((), jax.numpy.int32), p, tx.init(p)),
-                   out_shardings=layout.shardings)(params)
-
-
 def train(cfg, *, devices=None, stop_at: int | None = None) -> dict:
     """Train (or resume) the run; returns the final {'step', 'loss', 'eval_loss', ...} summary.
 
@@ -169,7 +163,7 @@ def _train(cfg, stop: StopRequest, devices, stop_at) -> dict:
     origin = f"resumed at step {start_step} ({restore_s:.1f} s)" if state is not None else ""
     if state is None and cfg.init_from:
         from_step, params = restore_params(cfg.init_from, layout.abstract.params)
-        start_step, state = 0, _from_params(optimizer.tx, layout, params)
+        start_step, state = 0, state_from_params(optimizer.tx, layout, params)
         origin = f"params from {cfg.init_from} (step {from_step}), fresh optimizer"
     elif state is None:
         start_step, state = 0, init_state(model_cfg, optimizer.tx, layout, cfg.seed)

@@ -49,7 +49,15 @@ def init_state(model_cfg: GPTConfig, tx, layout: Layout, seed: int) -> TrainStat
     """
     def init(key):
         _, params = nnx.split(GPT(model_cfg, nnx.Rngs(params=key)), nnx.Param)
-        params = nnx.to_pure_dict(params)
-        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+        return _fresh(tx, nnx.to_pure_dict(params))
 
     return jax.jit(init, out_shardings=layout.shardings)(jax.random.key(seed))
+
+
+def state_from_params(tx, layout: Layout, params) -> TrainState:
+    """A fresh train state (step 0, new optimizer state) around given params, in the layout's shardings."""
+    return jax.jit(lambda p: _fresh(tx, p), out_shardings=layout.shardings)(params)
+
+
+def _fresh(tx, params) -> TrainState:
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
