@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optim.celo2 import init_theta, save_theta
+from optim.celo2 import init_theta, load_theta, save_theta
 from optim.meta import inner as inner_lib
 from optim.meta import pes
 from optim.meta import tasks as tasks_lib
@@ -33,7 +33,7 @@ CKPT = "checkpoint.npz"
 CKPT_META = "checkpoint.json"
 # Options that must not change when a run resumes (the others, e.g. --outer_iterations, may).
 FIXED = ("variant", "num_particles", "trunc_length", "min_unroll", "max_unroll", "outer_lr", "std", "step_mult",
-         "mult_1d", "seed", "tasks", "regex_1d")
+         "mult_1d", "seed", "tasks", "regex_1d", "init_theta")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -52,6 +52,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mult_1d", type=float, default=20.0, help="bias lr multiplier (celo2 only)")
     p.add_argument("--regex_1d", default=r"/b$", help="leaves routed to Adam (celo2 only)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init_theta", default="", help="start from this theta.state (e.g. shipped weights) "
+                                                    "instead of a random init")
     p.add_argument("--tasks", default=",".join(tasks_lib.TRAIN_TASKS), help="task families (comma-separated)")
     p.add_argument("--log_every", type=int, default=10)
     p.add_argument("--checkpoint_every", type=int, default=100)
@@ -114,7 +116,9 @@ def build(args, datas=None):
             train, _ = tasks_lib.split(tasks_lib.load_dataset(tasks_lib.TRAIN_TASKS[n].dataset, args.cache_dir))
             datas.append((jnp.asarray(train.x), jnp.asarray(train.y)))
     rng = jax.random.PRNGKey(args.seed)
-    state = pes.init(jax.random.fold_in(rng, 1), init_theta(rng), outer_opt, problems, args.num_particles)
+    theta = ({k: jnp.asarray(v) for k, v in load_theta(args.init_theta).items()} if args.init_theta
+             else init_theta(rng))
+    state = pes.init(jax.random.fold_in(rng, 1), theta, outer_opt, problems, args.num_particles)
     return problems, datas, outer_opt, state, step
 
 
@@ -140,7 +144,8 @@ def main(argv=None, datas=None):
     cfg_path = workdir / "config.json"
     if (workdir / CKPT).exists() and cfg_path.exists():
         old = json.loads(cfg_path.read_text())
-        changed = {k: (old.get(k), config[k]) for k in FIXED if old.get(k) != config[k]}
+        defaults = vars(parser().parse_args(["--workdir", str(workdir)]))  # for options newer than the run
+        changed = {k: (old.get(k, defaults[k]), config[k]) for k in FIXED if old.get(k, defaults[k]) != config[k]}
         if changed:
             raise SystemExit(f"{workdir} holds a run with a different config: {changed}")
     cfg_path.write_text(json.dumps(config, indent=1))
@@ -204,7 +209,7 @@ def main(argv=None, datas=None):
             from optim.meta.evaluate import quick_validation
             t0 = time.time()
             log({"iteration": it, **quick_validation(state.theta, args.variant, ("fmnist_mlp32", "digits_mlp32"),
-                                                     args.eval_steps, args.cache_dir)})
+                                                     args.eval_steps, args.cache_dir, lr=args.step_mult)})
             t_window += time.time() - t0  # keep validation out of the throughput numbers
         if args.snapshot_every and it % args.snapshot_every == 0:
             save_theta(workdir / f"theta_{it}.state", jax.device_get(state.theta))
