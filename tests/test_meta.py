@@ -12,7 +12,6 @@ import numpy as np
 import optax
 import pytest
 
-from optim.celo2 import load_theta
 from optim.meta import inner, pes, run, tasks
 
 
@@ -122,6 +121,29 @@ def test_truncated_problem_resets_and_scales():
     assert int(s.inner_step) == 1
 
 
+def test_velo_inner_problem_plans_its_length_and_sees_the_loss():
+    """VeLO's num_steps is each problem's own (traced) length, reset with it; the loss reaches its EMAs; a
+    fresh meta-training theta takes small steps (lr_mult 1 on every tensor)."""
+    task = tasks.ImageMLPTask("x")
+    data = (jax.random.uniform(jax.random.PRNGKey(0), (100, 64)), jnp.arange(100, dtype=jnp.int32) % 10)
+    prob = inner.TruncatedProblem(task, inner.meta_training_optimizer("velo"), 3, 40)
+    theta = inner.VARIANTS["velo"].init(jax.random.PRNGKey(0))
+    velo_state = lambda s: s.opt_state[0]  # chain(scale_by_velo, scale)
+    s = prob.init(theta, jax.random.PRNGKey(1))
+    assert int(velo_state(s).num_steps) == int(s.length) and 3 <= int(s.length) < 40
+    step = jax.jit(prob.step)
+    lengths, params = {int(s.length)}, s.params
+    for k in range(int(s.length) + 2):  # through one reset
+        s, out = step(theta, data, s, jax.random.PRNGKey(10 + k))
+        assert int(velo_state(s).num_steps) == int(s.length)
+        lengths.add(int(s.length))
+        if k == 0:
+            assert float(jnp.abs(velo_state(s).loss_means).max()) > 0  # the loss went in
+            rel = optax.tree.norm(jax.tree.map(jnp.subtract, s.params, params)) / optax.tree.norm(params)
+            assert 0 < float(rel) < 1e-2
+    assert len(lengths) == 2  # a new problem, a new planned length (no recompile: it is traced)
+
+
 def test_normalize_loss():
     x = jnp.array([-1.0, 1.0, 10.0, jnp.nan, jnp.inf])
     np.testing.assert_allclose(inner.normalize_loss(x), [0.0, 1.0, inner.LOSS_MAX, inner.LOSS_MAX, inner.LOSS_MAX])
@@ -155,26 +177,28 @@ def _tiny_data():
     return [(x, y)]
 
 
-def _args(workdir, n):
-    return ["--variant", "celo2", "--workdir", str(workdir), "--outer_iterations", str(n), "--tasks", "digits",
+def _args(workdir, n, variant="celo2"):
+    return ["--variant", variant, "--workdir", str(workdir), "--outer_iterations", str(n), "--tasks", "digits",
             "--num_particles", "2", "--trunc_length", "4", "--min_unroll", "3", "--max_unroll", "12",
             "--eval_every", "0", "--snapshot_every", "2", "--log_every", "1", "--checkpoint_every", "1",
             "--no_progress"]
 
 
-def test_meta_training_writes_theta_and_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("variant", ["celo2", "velo"])
+def test_meta_training_writes_theta_and_resumes_exactly(tmp_path, variant):
     data = _tiny_data()
-    a = run.main(_args(tmp_path / "a", 4), datas=data)
-    theta = load_theta(tmp_path / "a" / "theta.state")
-    assert set(theta) == set(load_theta(tmp_path / "a" / "theta_2.state"))
+    load = inner.VARIANTS[variant].load  # also validates the official file format
+    a = run.main(_args(tmp_path / "a", 4, variant), datas=data)
+    theta = load(tmp_path / "a" / "theta.state")
+    assert jax.tree.structure(theta) == jax.tree.structure(load(tmp_path / "a" / "theta_2.state"))
     rows = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [1, 2, 3, 4] and all(np.isfinite(r["mean_loss"]) for r in rows)
     assert (tmp_path / "a" / "tensorboard").is_dir()
-    init = run.build(run._resolve(run.parser().parse_args(_args(tmp_path / "x", 4))), data)[3].theta
-    assert any(not np.allclose(theta[k], init[k]) for k in theta)  # theta moved
+    init = run.build(run._resolve(run.parser().parse_args(_args(tmp_path / "x", 4, variant))), data)[3].theta
+    assert any(not np.allclose(t, i) for t, i in zip(jax.tree.leaves(theta), jax.tree.leaves(init)))  # it moved
 
-    run.main(_args(tmp_path / "b", 2), datas=data)
-    b = run.main(_args(tmp_path / "b", 4), datas=data)  # resumes at 2
+    run.main(_args(tmp_path / "b", 2, variant), datas=data)
+    b = run.main(_args(tmp_path / "b", 4, variant), datas=data)  # resumes at 2
     assert int(b.iteration) == 4
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
     rows_b = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]

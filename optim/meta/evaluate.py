@@ -1,11 +1,13 @@
-"""Evaluate meta-trained Celo2 weights against AdamW on held-out validation tasks, and plot a run.
+"""Evaluate meta-trained Celo2 / VeLO weights against AdamW on held-out validation tasks, and plot a run.
 
     python -m optim.meta.evaluate --theta runs/meta_celo2/theta.state --variant celo2 --out runs/eval_celo2
+    python -m optim.meta.evaluate --theta runs/meta_velo/theta.state --variant velo --out runs/eval_velo
     python -m optim.meta.evaluate --plot_run runs/meta_celo2
 
-The learned optimizer is used as deployed (``optim.celo2.celo2`` / ``celo2_base``) at one constant lr
-(``--lr``: the ``step_mult`` it was meta-trained with, 1e-3 by default; mult_1d 20), no tuning and no
-reparametrisation. AdamW (b1 0.9, b2 0.999, eps 1e-8, no weight decay, constant lr) is swept over ``--lrs``
+The learned optimizer is used as deployed (``optim.celo2.celo2`` / ``celo2_base`` / ``optim.velo.velo``) at
+one constant lr (``--lr``: the ``step_mult`` it was meta-trained with, by default 1e-3 for Celo2 with
+mult_1d 20, and 1 for VeLO, whose lr multiplies its own step and which is told each task's number of
+steps), no tuning and no reparametrisation. AdamW (b1 0.9, b2 0.999, eps 1e-8, no weight decay, constant lr) is swept over ``--lrs``
 and compared at its best lr per task and criterion: the lr with the lowest mean held-out loss for the
 held-out comparison, the lr with the lowest mean final training loss for the training-loss comparison.
 Every task trains on the first 80% of its dataset and reports the full train-split loss and the held-out
@@ -26,20 +28,24 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optim.celo2 import celo2, celo2_base, load_theta
+from optim.celo2 import celo2, celo2_base
 from optim.meta import tasks as tasks_lib
+from optim.meta.inner import VARIANTS
+from optim.velo import velo
 
 CURVE_EVERY = 10
 DEFAULT_LRS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 
 
-def learned_optimizer(variant: str, lr: float = 1e-3, mult_1d: float = 20.0):
-    """``theta -> optax transformation`` for the deployed harness of ``variant``."""
+def learned_optimizer(variant: str, lr: float = 1e-3, mult_1d: float = 20.0, num_steps: int | None = None):
+    """``theta -> optax transformation`` for the deployed harness of ``variant``; VeLO needs ``num_steps``."""
     if variant == "celo2":
         return lambda theta: celo2(lr, theta, mult_1d=mult_1d)
     if variant == "celo2-base":
         return lambda theta: celo2_base(lr, theta)
-    raise ValueError(f"variant must be 'celo2' or 'celo2-base', got {variant!r}")
+    if variant == "velo":
+        return lambda theta: optax.chain(velo(theta, num_steps), optax.scale(lr))
+    raise ValueError(f"variant must be one of {list(VARIANTS)}, got {variant!r}")
 
 
 def adamw(lr):
@@ -63,13 +69,13 @@ def make_trainer(task, make_opt, steps: int):
     def run(hp, key, train, test):
         k_init, k_data = jax.random.split(key)
         params = task.init(k_init)
-        opt = make_opt(hp)
+        opt = optax.with_extra_args_support(make_opt(hp))
         state = opt.init(params)
 
         def body(carry, k):
             params, state = carry
             loss, g = jax.value_and_grad(task.loss)(params, task.sample_batch(train, k))
-            updates, state = opt.update(g, state, params)
+            updates, state = opt.update(g, state, params, loss=loss)
             return (optax.apply_updates(params, updates), state), loss
 
         (params, _), losses = jax.lax.scan(body, (params, state), jax.random.split(k_data, steps))
@@ -112,7 +118,7 @@ def evaluate_task(name: str, make_opt, hps, seeds: int, steps: int | None = None
 def quick_validation(theta, variant: str, names=("fmnist_mlp32",), steps: int = 1000, cache_dir=None,
                      lr: float = 1e-3) -> dict:
     """Held-out loss of ``theta`` (one seed, ``steps`` steps at ``lr``) per task, for monitoring a run."""
-    make = learned_optimizer(variant, lr)
+    make = learned_optimizer(variant, lr, num_steps=steps)
     theta = jax.tree.map(lambda t: jnp.asarray(t)[None], theta)
     return {f"valid/{n}": float(evaluate_task(n, make, theta, 1, steps, cache_dir, opt_key=(variant, lr))["test_loss"][0, 0]) for n in names}
 
@@ -140,13 +146,13 @@ def _stats(x):
 
 def compare(theta_path, variant: str, names, seeds: int, lrs, cache_dir=None, lr: float = 1e-3,
             mult_1d: float = 20.0) -> dict:
-    theta = {k: jnp.asarray(v) for k, v in load_theta(theta_path).items()}
+    theta = jax.tree.map(jnp.asarray, VARIANTS[variant].load(theta_path))
     results = {"theta": str(theta_path), "variant": variant, "seeds": seeds, "adamw_lrs": list(lrs),
                "learned_lr": lr, "mult_1d": mult_1d, "tasks": {}}
     for name in names:
         t0 = time.time()
-        lo = evaluate_task(name, learned_optimizer(variant, lr, mult_1d), jax.tree.map(lambda t: t[None], theta), seeds,
-                           cache_dir=cache_dir)
+        make = learned_optimizer(variant, lr, mult_1d, num_steps=tasks_lib.VALID_TASKS[name][1])
+        lo = evaluate_task(name, make, jax.tree.map(lambda t: t[None], theta), seeds, cache_dir=cache_dir)
         ad = adamw_baseline(name, seeds, lrs, cache_dir)
         ad_test = np.nan_to_num(ad["test_loss"], nan=np.inf).mean(1)
         ad_train = np.nan_to_num(ad["train_loss"], nan=np.inf).mean(1)
@@ -259,13 +265,14 @@ def plot_run(workdir, path=None):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m optim.meta.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--theta", help="theta.state to evaluate")
-    p.add_argument("--variant", default="celo2", choices=["celo2", "celo2-base"])
+    p.add_argument("--theta", help="weight file to evaluate (theta.state, or a VeLO parameter file)")
+    p.add_argument("--variant", default="celo2", choices=list(VARIANTS))
     p.add_argument("--out", help="output directory for eval.json / eval.png (default: next to --theta)")
     p.add_argument("--tasks", default=",".join(tasks_lib.VALID_TASKS), help="comma-separated validation tasks")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--lrs", default=",".join(f"{x:g}" for x in DEFAULT_LRS), help="AdamW lrs to sweep")
-    p.add_argument("--lr", type=float, default=1e-3, help="the learned optimizer's lr (its meta-training step_mult)")
+    p.add_argument("--lr", type=float, default=None, help="the learned optimizer's lr, its meta-training "
+                                                            "step_mult (default 1e-3; velo: 1)")
     p.add_argument("--mult_1d", type=float, default=20.0, help="bias lr multiplier (celo2)")
     p.add_argument("--plot_run", help="a meta-training workdir: plot its objective and validation losses")
     p.add_argument("--cache_dir", default=None)
@@ -276,8 +283,9 @@ def main(argv=None):
         out = pathlib.Path(args.out or pathlib.Path(args.theta).parent)
         out.mkdir(parents=True, exist_ok=True)
         lrs = [float(x) for x in args.lrs.split(",")]
+        lr = VARIANTS[args.variant].step_mult if args.lr is None else args.lr
         res = compare(args.theta, args.variant, [t for t in args.tasks.split(",") if t], args.seeds, lrs,
-                      args.cache_dir, args.lr, args.mult_1d)
+                      args.cache_dir, lr, args.mult_1d)
         print(table(res))
         (out / "eval.json").write_text(json.dumps(res, indent=1))
         plot_compare(res, out / "eval.png")

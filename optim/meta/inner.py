@@ -5,12 +5,17 @@
 
 - An inner problem lasts ``length = int(exp(U(ln min_unroll, ln max_unroll)))`` steps. When
   ``inner_step >= length`` the step resets instead of training: new length, new init, new reparam scale,
-  new optimizer state; it reports meta-loss 0, ``is_done`` True and ``mask`` False.
+  new optimizer state; it reports meta-loss 0, ``is_done`` True and ``mask`` False. An optimizer whose state
+  has a ``num_steps`` field (VeLO) gets the problem's length there: it plans for the steps it will train.
 - Reparametrisation (``--aug reparam --aug_reparam_level global``): one scale s = exp(U(ln 1e-3, ln 1e3))
   per problem; the stored params are w0 / s and the loss is evaluated at w * s, so the function is the same
   and gradients are multiplied by s.
 - The meta-loss of a step is the training loss of the current minibatch before the update, normalised as
-  clip(loss, 0, 1.5 ln 10) with NaN/inf -> 1.5 ln 10.
+  clip(loss, 0, 1.5 ln 10) with NaN/inf -> 1.5 ln 10. The raw loss also goes to the optimizer's update as
+  the ``loss`` extra arg (VeLO's loss features; the Celo2 rules ignore it).
+
+``VARIANTS`` names the learned optimizers that can be meta-trained and how their weights are made, read and
+written (Celo2's ``theta.state``, VeLO's parameter file).
 """
 from __future__ import annotations
 
@@ -23,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optim.celo2 import scale_by_celo2
+from optim.celo2 import init_theta, load_theta, save_theta, scale_by_celo2
+from optim.velo import init_velo_theta, load_velo_theta, save_velo_theta, scale_by_velo
 
 LOSS_MAX = 1.5 * math.log(10.0)
 
@@ -77,11 +83,15 @@ def meta_training_optimizer(variant: str = "celo2", step_mult: float = 1e-3, mul
     celo2:      learned rule (Newton-Schulz on) at lr ``step_mult`` on leaves not matching ``regex_1d``;
                 the meta-training Adam at lr ``step_mult * mult_1d`` on the matching ones (biases).
     celo2-base: learned rule (no Newton-Schulz) at lr ``step_mult`` on every leaf.
+    velo:       VeLO (``scale_by_velo``, which sets its own step sizes) with its update times ``step_mult``
+                on every leaf. Its num_steps (1 here) is set per problem by ``TruncatedProblem.init``.
     """
-    if variant not in ("celo2", "celo2-base"):
-        raise ValueError(f"variant must be 'celo2' or 'celo2-base', got {variant!r}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {list(VARIANTS)}, got {variant!r}")
 
     def make(theta):
+        if variant == "velo":
+            return optax.chain(scale_by_velo(theta, 1), optax.scale(step_mult))
         if variant == "celo2-base":
             return optax.chain(scale_by_celo2(theta, orthogonalize=False), optax.scale(-step_mult))
         return optax.partition({
@@ -128,6 +138,8 @@ class TruncatedProblem:
         scale = jnp.exp(jax.random.uniform(k_scale, (), minval=lo, maxval=hi))
         params = jax.tree.map(lambda w: w / scale, self.task.init(k_init))
         opt_state = self.make_opt(theta).init(params)
+        if optax.tree_utils.tree_get(opt_state, "num_steps") is not None:  # VeLO: plan for this problem's length
+            opt_state = optax.tree_utils.tree_set(opt_state, num_steps=length)
         step = (jax.random.randint(k_step, (), 0, self.max_unroll) if desync else jnp.zeros((), jnp.int32))
         return InnerState(params, opt_state, step.astype(jnp.int32), length, scale)
 
@@ -138,9 +150,42 @@ class TruncatedProblem:
         fresh = self.init(theta, k_reset)
         batch = self.task.sample_batch(data, k_batch)
         loss, grads = jax.value_and_grad(lambda p: self.task.loss(reparam(p, state.scale), batch))(state.params)
-        updates, opt_state = self.make_opt(theta).update(grads, state.opt_state, state.params)
+        opt = optax.with_extra_args_support(self.make_opt(theta))
+        updates, opt_state = opt.update(grads, state.opt_state, state.params, loss=loss)
         trained = InnerState(optax.apply_updates(state.params, updates), opt_state, state.inner_step + 1,
                              state.length, state.scale)
         new = jax.tree.map(lambda a, b: jnp.where(done, a, b), fresh, trained)
         zero = jnp.zeros_like(loss)
         return new, StepOut(jnp.where(done, zero, normalize_loss(loss)), done, ~done, jnp.where(done, zero, loss))
+
+
+def init_velo_meta_theta(key) -> dict:
+    """The VeLO theta that meta-training starts from: learned_optimization's ``HyperV2.init`` (Haiku defaults,
+    ``optim.velo.init_velo_theta``) except the ``step_size`` head, which is w = 0, b = 1 here.
+
+    With Haiku's random head, lr_mult = step_size(h) is a random linear function of the LSTM state (about
+    0.03 in size, of either sign), so a fresh VeLO takes steps of ~1e-4 of RMS(p) that may point uphill on a
+    whole tensor. With lr_mult = 1 on every tensor, a fresh theta takes small, stable steps (about 6e-4 of
+    RMS(p) per step on the 8x8 MLPs; held-out loss 1.66 after 1000 steps on fmnist_mlp32, from 2.37), whose
+    size meta-training learns through one bias and whose dependence on the LSTM state it learns through w
+    (whose gradient is nonzero, because h is)."""
+    theta = init_velo_theta(key)
+    head = theta["rnn_params"]["step_size"]
+    theta["rnn_params"]["step_size"] = {"w": jnp.zeros_like(head["w"]), "b": jnp.ones_like(head["b"])}
+    return theta
+
+
+class Variant(NamedTuple):
+    """How a meta-trainable optimizer's weights are made (``init(key)``), read (``load(path)``, numpy arrays)
+    and written (``save(path, theta)``, its official file format), and its default inner lr (step_mult)."""
+    init: Callable
+    load: Callable
+    save: Callable
+    step_mult: float
+
+
+VARIANTS = {
+    "celo2": Variant(init_theta, load_theta, save_theta, 1e-3),
+    "celo2-base": Variant(init_theta, load_theta, save_theta, 1e-3),
+    "velo": Variant(init_velo_meta_theta, load_velo_theta, save_velo_theta, 1.0),  # 1: VeLO's own step size
+}

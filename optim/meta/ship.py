@@ -2,6 +2,9 @@
 
     python -m optim.meta.ship --workdir runs/meta_celo2 --eval runs/eval_celo2/eval.json [--theta FILE]
 
+The run's ``meta_training.png`` and the evaluation's ``eval.png`` (next to ``--eval``) are copied too, as
+``<variant>-meta-training.png`` and ``<variant>-eval.png``.
+
 The JSON (``optim/weights/<variant>.json``) records the meta-training command and config, the outer
 iterations and wall time behind the weights, the measured throughput (inner steps/s and the ratio to the
 paper's ~20K/s on an A100), and the validation comparison against AdamW, including whether the weights beat
@@ -16,8 +19,9 @@ import shutil
 
 import numpy as np
 
-from optim.celo2 import WEIGHTS_DIR, load_theta
+from optim.celo2 import WEIGHTS_DIR
 from optim.meta.evaluate import read_metrics
+from optim.meta.inner import VARIANTS
 
 PAPER_INNER_STEPS_PER_S = 3.2e8 / (4.5 * 3600)  # 100K outer iterations x 3,200 inner steps in 4.5 GPU-hours
 
@@ -35,7 +39,7 @@ def main(argv=None):
     config = json.loads((workdir / "config.json").read_text())
     ckpt = json.loads((workdir / "checkpoint.json").read_text())
     theta_path = pathlib.Path(args.theta) if args.theta else workdir / "theta.state"
-    load_theta(theta_path)  # validate
+    VARIANTS[config["variant"]].load(theta_path)  # validate
     rows = [r for r in read_metrics(workdir) if "inner_steps_per_s" in r]
     rates = [r["inner_steps_per_s"] for r in rows[1:]] or [np.nan]  # the first window includes compilation
     ev = json.loads(pathlib.Path(args.eval).read_text())
@@ -69,6 +73,10 @@ def main(argv=None):
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(theta_path, dest / f"{variant}.state")
     (dest / f"{variant}.json").write_text(json.dumps(record, indent=1) + "\n")
+    plots = {"meta-training": workdir / "meta_training.png", "eval": pathlib.Path(args.eval).with_name("eval.png")}
+    for name, src in plots.items():
+        if src.exists():
+            shutil.copyfile(src, dest / f"{variant}-{name}.png")
     print(f"wrote {dest / (variant + '.state')} and {dest / (variant + '.json')}")
 
 
