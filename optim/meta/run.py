@@ -34,8 +34,8 @@ VELO_OUTER_LR = 1e-3  # no published recipe for VeLO with PES at this budget: ch
 CKPT = "checkpoint.npz"
 CKPT_META = "checkpoint.json"
 # Options that must not change when a run resumes (the others, e.g. --outer_iterations, may).
-FIXED = ("variant", "num_particles", "trunc_length", "min_unroll", "max_unroll", "outer_lr", "std", "step_mult",
-         "mult_1d", "seed", "tasks", "regex_1d", "init_theta")
+FIXED = ("variant", "num_particles", "trunc_length", "min_unroll", "max_unroll", "reparam_range", "outer_lr", "std",
+         "step_mult", "mult_1d", "seed", "tasks", "regex_1d", "init_theta")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -48,6 +48,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--trunc_length", type=int, default=50, help="inner steps per truncation")
     p.add_argument("--min_unroll", type=int, default=100)
     p.add_argument("--max_unroll", type=int, default=2000)
+    p.add_argument("--reparam_range", default="1e-3,1e3",
+                   help="global reparametrisation scales s ~ log-uniform(lo, hi) (spec D.3: 1e-3,1e3)")
     p.add_argument("--outer_lr", type=float, default=None, help="default 5e-5 (celo2), 1e-4 (celo2-base), "
                                                                      f"{VELO_OUTER_LR:g} (velo)")
     p.add_argument("--std", type=float, default=0.01, help="PES perturbation std")
@@ -103,12 +105,13 @@ _BUILT = {}  # config -> (problems, outer_opt, jitted step): runs in one process
 def build(args, datas=None):
     """(problems, datas, outer_opt, init_state, step_fn) for a config. ``datas`` overrides the datasets."""
     names = [t for t in args.tasks.split(",") if t]
+    reparam_range = tuple(float(x) for x in args.reparam_range.split(","))
     key = (args.variant, args.step_mult, args.mult_1d, args.regex_1d, args.min_unroll, args.max_unroll,
-           tuple(names), args.outer_lr, args.trunc_length, args.std)
+           reparam_range, tuple(names), args.outer_lr, args.trunc_length, args.std)
     if key not in _BUILT:
         make_opt = inner_lib.meta_training_optimizer(args.variant, args.step_mult, args.mult_1d, args.regex_1d)
         problems = [inner_lib.TruncatedProblem(tasks_lib.TRAIN_TASKS[n], make_opt, args.min_unroll,
-                                               args.max_unroll) for n in names]
+                                               args.max_unroll, reparam_range) for n in names]
         outer_opt = optax.adamw(args.outer_lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4)
         step = jax.jit(partial(pes.step, problems=problems, outer_opt=outer_opt, trunc_length=args.trunc_length,
                                std=args.std), donate_argnums=0)
