@@ -41,88 +41,88 @@ _MAX_LINE_CHARS = 4096
 
 
 class Tokenizer:
-  """A sentencepiece model file, loaded on first use (the processor itself is never pickled)."""
+    """A sentencepiece model file, loaded on first use (the processor itself is never pickled)."""
 
-  def __init__(self, model_path: str | os.PathLike):
-    self.model_path = os.fspath(model_path)
-    self._sp = None
-    self._lock = threading.Lock()
+    def __init__(self, model_path: str | os.PathLike):
+        self.model_path = os.fspath(model_path)
+        self._sp = None
+        self._lock = threading.Lock()
 
-  @property
-  def sp(self) -> spm.SentencePieceProcessor:
-    if self._sp is None:
-      with self._lock:
+    @property
+    def sp(self) -> spm.SentencePieceProcessor:
         if self._sp is None:
-          if not os.path.isfile(self.model_path):
-            raise ValueError(f"tokenizer model {self.model_path!r} does not exist")
-          sp = spm.SentencePieceProcessor()
-          try:
-            sp.Load(self.model_path)
-          except (OSError, RuntimeError) as e:
-            raise ValueError(f"{self.model_path!r} is not a sentencepiece model: {e}") from e
-          self._sp = sp
-    return self._sp
+            with self._lock:
+                if self._sp is None:
+                    if not os.path.isfile(self.model_path):
+                        raise ValueError(f"tokenizer model {self.model_path!r} does not exist")
+                    sp = spm.SentencePieceProcessor()
+                    try:
+                        sp.Load(self.model_path)
+                    except (OSError, RuntimeError) as e:
+                        raise ValueError(f"{self.model_path!r} is not a sentencepiece model: {e}") from e
+                    self._sp = sp
+        return self._sp
 
-  def __getstate__(self):
-    return {"model_path": self.model_path}
+    def __getstate__(self):
+        return {"model_path": self.model_path}
 
-  def __setstate__(self, state):
-    self.__init__(state["model_path"])
+    def __setstate__(self, state):
+        self.__init__(state["model_path"])
 
-  def __repr__(self):
-    return f"Tokenizer({self.model_path!r})"
+    def __repr__(self):
+        return f"Tokenizer({self.model_path!r})"
 
-  def encode(self, text: str) -> list[int]:
-    return self.sp.EncodeAsIds(text)
+    def encode(self, text: str) -> list[int]:
+        return self.sp.EncodeAsIds(text)
 
-  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-    return self.sp.EncodeAsIds(list(texts), num_threads=TRAINER_SETTINGS["num_threads"])
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.sp.EncodeAsIds(list(texts), num_threads=TRAINER_SETTINGS["num_threads"])
 
-  def decode(self, ids: Iterable[int]) -> str:
-    return self.sp.DecodeIds([int(i) for i in np.asarray(ids).reshape(-1)])
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.sp.DecodeIds([int(i) for i in np.asarray(ids).reshape(-1)])
 
-  @property
-  def vocab_size(self) -> int:
-    return self.sp.GetPieceSize()
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.GetPieceSize()
 
-  @property
-  def bos_id(self) -> int:
-    return self.sp.bos_id()
+    @property
+    def bos_id(self) -> int:
+        return self.sp.bos_id()
 
-  @property
-  def eos_id(self) -> int:
-    return self.sp.eos_id()
+    @property
+    def eos_id(self) -> int:
+        return self.sp.eos_id()
 
-  @property
-  def unk_id(self) -> int:
-    return self.sp.unk_id()
+    @property
+    def unk_id(self) -> int:
+        return self.sp.unk_id()
 
-  @staticmethod
-  def train(texts: Iterable[str], model_path: str | os.PathLike, vocab_size: int = 4096) -> "Tokenizer":
-    """Trains a BPE model on the lines of ``texts`` and writes it to ``model_path``."""
-    if vocab_size < 300:
-      raise ValueError(f"vocab_size={vocab_size} is too small: byte fallback alone needs 259 ids; use >= 300")
-    spm.set_random_generator_seed(TRAINER_SEED)
-    proto = io.BytesIO()
-    try:
-      spm.SentencePieceTrainer.train(
-          sentence_iterator=_lines(texts), model_writer=proto, vocab_size=vocab_size, minloglevel=2,
-          **TRAINER_SETTINGS)
-    except RuntimeError as e:
-      raise ValueError(
-          f"sentencepiece could not train a {vocab_size}-token vocabulary: {e}. Fix: use a smaller "
-          "--vocab_size (or a larger corpus)") from e
-    tmp = f"{os.fspath(model_path)}.tmp"
-    with open(tmp, "wb") as f:
-      f.write(proto.getvalue())
-    os.replace(tmp, model_path)
-    return Tokenizer(model_path)
+    @staticmethod
+    def train(texts: Iterable[str], model_path: str | os.PathLike, vocab_size: int = 4096) -> "Tokenizer":
+        """Trains a BPE model on the lines of ``texts`` and writes it to ``model_path``."""
+        if vocab_size < 300:
+            raise ValueError(f"vocab_size={vocab_size} is too small: byte fallback alone needs 259 ids; use >= 300")
+        spm.set_random_generator_seed(TRAINER_SEED)
+        proto = io.BytesIO()
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=_lines(texts), model_writer=proto, vocab_size=vocab_size, minloglevel=2,
+                **TRAINER_SETTINGS)
+        except RuntimeError as e:
+            raise ValueError(
+                f"sentencepiece could not train a {vocab_size}-token vocabulary: {e}. Fix: use a smaller "
+                "--vocab_size (or a larger corpus)") from e
+        tmp = f"{os.fspath(model_path)}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(proto.getvalue())
+        os.replace(tmp, model_path)
+        return Tokenizer(model_path)
 
 
 def _lines(texts: Iterable[str]):
-  for text in texts:
-    for line in text.split("\n"):
-      for start in range(0, len(line), _MAX_LINE_CHARS):
-        piece = line[start:start + _MAX_LINE_CHARS]
-        if piece.strip():
-          yield piece
+    for text in texts:
+        for line in text.split("\n"):
+            for start in range(0, len(line), _MAX_LINE_CHARS):
+                piece = line[start:start + _MAX_LINE_CHARS]
+                if piece.strip():
+                    yield piece
