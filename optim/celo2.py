@@ -205,18 +205,19 @@ def _channels(g, p, m, rms, *fac):
 
 
 def _first_layer_terms(stats, axes, w0_rows):
-    """The first-layer contribution of the broadcast channels (factored row and column statistics), summed
-    per shape: x rsqrt(1e-9 + mean(x^2)) w0_x, each of shape x.shape + (hidden,).
+    """The first-layer contribution of the broadcast channels (factored row and column statistics) per
+    shape: sum_x x rsqrt(1e-9 + mean(x^2)) w0_x over the channels x of that shape, hidden last.
 
     A channel broadcast along an axis has the same mean square as its unbroadcast values, so these terms
     cost O(rows + cols) and are broadcast into the per-element first layer instead of entering its matmul.
+    Each is a matmul, which XLA materialises rather than fusing (and so recomputing) it into every element.
     """
-    terms = {}
-    for x, w in zip(stats, w0_rows):
-        x = x.astype(jnp.float32)
-        term = (x * _rms_normalizer(x, axes))[..., None] * w
-        terms[x.shape] = terms[x.shape] + term if x.shape in terms else term
-    return list(terms.values())
+    terms = []
+    for shape in dict.fromkeys(x.shape for x in stats):
+        rows = [i for i, x in enumerate(stats) if x.shape == shape]
+        x = jnp.stack([stats[i].astype(jnp.float32) for i in rows], -1)
+        terms.append((x * _rms_normalizer(x, axes)) @ w0_rows[np.array(rows)])
+    return terms
 
 
 def _resolve_theta(theta, variant: str) -> dict:
