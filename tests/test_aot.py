@@ -10,7 +10,7 @@ def _aot(preset, remat, vocab, seq_len, batch, mesh=(1, 4, 2)):
     args = _parse(["--batch_size", str(batch), "--seq_len", str(seq_len), "--vocab_size", str(vocab),
                    "--compute_dtype", "bfloat16", "--remat", remat])
     mesh = build_mesh(dict(zip(("data", "fsdp", "tensor"), mesh)))
-    return bench_preset(preset, args, mesh, peak_matmul=1.0, run=False)
+    return bench_preset(preset, args, mesh, run=False)
 
 
 @pytest.mark.parametrize("remat", ["full", "dots_no_batch"])
