@@ -6,8 +6,9 @@
     achieved FLOP/s from the analytic model FLOPs (``train.flops.flops_per_token``: 6(N - ctx*D) + 12*L*D*T
     per token), MFU against the datasheet peak (accelerators) and against the measured matmul rate, and
     peak memory (device statistics on accelerators, the compiled program's buffers on CPU); with ``--data``,
-    the input pipeline: seconds to load and transfer one batch, and the input wait of the train loop's
-    pattern (dispatch step k, load batch k + 1 while it runs, read step k - 1's metrics) over the step alone;
+    the input pipeline: seconds to load and transfer one batch, and the input wait per step: the train
+    loop's pattern (dispatch step k, load batch k + 1 while it runs, read step k - 1's metrics) fed by the
+    pipeline, minus the same loop on one fixed batch;
 (c) per optimizer: the update alone (jitted ``tx.update`` + apply on the preset's parameters, median),
     its share of the step, optimizer-state bytes per parameter and the update's temporary memory.
 
@@ -40,7 +41,7 @@ def _parse(argv):
     p.add_argument("--steps", type=int, default=5, help="timed steps after warm-up")
     p.add_argument("--cpu_devices", type=int, default=1, help="simulated CPU devices (0: use the accelerators)")
     p.add_argument("--data", default="data_cache/shakespeare-bpe4096",
-                   help="prepared dataset for the input-pipeline numbers (skipped if it does not exist)")
+                   help="prepared dataset for the input-pipeline numbers (skipped if the dir does not exist)")
     p.add_argument("--json", default="", help="also write the numbers to this JSON file")
     return p.parse_args(argv)
 
@@ -142,11 +143,11 @@ def _input_feed(args, mesh):
     import data
     from train.step import batch_sharding
 
-    if not os.path.exists(os.path.join(args.data, "info.json")):
+    if not args.data or not os.path.isdir(args.data):
         return None
     info = data.load_info(args.data)
     if info.vocab_size > args.vocab_size:
-        return None
+        raise ValueError(f"--data {args.data} has a vocabulary of {info.vocab_size} > --vocab_size {args.vocab_size}")
     it = data.train_iterator(info, seq_len=args.seq_len, global_batch_size=args.batch_size, seed=0)
     sharding = batch_sharding(mesh)
     return lambda: jax.block_until_ready(
@@ -197,17 +198,19 @@ def bench_preset(preset: str, args, mesh, run: bool) -> dict:
     if feed is not None:
         loop_steps = 4
 
-        def loop():  # train.loop's pattern, timed over loop_steps steps
-            pending, next_batch = None, feed()
-            for _ in range(loop_steps):
-                holder["state"], m = compiled(holder["state"], next_batch)
-                next_batch = feed()
-                if pending is not None:
-                    jax.device_get(pending)
-                pending = m
-            jax.device_get(pending)
+        def loop(load_batch):  # train.loop's pattern, timed over loop_steps steps
+            def run():
+                pending, next_batch = None, load_batch()
+                for _ in range(loop_steps):
+                    holder["state"], m = compiled(holder["state"], next_batch)
+                    next_batch = load_batch()
+                    if pending is not None:
+                        jax.device_get(pending)
+                    pending = m
+                jax.device_get(pending)
+            return run
 
-        timed.update(input=feed, loop=loop)
+        timed.update(input=feed, loop=loop(feed), loop_fixed_batch=loop(lambda: batch))
     t = _medians(timed, args.steps)
     dt = t["step"]
     peak_sheet = datasheet_peak(jax.devices()[0])
@@ -216,7 +219,8 @@ def bench_preset(preset: str, args, mesh, run: bool) -> dict:
     row.update(step_seconds=dt, tokens_per_sec=tokens / dt, achieved_flops_per_sec=flops / dt,
                matmul_flops_per_sec=matmul_flops / t["matmul"], mfu_measured=flops / dt / peak_matmul)
     if feed is not None:
-        row.update(input_seconds=t["input"], input_wait_seconds=max(0.0, t["loop"] / loop_steps - dt))
+        row.update(input_seconds=t["input"],
+                   input_wait_seconds=max(0.0, t["loop"] - t["loop_fixed_batch"]) / loop_steps)
     if peak_sheet:
         row["mfu_datasheet"] = flops / dt / (peak_sheet * mesh.devices.size)
         stats = jax.devices()[0].memory_stats() or {}
