@@ -44,7 +44,7 @@ from optim.velo_io import (LSTM_HIDDEN, LSTM_LINEAR, PARAM_INITS, check_velo_the
 __all__ = ["ScaleByVeLOState", "scale_by_velo", "velo", "init_velo_theta", "load_velo_theta",
            "save_velo_theta", "DEFAULT_WEIGHTS"]
 
-DEFAULT_WEIGHTS = WEIGHTS_DIR / "velo.state"  # shipped VeLO weights, once meta-trained (spec G.8)
+DEFAULT_WEIGHTS = WEIGHTS_DIR / "velo.state"  # shipped VeLO weights, meta-trained by the project (spec G.8)
 
 RMS_DECAYS = (0.999,)
 RMS_EPS = 1e-6  # rsqrt(rms + eps) in the per-element features
@@ -224,8 +224,9 @@ def _resolve_theta(theta, param_inits: int, lstm_hidden_size: int) -> dict:
     sizes = dict(param_inits=param_inits, lstm_hidden_size=lstm_hidden_size)
     if theta is None:
         if not DEFAULT_WEIGHTS.exists():
-            raise ValueError(f"no shipped VeLO weights exist yet ({DEFAULT_WEIGHTS} is missing): pass theta=<path "
-                             "to a VeLO parameter file> (official or meta-trained) or a theta dict")
+            raise ValueError(f"the shipped VeLO weights {DEFAULT_WEIGHTS} are missing (an incomplete install?): "
+                             "reinstall the package, or pass theta=<path to a VeLO parameter file> (official or "
+                             "meta-trained, e.g. by python -m optim.meta --variant velo) or a theta dict")
         theta = DEFAULT_WEIGHTS
     if isinstance(theta, (str, os.PathLike)):
         theta = load_velo_theta(theta, **sizes)

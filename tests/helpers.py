@@ -3,9 +3,9 @@ import jax
 import numpy as np
 
 from configs.base import base_config
+from configs.cpu_tiny import get_config as cpu_tiny_config
 from models import model_config
 from optim.factory import make_optimizer
-from train.bench import weights_path
 from train.mesh import build_mesh
 from train.state import init_state, make_layout
 from train.step import batch_sharding, make_train_step
@@ -26,7 +26,6 @@ def synthetic_batches(n, batch=8, seq=32, seed=0):
     return out
 
 
-LEARNED = ("celo2", "celo2-base", "velo")
 DEFAULT_LR = {"adamw": 3e-3, "muon": 0.02, "celo2": 1e-3, "celo2-base": 1e-3, "velo": 1.0}
 
 
@@ -34,13 +33,20 @@ def optimizer_config(name="adamw", **overrides):
     cfg = base_config().optimizer
     cfg.name = name
     cfg.lr = DEFAULT_LR.get(name, cfg.lr)
-    cfg.warmup_steps = 2
-    if name in LEARNED:
-        cfg.theta = weights_path(name)
+    cfg.warmup_steps = 2  # learned optimizers: theta "" = the shipped weights
     if name == "celo2":
         # The AdamW branch (embeddings, vectors) at the same lr as the learned rule: the default 20x
         # (meta-training's mult_1d) is too hot for the synthetic 10-step task's embeddings.
         cfg.adam_lr_mult = 1.0
+    cfg.update(overrides)
+    return cfg
+
+
+def tiny_config(workdir, data_dir, **overrides):
+    """The cpu-tiny preset (2-layer GPT, 2x2x2 mesh) writing to ``workdir`` and reading ``data_dir``."""
+    cfg = cpu_tiny_config()
+    cfg.workdir = str(workdir)
+    cfg.data.dir = str(data_dir)
     cfg.update(overrides)
     return cfg
 

@@ -4,9 +4,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from optim.factory import BUILDERS
-from optim.celo2 import WEIGHTS_DIR
-from train.bench import weights_path
-from tests.helpers import LEARNED, optimizer_config, run_steps, synthetic_batches
+from tests.helpers import optimizer_config, run_steps, synthetic_batches
 
 
 @pytest.mark.parametrize("name", sorted(BUILDERS))
@@ -15,8 +13,8 @@ def test_sharded_run_equals_single_device(name):
     _, single, _, _ = run_steps((1, 1, 1), optimizer_config(name), batches)
     _, sharded, _, _ = run_steps((2, 2, 2), optimizer_config(name), batches)
     np.testing.assert_allclose(sharded, single, rtol=1e-4)
-    if name not in LEARNED or weights_path(name).startswith(str(WEIGHTS_DIR)):
-        assert single[-1] < single[0]  # it learns (a learned optimizer only with trained weights)
+    if name != "velo":  # the shipped VeLO's steps (~1e-3 of each weight's RMS) do not move this loss in 10
+        assert single[-1] < single[0]  # steps: test_velo checks it on the cpu preset over 40 steps of text
 
 
 def test_gradient_accumulation_equals_full_batch():

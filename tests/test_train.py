@@ -6,18 +6,10 @@ import sys
 
 import pytest
 
-from configs.cpu_tiny import get_config
+from tests.helpers import tiny_config
 from train.loop import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config(workdir, data_dir, **overrides):
-    cfg = get_config()
-    cfg.workdir = str(workdir)
-    cfg.data.dir = str(data_dir)
-    cfg.update(overrides)
-    return cfg
 
 
 def test_cpu_tiny_trains_on_shakespeare_on_a_2x2x2_mesh(tmp_path, shakespeare):

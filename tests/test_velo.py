@@ -1,6 +1,8 @@
 """VeLO: parameter count, weight files, agreement with a literal transcription of the official code, the
-optax contract (loss via extra args, determinism, state shapes), sharding, and the harness entry."""
+optax contract (loss via extra args, determinism, state shapes), sharding, the harness entry, and the
+shipped weights training the CPU language-model preset."""
 import collections
+import json
 
 import flax.serialization
 import jax
@@ -17,6 +19,7 @@ from optim.velo import init_velo_theta, load_velo_theta, save_velo_theta, scale_
 from optim.velo_io import count_params, velo_theta_from_bytes, velo_theta_shapes, velo_theta_to_bytes
 
 SMALL = dict(param_inits=8, lstm_hidden_size=16)  # a small hyper-network keeps the numpy reference fast
+LM_LOSS_DROP = 0.3  # nats/token the shipped weights must take off the cpu-tiny loss in 40 steps (they take 0.46)
 
 
 @pytest.fixture(scope="module")
@@ -346,8 +349,25 @@ def test_velo_weight_decay_and_theta_sources(small_theta, small_rule, tmp_path, 
     from_file, from_dict = (velo(theta, 50, **SMALL).init(params) for theta in (str(path), small_theta))
     jax.tree.map(np.testing.assert_array_equal, from_file, from_dict)  # includes the LSTM initial state
 
+    shipped = velo(None, 100).init(params)  # no theta: the shipped weights
+    jax.tree.map(np.testing.assert_array_equal, shipped, velo(str(velo_lib.DEFAULT_WEIGHTS), 100).init(params))
     monkeypatch.setattr(velo_lib, "DEFAULT_WEIGHTS", tmp_path / "missing.state")
-    with pytest.raises(ValueError, match="no shipped VeLO weights"):
+    with pytest.raises(ValueError, match="shipped VeLO weights .* are missing"):
         velo(None, 100)
     with pytest.raises(ValueError, match="num_steps"):
         velo(small_theta, 0, **SMALL)
+
+
+def test_shipped_weights_train_the_cpu_preset(tmp_path, shakespeare):
+    """The project's meta-trained VeLO (the default weights) on the cpu-tiny GPT over real Shakespeare, with
+    the optimizer config's defaults except lr = 1 (VeLO as published: lr multiplies VeLO's own step)."""
+    from tests.helpers import tiny_config
+    from train.loop import train
+
+    cfg = tiny_config(tmp_path / "run", shakespeare, steps=40, log_every=1, eval_every=40, checkpoint_every=40)
+    cfg.optimizer.update(name="velo", lr=1.0)
+    train(cfg)
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    losses = np.array([r["loss"] for r in rows if "loss" in r])
+    assert len(losses) == 40 and np.all(np.isfinite(losses))
+    assert losses[-5:].mean() < losses[:5].mean() - LM_LOSS_DROP, losses

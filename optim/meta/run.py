@@ -30,7 +30,7 @@ from optim.meta import inner as inner_lib
 from optim.meta import pes
 from optim.meta import tasks as tasks_lib
 
-VELO_OUTER_LR = 1e-3  # no published recipe for VeLO with PES at this budget: chosen by pilot runs (README)
+VELO_OUTER_LR = 3e-4  # no published recipe for VeLO with PES at this budget: chosen by pilot runs (README)
 CKPT = "checkpoint.npz"
 CKPT_META = "checkpoint.json"
 # Options that must not change when a run resumes (the others, e.g. --outer_iterations, may).

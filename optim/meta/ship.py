@@ -47,12 +47,15 @@ def main(argv=None):
     iteration = ckpt["iteration"]
     if theta_path.name.startswith("theta_"):
         iteration = int(theta_path.stem.split("_")[1])
+    per_iteration = config["num_particles"] * 2 * len(config["tasks"].split(",")) * config["trunc_length"]
     record = {
         "variant": variant,
         "command": config.get("command"),
         "config": {k: v for k, v in config.items() if k != "command"},
-        "outer_iterations": iteration,
-        "inner_steps": iteration * config["num_particles"] * 2 * len(config["tasks"].split(",")) * config["trunc_length"],
+        "outer_iterations": iteration,  # behind the shipped theta (a snapshot may come before the run's end)
+        "inner_steps": iteration * per_iteration,
+        "run_outer_iterations": ckpt["iteration"],  # the whole run, which wall_time_s measures
+        "run_inner_steps": ckpt["iteration"] * per_iteration,
         "wall_time_s": ckpt.get("wall_s"),
         "throughput": {
             "inner_steps_per_s_median": float(np.nanmedian(rates)),
