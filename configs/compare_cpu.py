@@ -1,7 +1,7 @@
 """The CPU optimizer comparison (``python -m train.compare --config configs/compare_cpu.py``): the 2-layer
 GPT on Shakespeare, 200 steps of 16 x 128 tokens (0.4M tokens) per run on one CPU device, a 3-point
-learning-rate sweep per optimizer at seed 0, then 3 seeds at each optimizer's best rate (20 runs, about
-25 minutes on 2 cores). VeLO is left out until the project ships meta-trained VeLO weights."""
+learning-rate sweep per optimizer at seed 0, then 3 seeds at each optimizer's best rate (27 runs, about
+40 minutes on 2 cores). VeLO's lr multiplies its own step (1 = VeLO as published)."""
 from configs.base import base_config
 from configs.compare import compare_fields
 
@@ -22,12 +22,13 @@ def get_config():
     c.keep_checkpoints = 1
     c.optimizer.warmup_steps = 10
     c.compare = compare_fields(
-        optimizers="adamw,muon,celo2,celo2-base",
+        optimizers="adamw,muon,celo2,celo2-base,velo",
         seeds=3,
         lrs={
             "adamw": "3e-3,1e-2,3e-2",
             "muon": "1e-2,3e-2,1e-1",
             "celo2": "3e-4,1e-3,3e-3",
             "celo2-base": "3e-4,1e-3,3e-3",
+            "velo": "0.3,1,3,10,30",
         })
     return c
