@@ -97,11 +97,20 @@ LABELS = {"muon": _labels("optim.muon"), "celo2": _labels("optim.celo2")}
 # Optimizers that ignore the schedule: the logged lr is then the constant multiplier.
 CONSTANT_LR = ("velo",)
 
+# Peak lr when ``optimizer.lr`` is 0: AdamW's GPT-style 3e-3 (this project's small models), Muon's usual
+# 0.02, the Celo2 rules' meta-training step size 1e-3 (their step has RMS 1, like Adam's scale), and VeLO
+# as published (its lr multiplies the step it sizes itself).
+DEFAULT_LR = {"adamw": 3e-3, "muon": 0.02, "celo2": 1e-3, "celo2-base": 1e-3, "velo": 1.0}
+
 
 def make_optimizer(cfg, total_steps: int) -> Optimizer:
-    """Build the optimizer named ``cfg.name`` with its schedule and global-norm clipping (``cfg.clip_norm``)."""
+    """Build the optimizer named ``cfg.name`` with its schedule and global-norm clipping (``cfg.clip_norm``);
+    ``cfg.lr`` 0 means the optimizer's ``DEFAULT_LR``."""
     if cfg.name not in BUILDERS:
         raise ValueError(f"optimizer.name={cfg.name!r} is not known; choose one of: {', '.join(BUILDERS)}")
+    if not cfg.lr:
+        cfg = cfg.copy_and_resolve_references()
+        cfg.lr = DEFAULT_LR[cfg.name]
     if cfg.name in CONSTANT_LR:
         schedule = optax.constant_schedule(cfg.lr)
     else:

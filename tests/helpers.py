@@ -26,13 +26,9 @@ def synthetic_batches(n, batch=8, seq=32, seed=0):
     return out
 
 
-DEFAULT_LR = {"adamw": 3e-3, "muon": 0.02, "celo2": 1e-3, "celo2-base": 1e-3, "velo": 1.0}
-
-
 def optimizer_config(name="adamw", **overrides):
     cfg = base_config().optimizer
     cfg.name = name
-    cfg.lr = DEFAULT_LR.get(name, cfg.lr)
     cfg.warmup_steps = 2  # learned optimizers: theta "" = the shipped weights
     if name == "celo2":
         # The AdamW branch (embeddings, vectors) at the same lr as the learned rule: the default 20x
