@@ -93,12 +93,15 @@ def tree_to_bytes(tree: Mapping) -> bytes:
 
 
 def write_atomic(path: str | os.PathLike, buf: bytes) -> None:
-    """Write ``buf`` to ``path`` through a temporary file and ``os.replace``: never a half-written file."""
+    """Write ``buf`` to ``path`` through a temporary file (fsynced) and ``os.replace``: never a half-written
+    file, and concurrent writers never share a temporary file."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".weights-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(buf)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

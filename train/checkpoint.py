@@ -58,16 +58,9 @@ def warn(msg: str) -> None:
 
 # ----------------------------------------------------------------------------------------- tree records
 
-def _key_name(k) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
 def leaf_paths(tree) -> list[str]:
     """'params/blocks/0/attn/qkv_kernel'-style paths (orbax names the arrays the same way with dots)."""
-    return ["/".join(_key_name(k) for k in kp) for kp, _ in jax.tree_util.tree_leaves_with_path(tree)]
+    return [jax.tree_util.keystr(kp, simple=True, separator="/") for kp, _ in jax.tree_util.tree_leaves_with_path(tree)]
 
 
 def describe(tree) -> dict[str, str]:
@@ -141,6 +134,21 @@ def fingerprint(tree) -> dict[str, str]:
     out = NamedSharding(sharding.mesh, P()) if isinstance(sharding, NamedSharding) else None
     sums = np.asarray(_fingerprint_fn(out)(leaves).addressable_data(0))
     return {p: f"{int(a):08x}{int(b):08x}" for p, (a, b) in zip(leaf_paths(tree), sums)}
+
+
+def read_meta(step_dir: str) -> dict:
+    """The ``meta`` item of a checkpoint step directory."""
+    with open(os.path.join(step_dir, "meta", "metadata")) as f:
+        return json.load(f)
+
+
+def verify(tree, meta: dict) -> None:
+    """Raise ``IOError`` if a leaf of ``tree`` does not match the fingerprint saved in ``meta`` (its paths
+    are those of the saved state, e.g. ``{"params": params}`` for the parameters alone)."""
+    bad = [p for p, h in fingerprint(tree).items() if meta["fingerprint"].get(p) != h]
+    if bad:
+        raise IOError(f"the restored contents of {len(bad)} array(s) do not match the checksum saved with "
+                      f"the checkpoint (corrupted files?): {', '.join(bad[:4])}" + (" ..." if len(bad) > 4 else ""))
 
 
 def _reason(error: BaseException, limit: int = 300) -> str:
@@ -252,8 +260,7 @@ class Checkpointer:
         self.last_save_blocking_s = time.perf_counter() - t0
 
     def meta(self, step: int) -> dict:
-        with open(os.path.join(self.step_dir(step), "meta", "metadata")) as f:
-            return json.load(f)
+        return read_meta(self.step_dir(step))
 
     def config(self, step: int) -> dict:
         with open(os.path.join(self.step_dir(step), "config", "metadata")) as f:
@@ -271,7 +278,7 @@ class Checkpointer:
         processes changed, whereas grain's saved state is per process.
         """
         state, meta = self._read(step, abstract_state, validate)
-        self._verify(state, meta)
+        verify(state, meta)
         return state
 
     def _read(self, step, abstract_state, validate):
@@ -291,14 +298,6 @@ class Checkpointer:
             validate(step, meta, self.config(step))
         args = ocp.args.Composite(state=_restore_args(abstract_state))
         return _fill_empty(self.manager.restore(step, args=args).state, abstract_state), meta
-
-    @staticmethod
-    def _verify(state, meta) -> None:
-        bad = [p for p, h in fingerprint(state).items() if meta["fingerprint"].get(p) != h]
-        if bad:
-            raise IOError(f"the restored contents of {len(bad)} array(s) do not match the checksum saved with "
-                          f"the checkpoint (corrupted files?): {', '.join(bad[:4])}"
-                          + (" ..." if len(bad) > 4 else ""))
 
     def restore_latest(self, abstract_state, validate=None):
         """(step, state) of the newest checkpoint that restores and verifies, or (None, None) if none does.
@@ -325,7 +324,7 @@ class Checkpointer:
                 error = e
             if _all_processes_agree(error is None):
                 try:
-                    self._verify(state, meta)
+                    verify(state, meta)
                 except IOError as e:
                     error = e
                 if error is None:
@@ -384,8 +383,7 @@ def candidates(path: str) -> list[str]:
 
 
 def _restore_params_from(step_dir: str, abstract_params):
-    with open(os.path.join(step_dir, "meta", "metadata")) as f:
-        meta = json.load(f)
+    meta = read_meta(step_dir)
     saved = {p[len("params/"):]: d for p, d in meta["leaves"].items() if p.startswith("params/")}
     problems = mismatches(saved, describe(abstract_params))
     if problems:
@@ -394,10 +392,7 @@ def _restore_params_from(step_dir: str, abstract_params):
         restored = checkpointer.restore(os.path.join(step_dir, "state"),
                                         args=_restore_args({"params": abstract_params}, partial=True))
     params = _fill_empty(restored["params"], abstract_params)
-    bad = [p for p, h in fingerprint(params).items() if meta["fingerprint"].get(f"params/{p}") != h]
-    if bad:
-        raise IOError(f"restored parameters do not match their saved checksum (corrupted files?): "
-                      f"{', '.join(bad[:4])}")
+    verify({"params": params}, meta)
     return meta["step"], params
 
 

@@ -86,11 +86,10 @@ def resolve_config(cfg):
     return cfg
 
 
-def data_order_check(cfg, info):
-    """``validate`` for ``Checkpointer.restore``: the saved run must read the same batches at each step."""
+def data_order_check(cfg, ds: str, now: dict):
+    """``validate`` for ``Checkpointer.restore``: the saved run must read the same batches at each step.
+    ``ds``: this run's ``dataset_id``; ``now``: its config as saved (JSON)."""
     current = {"seed": cfg.seed, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len}
-    ds = dataset_id(info)
-    now = json.loads(cfg.to_json_best_effort())
 
     def validate(step: int, meta: dict, saved: dict) -> None:
         diffs = [f"{k}: checkpoint {saved.get(k)!r}, this run {v!r}" for k, v in current.items()
@@ -157,8 +156,11 @@ def _train(cfg, stop: StopRequest, devices, stop_at) -> dict:
 
     pidx, pcount = jax.process_index(), jax.process_count()
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints, cfg.keep_every)
+    saved_config = json.loads(cfg.to_json_best_effort())
+    extra_meta = {"data": {"dataset": dataset_id(info), "dir": cfg.data.dir}}
     t0 = time.perf_counter()
-    start_step, state = ckpt.restore_latest(layout.abstract, validate=data_order_check(cfg, info))
+    start_step, state = ckpt.restore_latest(
+        layout.abstract, validate=data_order_check(cfg, extra_meta["data"]["dataset"], saved_config))
     restore_s = time.perf_counter() - t0
     origin = f"resumed at step {start_step} ({restore_s:.1f} s)" if state is not None else ""
     if state is None and cfg.init_from:
@@ -178,8 +180,6 @@ def _train(cfg, stop: StopRequest, devices, stop_at) -> dict:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(cfg.to_json_best_effort(indent=2))
-    saved_config = json.loads(cfg.to_json_best_effort())
-    extra_meta = {"data": {"dataset": dataset_id(info), "dir": cfg.data.dir}}
 
     n_params = count_params(model_cfg)
     tokens_per_step = cfg.batch_size * cfg.seq_len

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import pathlib
 import time
 from functools import lru_cache
@@ -31,6 +30,7 @@ import optax
 from optim.celo2 import celo2, celo2_base
 from optim.meta import tasks as tasks_lib
 from optim.meta.inner import VARIANTS
+from optim.theta_io import write_atomic
 from optim.velo import velo
 
 CURVE_EVERY = 10
@@ -142,9 +142,7 @@ def adamw_baseline(name: str, seeds: int, lrs, cache_dir=None) -> dict:
         cache = json.loads(path.read_text()) if path.exists() else {}
         cache[key] = {k: np.asarray(v).tolist() for k, v in out.items()}
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache))
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(cache).encode())
     return {k: np.asarray(v, np.float32) for k, v in cache[key].items()}
 
 

@@ -13,10 +13,9 @@ file). Starting on a workdir with a checkpoint resumes it exactly.
 from __future__ import annotations
 
 import argparse
+import io
 import json
-import os
 import pathlib
-import signal
 import sys
 import time
 from functools import partial
@@ -29,8 +28,9 @@ import optax
 from optim.meta import inner as inner_lib
 from optim.meta import pes
 from optim.meta import tasks as tasks_lib
+from optim.theta_io import write_atomic
+from train.preemption import StopRequest
 
-VELO_OUTER_LR = 3e-4  # no published recipe for VeLO with PES at this budget: chosen by pilot runs (README)
 CKPT = "checkpoint.npz"
 CKPT_META = "checkpoint.json"
 # Options that must not change when a run resumes (the others, e.g. --outer_iterations, may).
@@ -50,8 +50,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max_unroll", type=int, default=2000)
     p.add_argument("--reparam_range", default="1e-3,1e3",
                    help="global reparametrisation scales s ~ log-uniform(lo, hi) (spec D.3: 1e-3,1e3)")
-    p.add_argument("--outer_lr", type=float, default=None, help="default 5e-5 (celo2), 1e-4 (celo2-base), "
-                                                                     f"{VELO_OUTER_LR:g} (velo)")
+    p.add_argument("--outer_lr", type=float, default=None, help="default: " + ", ".join(
+        f"{v.outer_lr:g} ({name})" for name, v in inner_lib.VARIANTS.items()))
     p.add_argument("--std", type=float, default=0.01, help="PES perturbation std")
     p.add_argument("--step_mult", type=float, default=None, help="inner lr of the learned rule (default 1e-3; "
                                                                    "velo: 1, the multiplier of its own step)")
@@ -73,19 +73,11 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _atomic_write(path: pathlib.Path, write):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(workdir: pathlib.Path, state: pes.PESState, meta: dict):
-    leaves = [np.asarray(x) for x in jax.tree.leaves(state)]
-    _atomic_write(workdir / CKPT, lambda f: np.savez(f, *leaves))
-    _atomic_write(workdir / CKPT_META, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    buf = io.BytesIO()
+    np.savez(buf, *[np.asarray(x) for x in jax.tree.leaves(state)])
+    write_atomic(workdir / CKPT, buf.getvalue())
+    write_atomic(workdir / CKPT_META, json.dumps(meta, indent=1).encode())
 
 
 def load_checkpoint(workdir: pathlib.Path, template: pes.PESState):
@@ -130,10 +122,11 @@ def build(args, datas=None):
 
 
 def _resolve(args):
+    variant = inner_lib.VARIANTS[args.variant]
     if args.outer_lr is None:
-        args.outer_lr = {"celo2": 5e-5, "celo2-base": 1e-4}.get(args.variant, VELO_OUTER_LR)
+        args.outer_lr = variant.outer_lr
     if args.step_mult is None:
-        args.step_mult = inner_lib.VARIANTS[args.variant].step_mult
+        args.step_mult = variant.step_mult
     return args
 
 
@@ -141,7 +134,7 @@ def _truncate_metrics(path: pathlib.Path, iteration: int):
     """Drop rows logged after the checkpoint we resume from, so the file matches the resumed run."""
     if path.exists():
         rows = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["iteration"] <= iteration]
-        _atomic_write(path, lambda f: f.write("".join(r + "\n" for r in rows).encode()))
+        write_atomic(path, "".join(r + "\n" for r in rows).encode())
 
 
 def main(argv=None, datas=None):
@@ -178,12 +171,6 @@ def main(argv=None, datas=None):
     metrics_file = open(workdir / "metrics.jsonl", "a")
     inner_per_iter = args.num_particles * 2 * len(problems) * args.trunc_length
 
-    stop = {"flag": False}
-    def on_signal(signum, frame):
-        stop["flag"] = True
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-
     def log(row):
         metrics_file.write(json.dumps(row) + "\n")
         metrics_file.flush()
@@ -201,32 +188,34 @@ def main(argv=None, datas=None):
     bar = tqdm(total=args.outer_iterations, initial=start, unit="it", disable=args.no_progress,
                dynamic_ncols=True, smoothing=0.05)
     it = start
-    while it < args.outer_iterations and not stop["flag"]:
-        state, m = step(state, datas)
-        it += 1
-        window.append(m)
-        bar.update(1)
-        if it % args.log_every == 0 or it == args.outer_iterations:
-            ms = jax.device_get(window)
-            dt = time.time() - t_window
-            row = {"iteration": it, **{k: float(np.mean([x[k] for x in ms])) for k in ms[0]},
-                   "outer_its_per_s": (it - it_window) / dt, "inner_steps_per_s": (it - it_window) * inner_per_iter / dt,
-                   "wall_s": wall_before + time.time() - t_start}
-            log(row)
-            bar.set_postfix(loss=f"{row['mean_loss']:.3f}", inner_steps_s=f"{row['inner_steps_per_s']:.0f}")
-            window, t_window, it_window = [], time.time(), it
-        if args.eval_every and it % args.eval_every == 0:
-            from optim.meta.evaluate import quick_validation
-            t0 = time.time()
-            log({"iteration": it, **quick_validation(state.theta, args.variant, ("fmnist_mlp32", "digits_mlp32"),
-                                                     args.eval_steps, args.cache_dir, lr=args.step_mult)})
-            t_window += time.time() - t0  # keep validation out of the throughput numbers
-        if args.snapshot_every and it % args.snapshot_every == 0:
-            save_theta(workdir / f"theta_{it}.state", jax.device_get(state.theta))
-        if it % args.checkpoint_every == 0:
-            checkpoint(it)
-        if args.max_minutes and time.time() - t_start > 60 * args.max_minutes:
-            break
+    with StopRequest() as stop:  # SIGTERM/SIGINT: finish this iteration, checkpoint, exit
+        while it < args.outer_iterations and not stop.requested:
+            state, m = step(state, datas)
+            it += 1
+            window.append(m)
+            bar.update(1)
+            if it % args.log_every == 0 or it == args.outer_iterations:
+                ms = jax.device_get(window)
+                dt = time.time() - t_window
+                row = {"iteration": it, **{k: float(np.mean([x[k] for x in ms])) for k in ms[0]},
+                       "outer_its_per_s": (it - it_window) / dt,
+                       "inner_steps_per_s": (it - it_window) * inner_per_iter / dt,
+                       "wall_s": wall_before + time.time() - t_start}
+                log(row)
+                bar.set_postfix(loss=f"{row['mean_loss']:.3f}", inner_steps_s=f"{row['inner_steps_per_s']:.0f}")
+                window, t_window, it_window = [], time.time(), it
+            if args.eval_every and it % args.eval_every == 0:
+                from optim.meta.evaluate import quick_validation
+                t0 = time.time()
+                log({"iteration": it, **quick_validation(state.theta, args.variant, ("fmnist_mlp32", "digits_mlp32"),
+                                                         args.eval_steps, args.cache_dir, lr=args.step_mult)})
+                t_window += time.time() - t0  # keep validation out of the throughput numbers
+            if args.snapshot_every and it % args.snapshot_every == 0:
+                save_theta(workdir / f"theta_{it}.state", jax.device_get(state.theta))
+            if it % args.checkpoint_every == 0:
+                checkpoint(it)
+            if args.max_minutes and time.time() - t_start > 60 * args.max_minutes:
+                break
     bar.close()
     checkpoint(it)
     save_theta(workdir / "theta.state", jax.device_get(state.theta))

@@ -29,6 +29,7 @@ loss = mean softmax cross-entropy.
 from __future__ import annotations
 
 import gzip
+import io
 import math
 import os
 import pathlib
@@ -40,6 +41,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from optim.theta_io import write_atomic
 
 TRAIN_FRACTION = 0.8
 FMNIST_DEB = "dataset-fashion-mnist"
@@ -104,9 +107,9 @@ def load_fashion_mnist(cache_dir=None) -> ImageData:
         images = _read_idx(root / "train-images-idx3-ubyte.gz").astype(np.float32)
         labels = _read_idx(root / "train-labels-idx1-ubyte.gz").astype(np.int32)
         x = resize_bilinear(images).reshape(len(labels), 64) / 255.0
-        tmp = npz.with_suffix(".tmp.npz")
-        np.savez(tmp, x=x.astype(np.float32), y=labels)
-        os.replace(tmp, npz)
+        buf = io.BytesIO()
+        np.savez(buf, x=x.astype(np.float32), y=labels)
+        write_atomic(npz, buf.getvalue())
     with np.load(npz) as f:
         return ImageData(f["x"], f["y"])
 
