@@ -40,7 +40,7 @@ from optim.theta_io import (FEATURE_WIDTHS, THETA_SHAPES, check_theta, load_thet
                             theta_from_bytes, theta_to_bytes)
 
 __all__ = ["ScaleByCelo2State", "scale_by_celo2", "celo2", "celo2_base", "param_labels", "routing_table",
-           "orthogonalize_ns", "init_theta", "load_theta", "save_theta", "theta_from_bytes",
+           "orthogonalize_ns", "init_theta", "init_theta_from_feature", "load_theta", "save_theta", "theta_from_bytes",
            "theta_to_bytes", "WEIGHTS_DIR"]
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"  # shipped weights: celo2.state, celo2-base.state
@@ -399,3 +399,30 @@ def init_theta(key: jax.Array) -> dict:
     fan_in = {k: (sum(FEATURE_WIDTHS) if k.startswith("w0") else THETA_SHAPES[k][0]) for k in weights}
     return {k: (jax.random.truncated_normal(keys[k], -2.0, 2.0, shape, jnp.float32) / math.sqrt(fan_in[k])
                 if k in keys else jnp.zeros(shape, jnp.float32)) for k, shape in THETA_SHAPES.items()}
+
+
+def init_theta_from_feature(key: jax.Array, block: int, channel: int = 0) -> dict:
+    """A theta whose rule is exactly ``d = x``, channel ``channel`` of feature block ``block`` (A.3, after
+    the input normalisation), with the rest of the network alive for meta-training to build on.
+
+    Hidden units 0 and 1 of both layers carry x through the ReLUs, d = relu(x) - relu(-x) = x:
+    w0__block[channel, :2] = (1, -1), w1[:2, :2] = I, w2[:2, 0] = (1, -1), and nothing else feeds them or
+    the direction (zeros in w0[:, :2] elsewhere, w1[2:, :2], w2[2:, 0], b0[:2], b1[:2], b2[0]). Units 2-7
+    keep ``init_theta``'s random weights, so a perturbation of w2[2:, 0] changes d at once. Block 3, channel
+    0 (momentum, beta 0.9) gives, after Newton-Schulz and the RMS normalisation, Muon's direction with an
+    RMS-1 step; block 5, channel 0 (m / sqrt(v)) gives Adam's direction without bias correction."""
+    if not 0 <= block < len(FEATURE_WIDTHS) or not 0 <= channel < FEATURE_WIDTHS[block]:
+        raise ValueError(f"feature block {block} channel {channel} does not exist; blocks 0-"
+                         f"{len(FEATURE_WIDTHS) - 1} have widths {FEATURE_WIDTHS}")
+    theta = {k: np.array(v) for k, v in init_theta(key).items()}
+    for i in range(len(FEATURE_WIDTHS)):
+        theta[f"w0__{i}"][:, :2] = 0.0
+    theta[f"w0__{block}"][channel, :2] = (1.0, -1.0)
+    theta["b0"][:2] = 0.0
+    theta["w1"][:, :2] = 0.0
+    theta["w1"][:2, :2] = np.eye(2)
+    theta["b1"][:2] = 0.0
+    theta["w2"][:, 0] = 0.0
+    theta["w2"][:2, 0] = (1.0, -1.0)
+    theta["b2"][0] = 0.0
+    return {k: jnp.asarray(v) for k, v in theta.items()}

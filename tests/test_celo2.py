@@ -8,7 +8,8 @@ import optax
 import pytest
 
 from optim import celo2 as celo2_lib
-from optim.celo2 import (THETA_SHAPES, celo2, celo2_base, factored_dims, init_theta, load_theta, param_labels,
+from optim.celo2 import (THETA_SHAPES, celo2, celo2_base, factored_dims, init_theta, init_theta_from_feature,
+                         load_theta, param_labels,
                          routing_table, save_theta, scale_by_celo2)
 from optim.theta_io import theta_from_bytes, theta_to_bytes
 
@@ -360,6 +361,34 @@ def test_init_theta():
             assert np.all(np.abs(v) <= 2 * sigma + 1e-7) and np.any(np.abs(v) > 0.5 * sigma)
     w0 = np.concatenate([np.ravel(theta[f"w0__{i}"]) for i in range(14)])
     assert 0.7 / np.sqrt(30) < w0.std() < 0.95 / np.sqrt(30)  # truncation without variance correction: ~0.88
+
+
+def _rms_normalized(x):
+    return x / np.sqrt(1e-9 + np.mean(x ** 2))
+
+
+@pytest.mark.parametrize("orthogonalize", [True, False])
+def test_rule_init_gives_muon_and_adam_directions(orthogonalize):
+    """Block 3 channel 0 -> d = m (beta 0.9): with Newton-Schulz, Muon's direction with RMS 1.
+    Block 5 channel 0 -> d = m / sqrt(v + 1e-8): Adam's direction (no bias correction), RMS 1."""
+    block = 3 if orthogonalize else 5
+    theta = init_theta_from_feature(jax.random.PRNGKey(3), block, 0)
+    assert {k: v.shape for k, v in theta.items()} == THETA_SHAPES
+    tx = scale_by_celo2(theta, orthogonalize=orthogonalize)
+    p = jax.random.normal(jax.random.PRNGKey(0), (12, 7))
+    state = tx.init(p)
+    m = v = np.zeros((12, 7))
+    for t in range(3):
+        g = np.asarray(jax.random.normal(jax.random.PRNGKey(10 + t), (12, 7))) * 0.01
+        step, state = tx.update(jnp.asarray(g, jnp.float32), state, p)
+        m, v = 0.9 * m + 0.1 * g, 0.95 * v + 0.05 * g * g
+        if orthogonalize:
+            want = _rms_normalized(np.asarray(celo2_lib.orthogonalize_ns(jnp.asarray(m, jnp.float32))))
+        else:
+            want = _rms_normalized(m / np.sqrt(v + 1e-8))
+        np.testing.assert_allclose(np.asarray(step), want, rtol=2e-4, atol=2e-5)
+    with pytest.raises(ValueError, match="block 14 channel 0 does not exist"):
+        init_theta_from_feature(jax.random.PRNGKey(0), 14, 0)
 
 
 def test_save_load_roundtrip_and_bytes(tmp_path):

@@ -190,7 +190,8 @@ def test_meta_training_writes_theta_and_resumes_exactly(tmp_path, variant):
     load = inner.VARIANTS[variant].load  # also validates the official file format
     a = run.main(_args(tmp_path / "a", 4, variant), datas=data)
     theta = load(tmp_path / "a" / "theta.state")
-    assert jax.tree.structure(theta) == jax.tree.structure(load(tmp_path / "a" / "theta_2.state"))
+    for i in (0, 2):
+        assert jax.tree.structure(theta) == jax.tree.structure(load(tmp_path / "a" / f"theta_{i}.state"))
     rows = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [1, 2, 3, 4] and all(np.isfinite(r["mean_loss"]) for r in rows)
     assert (tmp_path / "a" / "tensorboard").is_dir()
@@ -203,3 +204,13 @@ def test_meta_training_writes_theta_and_resumes_exactly(tmp_path, variant):
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
     rows_b = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["mean_loss"] for r in rows_b] == [r["mean_loss"] for r in rows]
+
+
+def test_init_rule_starts_from_the_hand_designed_rule(tmp_path):
+    args = _args(tmp_path / "r", 1) + ["--init", "rule"]
+    theta = run.build(run._resolve(run.parser().parse_args(args)), _tiny_data())[3].theta
+    want = inner.VARIANTS["celo2"].rule_init(jax.random.PRNGKey(0))  # --seed 0
+    jax.tree.map(np.testing.assert_array_equal, theta, want)
+    assert np.asarray(theta["w0__3"])[0, :2].tolist() == [1.0, -1.0]  # d = momentum (beta 0.9)
+    with pytest.raises(SystemExit, match="velo has no hand-designed rule"):
+        run.main(_args(tmp_path / "v", 1, "velo") + ["--init", "rule"], datas=_tiny_data())

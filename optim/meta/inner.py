@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optim.celo2 import init_theta, load_theta, save_theta, scale_by_celo2
+from optim.celo2 import init_theta, init_theta_from_feature, load_theta, save_theta, scale_by_celo2
 from optim.velo import init_velo_theta, load_velo_theta, save_velo_theta, scale_by_velo
 
 LOSS_MAX = 1.5 * math.log(10.0)
@@ -176,19 +176,31 @@ def init_velo_meta_theta(key) -> dict:
 
 
 class Variant(NamedTuple):
-    """How a meta-trainable optimizer's weights are made (``init(key)``), read (``load(path)``, numpy arrays)
+    """How a meta-trainable optimizer's weights are made (``init(key)``: the paper's random init;
+    ``rule_init(key)``: a hand-designed rule to start from, or None), read (``load(path)``, numpy arrays)
     and written (``save(path, theta)``, its official file format), its default inner lr (step_mult) and
     its default outer lr."""
     init: Callable
+    rule_init: Callable | None
     load: Callable
     save: Callable
     step_mult: float
     outer_lr: float
 
 
+def _momentum_rule(key):
+    """Celo2's rule start: d = momentum (beta 0.9), which Newton-Schulz turns into Muon's direction."""
+    return init_theta_from_feature(key, block=3, channel=0)
+
+
+def _adam_rule(key):
+    """Celo2-base's rule start: d = m / sqrt(v) (beta 0.9 over the 0.95 second moment), Adam's direction."""
+    return init_theta_from_feature(key, block=5, channel=0)
+
+
 VARIANTS = {  # outer lrs: spec D.8 for the Celo2 rules; VeLO has no PES recipe at this budget, 3e-4 was
     #           chosen by pilot runs (README). step_mult 1 for VeLO: its own step size.
-    "celo2": Variant(init_theta, load_theta, save_theta, 1e-3, 5e-5),
-    "celo2-base": Variant(init_theta, load_theta, save_theta, 1e-3, 1e-4),
-    "velo": Variant(init_velo_meta_theta, load_velo_theta, save_velo_theta, 1.0, 3e-4),
+    "celo2": Variant(init_theta, _momentum_rule, load_theta, save_theta, 1e-3, 5e-5),
+    "celo2-base": Variant(init_theta, _adam_rule, load_theta, save_theta, 1e-3, 1e-4),
+    "velo": Variant(init_velo_meta_theta, None, load_velo_theta, save_velo_theta, 1.0, 3e-4),
 }

@@ -35,7 +35,7 @@ CKPT = "checkpoint.npz"
 CKPT_META = "checkpoint.json"
 # Options that must not change when a run resumes (the others, e.g. --outer_iterations, may).
 FIXED = ("variant", "num_particles", "trunc_length", "min_unroll", "max_unroll", "reparam_range", "outer_lr", "std",
-         "step_mult", "mult_1d", "seed", "tasks", "regex_1d", "init_theta")
+         "step_mult", "mult_1d", "seed", "tasks", "regex_1d", "init", "init_theta")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -58,8 +58,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mult_1d", type=float, default=20.0, help="bias lr multiplier (celo2 only)")
     p.add_argument("--regex_1d", default=r"/b$", help="leaves routed to Adam (celo2 only)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", default="random", choices=("random", "rule"),
+                   help="theta to start from: 'random' (the paper's Haiku init) or 'rule', a hand-designed rule "
+                        "with the rest of the MLP random (celo2: d = momentum 0.9, i.e. Muon's direction after "
+                        "Newton-Schulz; celo2-base: d = m / sqrt(v), Adam's direction; not for velo)")
     p.add_argument("--init_theta", default="", help="start from this weight file (e.g. shipped weights) "
-                                                    "instead of a random init")
+                                                    "instead of --init")
     p.add_argument("--tasks", default=",".join(tasks_lib.TRAIN_TASKS), help="task families (comma-separated)")
     p.add_argument("--log_every", type=int, default=10)
     p.add_argument("--checkpoint_every", type=int, default=100)
@@ -116,7 +120,14 @@ def build(args, datas=None):
             datas.append((jnp.asarray(train.x), jnp.asarray(train.y)))
     rng = jax.random.PRNGKey(args.seed)
     variant = inner_lib.VARIANTS[args.variant]
-    theta = (jax.tree.map(jnp.asarray, variant.load(args.init_theta)) if args.init_theta else variant.init(rng))
+    if args.init_theta:
+        theta = jax.tree.map(jnp.asarray, variant.load(args.init_theta))
+    elif args.init == "rule":
+        if variant.rule_init is None:
+            raise SystemExit(f"--init rule: {args.variant} has no hand-designed rule to start from; use --init random")
+        theta = variant.rule_init(rng)
+    else:
+        theta = variant.init(rng)
     state = pes.init(jax.random.fold_in(rng, 1), theta, outer_opt, problems, args.num_particles)
     return problems, datas, outer_opt, state, step
 
@@ -188,6 +199,17 @@ def main(argv=None, datas=None):
     bar = tqdm(total=args.outer_iterations, initial=start, unit="it", disable=args.no_progress,
                dynamic_ncols=True, smoothing=0.05)
     it = start
+
+    def validate(it):
+        from optim.meta.evaluate import quick_validation
+        log({"iteration": it, **quick_validation(state.theta, args.variant, ("fmnist_mlp32", "digits_mlp32"),
+                                                 args.eval_steps, args.cache_dir, lr=args.step_mult)})
+
+    if start == 0:  # the starting theta and its scores: what the run improves on
+        if args.snapshot_every:
+            save_theta(workdir / "theta_0.state", jax.device_get(state.theta))
+        if args.eval_every:
+            validate(0)
     with StopRequest() as stop:  # SIGTERM/SIGINT: finish this iteration, checkpoint, exit
         while it < args.outer_iterations and not stop.requested:
             state, m = step(state, datas)
@@ -205,10 +227,8 @@ def main(argv=None, datas=None):
                 bar.set_postfix(loss=f"{row['mean_loss']:.3f}", inner_steps_s=f"{row['inner_steps_per_s']:.0f}")
                 window, t_window, it_window = [], time.time(), it
             if args.eval_every and it % args.eval_every == 0:
-                from optim.meta.evaluate import quick_validation
                 t0 = time.time()
-                log({"iteration": it, **quick_validation(state.theta, args.variant, ("fmnist_mlp32", "digits_mlp32"),
-                                                         args.eval_steps, args.cache_dir, lr=args.step_mult)})
+                validate(it)
                 t_window += time.time() - t0  # keep validation out of the throughput numbers
             if args.snapshot_every and it % args.snapshot_every == 0:
                 save_theta(workdir / f"theta_{it}.state", jax.device_get(state.theta))

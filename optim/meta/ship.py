@@ -8,7 +8,9 @@ The run's ``meta_training.png`` and the evaluation's ``eval.png`` (next to ``--e
 The JSON (``optim/weights/<variant>.json``) records the meta-training command and config, the outer
 iterations and wall time behind the weights, the measured throughput (inner steps/s and the ratio to the
 paper's ~20K/s on an A100), and the validation comparison against AdamW, including whether the weights beat
-it. ``--note`` adds free text (e.g. what limited the result).
+it on final training loss (the meta-objective's quantity) and on held-out loss. ``--start_eval`` adds the
+same comparison for the theta the run started from (``theta_0.state``), so the record shows what
+meta-training added. ``--note`` adds free text (e.g. what limited the result).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ def main(argv=None):
     p.add_argument("--eval", required=True, help="eval.json written by python -m optim.meta.evaluate")
     p.add_argument("--theta", default=None, help="default <workdir>/theta.state")
     p.add_argument("--dest", default=str(WEIGHTS_DIR))
+    p.add_argument("--start_eval", default=None, help="eval.json of the run's starting theta (theta_0.state)")
     p.add_argument("--note", default="")
     args = p.parse_args(argv)
     workdir = pathlib.Path(args.workdir)
@@ -66,12 +69,16 @@ def main(argv=None):
         },
         "paper_outer_iterations": 100_001,
         "validation": ev,
+        "beats_adamw_train_on_all_tasks": ev["wins_train"] == len(ev["tasks"]),
         "beats_adamw_heldout_on_all_tasks": ev["wins_test"] == len(ev["tasks"]),
         "note": args.note,
     }
-    for r in record["validation"]["tasks"].values():  # curves belong in the eval.json, not here
-        r["learned"].pop("curve", None)
-        r["adamw"].pop("curve", None)
+    if args.start_eval:
+        record["start_validation"] = json.loads(pathlib.Path(args.start_eval).read_text())
+    for key in ("validation", "start_validation"):
+        for r in record.get(key, {}).get("tasks", {}).values():  # curves belong in the eval.json, not here
+            r["learned"].pop("curve", None)
+            r["adamw"].pop("curve", None)
     dest = pathlib.Path(args.dest)
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(theta_path, dest / f"{variant}.state")
