@@ -214,3 +214,19 @@ def test_init_rule_starts_from_the_hand_designed_rule(tmp_path):
     assert np.asarray(theta["w0__3"])[0, :2].tolist() == [1.0, -1.0]  # d = momentum (beta 0.9)
     with pytest.raises(SystemExit, match="velo has no hand-designed rule"):
         run.main(_args(tmp_path / "v", 1, "velo") + ["--init", "rule"], datas=_tiny_data())
+
+
+def test_select_snapshot_takes_the_lowest_validated_training_loss(tmp_path):
+    from optim.meta.evaluate import select_snapshot
+    rows = [{"iteration": 0, "valid/a": 0.5, "valid_train/a": 0.40, "valid_train/b": 0.0},
+            {"iteration": 10, "mean_loss": 0.1},
+            {"iteration": 250, "valid/a": 0.6, "valid_train/a": 0.30, "valid_train/b": 0.0},
+            {"iteration": 500, "valid/a": 0.4, "valid_train/a": 0.35, "valid_train/b": 0.0},
+            {"iteration": 750, "valid/a": 0.3, "valid_train/a": 0.10, "valid_train/b": 0.0}]  # no snapshot
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for i in (0, 250, 500):
+        (tmp_path / f"theta_{i}.state").write_bytes(b"")
+    assert select_snapshot(tmp_path).name == "theta_250.state"
+    assert select_snapshot(tmp_path, "valid/").name == "theta_500.state"
+    with pytest.raises(SystemExit, match="no snapshot"):
+        select_snapshot(tmp_path / "missing")

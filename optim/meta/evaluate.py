@@ -3,6 +3,10 @@
     python -m optim.meta.evaluate --theta runs/meta_celo2/theta.state --variant celo2 --out runs/eval_celo2
     python -m optim.meta.evaluate --theta runs/meta_velo/theta.state --variant velo --out runs/eval_velo
     python -m optim.meta.evaluate --plot_run runs/meta_celo2
+    python -m optim.meta.evaluate --select runs/meta_celo2 --variant celo2 --out runs/eval_best
+
+``--select`` picks the run's snapshot (``theta_<i>.state``) with the lowest mean quick-validation training
+loss (``valid_train/*``, logged every ``--eval_every`` iterations during the run) and evaluates it.
 
 The learned optimizer is used as deployed (``optim.celo2.celo2`` / ``celo2_base`` / ``optim.velo.velo``) at
 one constant lr (``--lr``: the ``step_mult`` it was meta-trained with, by default 1e-3 for Celo2 with
@@ -231,6 +235,22 @@ def read_metrics(workdir) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
+def select_snapshot(workdir, prefix: str = "valid_train/") -> pathlib.Path:
+    """The snapshot ``theta_<i>.state`` of a run whose quick-validation row has the lowest mean of the
+    metrics starting with ``prefix`` (the run's own validation, not the evaluation tables)."""
+    workdir = pathlib.Path(workdir)
+    scored = [(np.mean([v for k, v in r.items() if k.startswith(prefix)]), r["iteration"])
+              for r in read_metrics(workdir) if any(k.startswith(prefix) for k in r)
+              and (workdir / f"theta_{r['iteration']}.state").exists()]
+    if not scored:
+        raise SystemExit(f"{workdir}: no snapshot theta_<i>.state with a {prefix}* validation row "
+                         "(run with --eval_every and --snapshot_every at a common multiple)")
+    score, it = min(scored)
+    print(f"selected {workdir / f'theta_{it}.state'}: mean {prefix}* = {score:.4f} "
+          f"(of {len(scored)} validated snapshots)", flush=True)
+    return workdir / f"theta_{it}.state"
+
+
 def plot_run(workdir, path=None):
     """Meta-training objective and validation losses over a run -> ``<workdir>/meta_training.png``."""
     import matplotlib
@@ -239,7 +259,9 @@ def plot_run(workdir, path=None):
     rows = read_metrics(workdir)
     train = [r for r in rows if "mean_loss" in r]
     valid = [r for r in rows if any(k.startswith("valid") for k in r)]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    tasks = sorted({k.split("/", 1)[1] for r in valid for k in r if k.startswith("valid")})
+    fig, axes = plt.subplots(1, 1 + len(tasks), figsize=(5.5 * (1 + len(tasks)), 4), squeeze=False)
+    a = axes[0, 0]
     if train:
         it = np.array([r["iteration"] for r in train])
         a.plot(it, [r["mean_loss"] for r in train], alpha=0.4, label="mean meta-loss (window)")
@@ -249,18 +271,18 @@ def plot_run(workdir, path=None):
         fams = sorted({k for r in train for k in r if k.endswith("/mean_loss") and k.startswith("family")})
         for f in fams:
             a.plot(it, [r.get(f, np.nan) for r in train], lw=0.6, alpha=0.5, label=f)
+        a.legend(fontsize=7)
     a.set_xlabel("outer iteration")
     a.set_ylabel("normalised inner training loss (PES objective)")
-    if train:
-        a.legend(fontsize=7)
-    if valid:
-        keys = sorted({k for r in valid for k in r if k.startswith("valid")})
-        for k in keys:
-            b.plot([r["iteration"] for r in valid], [r.get(k, np.nan) for r in valid], marker="o", ms=3, label=k,
-                   ls="--" if k.startswith("valid_train/") else "-")
-    b.set_xlabel("outer iteration")
-    b.set_ylabel("loss after training with theta\n(valid: held-out split, valid_train: training split)")
-    if valid:
+    for b, task in zip(axes[0, 1:], tasks):  # one panel per task, each on its own (log) scale
+        for kind, ls in (("valid", "-"), ("valid_train", "--")):
+            pts = [(r["iteration"], r[f"{kind}/{task}"]) for r in valid if f"{kind}/{task}" in r]
+            if pts:
+                b.plot(*zip(*pts), marker="o", ms=3, ls=ls, label=f"{kind}/{task}")
+        b.set_yscale("log")
+        b.set_xlabel("outer iteration")
+        b.set_ylabel("loss after training with theta")
+        b.set_title(f"{task}: held-out (solid), training split (dashed)", fontsize=9)
         b.legend(fontsize=7)
     fig.tight_layout()
     path = path or pathlib.Path(workdir) / "meta_training.png"
@@ -282,10 +304,14 @@ def main(argv=None):
                                                             "step_mult (default 1e-3; velo: 1)")
     p.add_argument("--mult_1d", type=float, default=20.0, help="bias lr multiplier (celo2)")
     p.add_argument("--plot_run", help="a meta-training workdir: plot its objective and validation losses")
+    p.add_argument("--select", help="a meta-training workdir: evaluate its snapshot with the lowest quick-"
+                                    "validation training loss (instead of --theta)")
     p.add_argument("--cache_dir", default=None)
     args = p.parse_args(argv)
     if args.plot_run:
         print("wrote", plot_run(args.plot_run))
+    if args.select:
+        args.theta = str(select_snapshot(args.select))
     if args.theta:
         out = pathlib.Path(args.out or pathlib.Path(args.theta).parent)
         out.mkdir(parents=True, exist_ok=True)
@@ -298,7 +324,7 @@ def main(argv=None):
         plot_compare(res, out / "eval.png")
         print("wrote", out / "eval.json", out / "eval.png")
     if not (args.theta or args.plot_run):
-        p.error("give --theta and/or --plot_run")
+        p.error("give --theta, --select and/or --plot_run")
 
 
 if __name__ == "__main__":
