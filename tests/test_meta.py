@@ -84,6 +84,17 @@ def test_pes_matches_true_gradient_on_quadratic_unroll():
     assert float(jnp.std(state3.accum[0]["v"])) == pytest.approx(0.01, rel=0.05)
 
 
+def test_meta_objective_averages_each_whole_problem_once():
+    """Per family: the mean over problems of each problem's mean loss over its own steps; the steps of the
+    problem that starts after a reset do not count."""
+    theta = {"v": jnp.array([0.3, -0.2, 0.1])}
+    c = jnp.array([1.0, 0.5, -1.0])
+    got = pes.meta_objective(theta, [ToyProblem(6, c), ToyProblem(3, c)], [None, None], jax.random.PRNGKey(0),
+                             num_problems=4, max_steps=10)
+    want = [np.mean([np.sum((t * np.asarray(theta["v"]) - np.asarray(c)) ** 2) for t in range(n)]) for n in (6, 3)]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # inner problems
 

@@ -4,6 +4,12 @@
     python -m optim.meta.evaluate --theta runs/meta_velo/theta.state --variant velo --out runs/eval_velo
     python -m optim.meta.evaluate --plot_run runs/meta_celo2
     python -m optim.meta.evaluate --select runs/meta_celo2 --variant celo2 --out runs/eval_best
+    python -m optim.meta.evaluate --objective runs/meta_celo2 --snapshots 0,5000,10000
+
+``--objective`` measures a run's meta-objective itself on its snapshots (``--snapshots``): every snapshot
+trains the same ``--problems`` whole inner problems per task family (same lengths, reparam scales, inits
+and batches), so the curve shows what the truncated PES estimates cannot; writes
+``<workdir>/meta_objective.json`` and ``.png``.
 
 ``--select`` picks the run's snapshot (``theta_<i>.state``) with the lowest mean quick-validation training
 loss (``valid_train/*``, logged every ``--eval_every`` iterations during the run) and evaluates it.
@@ -251,6 +257,55 @@ def select_snapshot(workdir, prefix: str = "valid_train/") -> pathlib.Path:
     return workdir / f"theta_{it}.state"
 
 
+def plot_objective(result, path):
+    """``objective_curve``'s result -> PNG: each family's meta-objective relative to the first snapshot."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in ["mean", *result["families"]]:  # relative to the first snapshot: the changes are small
+        v0 = rows[0][name]
+        ax.plot([r["iteration"] for r in rows], [100 * (r[name] / v0 - 1) for r in rows], marker="o",
+                label=f"{name} (first: {v0:.4f})", lw=2 if name == "mean" else 1)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xlabel("outer iteration (snapshot)")
+    n = result["problems_per_family"]
+    ax.set_ylabel(f"meta-objective change from the first snapshot (%)\n"
+                  f"(mean normalised training loss, {n} whole problems per family)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def objective_curve(workdir, iterations, num_problems: int = 64, seed: int = 0) -> dict:
+    """``pes.meta_objective`` of the run's snapshots ``theta_<i>.state``, with the run's own task families,
+    inner optimizer, lengths and reparam range -> ``<workdir>/meta_objective.json`` and ``.png``."""
+    import argparse as _argparse
+
+    from optim.meta import pes, run
+    workdir = pathlib.Path(workdir)
+    config = json.loads((workdir / "config.json").read_text())
+    args = _argparse.Namespace(**{k: v for k, v in config.items() if k != "command"})
+    problems, datas, *_ = run.build(args)
+    load = VARIANTS[args.variant].load
+    fn = jax.jit(lambda theta: pes.meta_objective(theta, problems, datas, jax.random.PRNGKey(seed),
+                                                  num_problems, args.max_unroll))
+    families = [t for t in args.tasks.split(",") if t]
+    rows = []
+    for it in iterations:
+        t0 = time.time()
+        values = np.asarray(fn(jax.tree.map(jnp.asarray, load(workdir / f"theta_{it}.state"))))
+        rows.append({"iteration": it, "mean": float(values.mean()), **dict(zip(families, map(float, values)))})
+        print(f"  theta_{it}: meta-objective {rows[-1]['mean']:.4f} "
+              f"({', '.join(f'{n} {v:.4f}' for n, v in zip(families, values))}; {time.time() - t0:.0f}s)", flush=True)
+    result = {"problems_per_family": num_problems, "seed": seed, "families": families, "rows": rows}
+    write_atomic(workdir / "meta_objective.json", json.dumps(result, indent=1).encode())
+    plot_objective(result, workdir / "meta_objective.png")
+    return result
+
+
 def plot_run(workdir, path=None):
     """Meta-training objective and validation losses over a run -> ``<workdir>/meta_training.png``."""
     import matplotlib
@@ -304,12 +359,17 @@ def main(argv=None):
                                                             "step_mult (default 1e-3; velo: 1)")
     p.add_argument("--mult_1d", type=float, default=20.0, help="bias lr multiplier (celo2)")
     p.add_argument("--plot_run", help="a meta-training workdir: plot its objective and validation losses")
+    p.add_argument("--objective", help="a meta-training workdir: measure the meta-objective of its --snapshots")
+    p.add_argument("--snapshots", default="0", help="comma-separated snapshot iterations for --objective")
+    p.add_argument("--problems", type=int, default=64, help="whole inner problems per family for --objective")
     p.add_argument("--select", help="a meta-training workdir: evaluate its snapshot with the lowest quick-"
                                     "validation training loss (instead of --theta)")
     p.add_argument("--cache_dir", default=None)
     args = p.parse_args(argv)
     if args.plot_run:
         print("wrote", plot_run(args.plot_run))
+    if args.objective:
+        objective_curve(args.objective, [int(x) for x in args.snapshots.split(",")], args.problems)
     if args.select:
         args.theta = str(select_snapshot(args.select))
     if args.theta:
@@ -323,8 +383,8 @@ def main(argv=None):
         (out / "eval.json").write_text(json.dumps(res, indent=1))
         plot_compare(res, out / "eval.png")
         print("wrote", out / "eval.json", out / "eval.png")
-    if not (args.theta or args.plot_run):
-        p.error("give --theta, --select and/or --plot_run")
+    if not (args.theta or args.plot_run or args.objective):
+        p.error("give --theta, --select, --objective and/or --plot_run")
 
 
 if __name__ == "__main__":

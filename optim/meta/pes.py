@@ -139,3 +139,28 @@ def step(state: PESState, datas: Sequence, *, problems: Sequence, outer_opt: opt
     updates, opt_state = outer_opt.update(grad, state.opt_state, state.theta)
     theta = optax.apply_updates(state.theta, updates)
     return state._replace(theta=theta, opt_state=opt_state, iteration=state.iteration + 1), metrics
+
+
+def meta_objective(theta, problems: Sequence, datas: Sequence, key, num_problems: int, max_steps: int):
+    """The meta-objective (spec D.7) measured directly instead of through truncations: per family, the mean
+    over ``num_problems`` whole inner problems (drawn from ``key``: length, reparam scale, init; then the
+    batches) of each problem's average normalised training loss over its trajectory. The same ``key`` gives
+    every theta the same problems and batches (common random numbers), so two thetas' values differ by the
+    rule, not by the draw. ``max_steps`` must cover the longest problem (``max_unroll``). Returns [families].
+    """
+    out = []
+    for f, (problem, data) in enumerate(zip(problems, datas)):
+        state = jax.vmap(lambda k: problem.init(theta, k))(jax.random.split(jax.random.fold_in(key, f), num_problems))
+
+        def body(carry, k):
+            state, finished = carry
+            keys = jax.random.split(k, num_problems)
+            state, o = jax.vmap(lambda s, kk: problem.step(theta, data, s, kk))(state, keys)
+            finished = finished | o.is_done
+            live = o.mask & ~finished
+            return (state, finished), (jnp.where(live, o.meta_loss, 0.0), live)
+
+        steps = jax.random.split(jax.random.fold_in(key, len(problems) + f), max_steps)
+        _, (loss, live) = lax.scan(body, (state, jnp.zeros((num_problems,), bool)), steps)
+        out.append(jnp.mean(loss.sum(0) / jnp.maximum(live.sum(0), 1)))
+    return jnp.stack(out)

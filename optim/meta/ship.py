@@ -2,8 +2,9 @@
 
     python -m optim.meta.ship --workdir runs/meta_celo2 --eval runs/eval_celo2/eval.json [--theta FILE]
 
-The run's ``meta_training.png`` and the evaluation's ``eval.png`` (next to ``--eval``) are copied too, as
-``<variant>-meta-training.png`` and ``<variant>-eval.png``.
+The run's ``meta_training.png`` and ``meta_objective.png`` (``evaluate --objective``) and the evaluation's
+``eval.png`` (next to ``--eval``) are copied too, as ``<variant>-meta-training.png``,
+``<variant>-meta-objective.png`` and ``<variant>-eval.png``; ``meta_objective.json`` goes into the record.
 
 The JSON (``optim/weights/<variant>.json``) records the meta-training command and config, the outer
 iterations and wall time behind the weights, the measured throughput (inner steps/s and the ratio to the
@@ -73,6 +74,8 @@ def main(argv=None):
         "beats_adamw_heldout_on_all_tasks": ev["wins_test"] == len(ev["tasks"]),
         "note": args.note,
     }
+    if (workdir / "meta_objective.json").exists():
+        record["meta_objective"] = json.loads((workdir / "meta_objective.json").read_text())
     if args.start_eval:
         record["start_validation"] = json.loads(pathlib.Path(args.start_eval).read_text())
     for key in ("validation", "start_validation"):
@@ -83,7 +86,8 @@ def main(argv=None):
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(theta_path, dest / f"{variant}.state")
     (dest / f"{variant}.json").write_text(json.dumps(record, indent=1) + "\n")
-    plots = {"meta-training": workdir / "meta_training.png", "eval": pathlib.Path(args.eval).with_name("eval.png")}
+    plots = {"meta-training": workdir / "meta_training.png", "meta-objective": workdir / "meta_objective.png",
+             "eval": pathlib.Path(args.eval).with_name("eval.png")}
     for name, src in plots.items():
         if src.exists():
             shutil.copyfile(src, dest / f"{variant}-{name}.png")
