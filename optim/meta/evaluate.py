@@ -17,9 +17,10 @@ loss (``valid_train/*``, logged every ``--eval_every`` iterations during the run
 The learned optimizer is used as deployed (``optim.celo2.celo2`` / ``celo2_base`` / ``optim.velo.velo``) at
 one constant lr (``--lr``: the ``step_mult`` it was meta-trained with, by default 1e-3 for Celo2 with
 mult_1d 20, and 1 for VeLO, whose lr multiplies its own step and which is told each task's number of
-steps), no tuning and no reparametrisation. AdamW (b1 0.9, b2 0.999, eps 1e-8, no weight decay, constant lr) is swept over ``--lrs``
-and compared at its best lr per task and criterion: the lr with the lowest mean held-out loss for the
-held-out comparison, the lr with the lowest mean final training loss for the training-loss comparison.
+steps), no tuning and no reparametrisation. AdamW (b1 0.9, b2 0.999, eps 1e-8, no weight decay, constant lr)
+is swept over ``--lrs`` and compared at its best lr per task and criterion: the lr with the lowest mean
+held-out loss for the held-out comparison, the lr with the lowest mean final training loss for the
+training-loss comparison.
 Every task trains on the first 80% of its dataset and reports the full train-split loss and the held-out
 (last 20%) loss after its number of steps, mean +- std over seeds. Writes ``eval.json`` and ``eval.png``.
 """
@@ -184,6 +185,7 @@ def compare(theta_path, variant: str, names, seeds: int, lrs, cache_dir=None, lr
             "adamw_sweep_train_loss": [float(v) for v in ad_train],
             "adamw_best_train_lr": float(lrs[best_train]),
             "adamw_best_train_loss": _stats(ad["train_loss"][best_train]),
+            "adamw_best_train_curve": ad["curve"][best_train].mean(0).tolist(),
         }
         row["learned_beats_adamw_test"] = row["learned"]["test_loss"][0] < row["adamw"]["test_loss"][0]
         row["learned_beats_adamw_train"] = row["learned"]["train_loss"][0] < row["adamw_best_train_loss"][0]
@@ -204,7 +206,8 @@ def table(results) -> str:
         f = lambda s: f"{s[0]:.4f} +- {s[1]:.4f}"
         lines.append(f"{name:<20} {r['steps']:>5} | {f(r['learned']['train_loss']):>17} "
                      f"{f(r['learned']['test_loss']):>17} | {r['adamw_best_train_lr']:>8.0e} "
-                     f"{f(r['adamw_best_train_loss']):>17} | {r['adamw_best_lr']:>8.0e} {f(r['adamw']['test_loss']):>17}")
+                     f"{f(r['adamw_best_train_loss']):>17} | {r['adamw_best_lr']:>8.0e} "
+                     f"{f(r['adamw']['test_loss']):>17}")
     lines.append(f"learned optimizer wins (held-out): {results['wins_test']}/{len(results['tasks'])}, "
                  f"(train): {results['wins_train']}/{len(results['tasks'])}; mean held-out loss ratio "
                  f"learned/AdamW = {results['mean_test_ratio']:.3f}  ({results['seeds']} seeds)")
@@ -221,9 +224,16 @@ def plot_compare(results, path):
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names):
         r = results["tasks"][name]
-        for label, key in [(f"{results['variant']} (lr {results['learned_lr']:g})", "learned"), (f"AdamW (lr {r['adamw_best_lr']:g})", "adamw")]:
-            c = np.asarray(r[key]["curve"])
-            ax.plot(np.arange(1, len(c) + 1) * CURVE_EVERY, c, label=f"{label}: held-out {r[key]['test_loss'][0]:.3f}")
+        curves = [(f"{results['variant']} (lr {results['learned_lr']:g}): train {r['learned']['train_loss'][0]:.3f}, "
+                   f"held-out {r['learned']['test_loss'][0]:.3f}", r["learned"]["curve"], "-"),
+                  (f"AdamW best held-out (lr {r['adamw_best_lr']:g}): held-out {r['adamw']['test_loss'][0]:.3f}",
+                   r["adamw"]["curve"], "-")]
+        if "adamw_best_train_curve" in r:  # the lr that the training-loss comparison uses
+            curves.append((f"AdamW best train (lr {r['adamw_best_train_lr']:g}): train "
+                           f"{r['adamw_best_train_loss'][0]:.3f}", r["adamw_best_train_curve"], "--"))
+        for label, c, ls in curves:
+            c = np.asarray(c)
+            ax.plot(np.arange(1, len(c) + 1) * CURVE_EVERY, c, ls=ls, lw=1, label=label)
         ax.set_yscale("log")
         ax.set_title(name)
         ax.set_xlabel("step")

@@ -6,9 +6,9 @@
 The workdir receives ``config.json``, ``metrics.jsonl`` (one row per log: iteration, mean_loss = mean
 meta-loss over the window, per-family metrics, throughput; validation rows carry ``valid/*``),
 ``tensorboard/``, ``checkpoint.npz`` + ``checkpoint.json`` (the whole PES state: theta, outer AdamW state,
-accumulators, inner problems, RNG, iteration; written atomically), ``theta_{i}.state`` snapshots and the
-final ``theta.state`` (the variant's official format: Celo2 ``theta.state`` or the VeLO parameter
-file). Starting on a workdir with a checkpoint resumes it exactly.
+accumulators, inner problems, RNG, iteration; written atomically), ``theta_{i}.state`` snapshots
+(``theta_0``: the starting theta) and the final ``theta.state`` (the variant's official format: Celo2
+``theta.state`` or the VeLO parameter file). Starting on a workdir with a checkpoint resumes it exactly.
 """
 from __future__ import annotations
 
@@ -200,16 +200,17 @@ def main(argv=None, datas=None):
                dynamic_ncols=True, smoothing=0.05)
     it = start
 
-    def validate(it):
+    def validate(iteration):
         from optim.meta.evaluate import quick_validation
-        log({"iteration": it, **quick_validation(state.theta, args.variant, ("fmnist_mlp32", "digits_mlp32"),
-                                                 args.eval_steps, args.cache_dir, lr=args.step_mult)})
+        log({"iteration": iteration, **quick_validation(state.theta, args.variant, ("fmnist_mlp32", "digits_mlp32"),
+                                                        args.eval_steps, args.cache_dir, lr=args.step_mult)})
 
     if start == 0:  # the starting theta and its scores: what the run improves on
         if args.snapshot_every:
             save_theta(workdir / "theta_0.state", jax.device_get(state.theta))
         if args.eval_every:
             validate(0)
+            t_window = time.time()  # keep validation out of the throughput numbers
     with StopRequest() as stop:  # SIGTERM/SIGINT: finish this iteration, checkpoint, exit
         while it < args.outer_iterations and not stop.requested:
             state, m = step(state, datas)

@@ -82,6 +82,7 @@ def main(argv=None):
         for r in record.get(key, {}).get("tasks", {}).values():  # curves belong in the eval.json, not here
             r["learned"].pop("curve", None)
             r["adamw"].pop("curve", None)
+            r.pop("adamw_best_train_curve", None)
     dest = pathlib.Path(args.dest)
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(theta_path, dest / f"{variant}.state")
