@@ -292,12 +292,9 @@ def plot_objective(result, path):
 def objective_curve(workdir, iterations, num_problems: int = 64, seed: int = 0) -> dict:
     """``pes.meta_objective`` of the run's snapshots ``theta_<i>.state``, with the run's own task families,
     inner optimizer, lengths and reparam range -> ``<workdir>/meta_objective.json`` and ``.png``."""
-    import argparse as _argparse
-
     from optim.meta import pes, run
     workdir = pathlib.Path(workdir)
-    config = json.loads((workdir / "config.json").read_text())
-    args = _argparse.Namespace(**{k: v for k, v in config.items() if k != "command"})
+    args = run.saved_args(workdir)
     problems, datas, *_ = run.build(args)
     load = VARIANTS[args.variant].load
     fn = jax.jit(lambda theta: pes.meta_objective(theta, problems, datas, jax.random.PRNGKey(seed),

@@ -141,6 +141,16 @@ def _resolve(args):
     return args
 
 
+def saved_args(workdir) -> argparse.Namespace:
+    """The options of the run in ``workdir`` (its ``config.json``), with today's defaults for options newer
+    than the run."""
+    workdir = pathlib.Path(workdir)
+    args = parser().parse_args(["--workdir", str(workdir)])
+    saved = json.loads((workdir / "config.json").read_text())
+    vars(args).update({k: v for k, v in saved.items() if k != "command"})
+    return args
+
+
 def _truncate_metrics(path: pathlib.Path, iteration: int):
     """Drop rows logged after the checkpoint we resume from, so the file matches the resumed run."""
     if path.exists():
@@ -156,9 +166,8 @@ def main(argv=None, datas=None):
     config["command"] = "python -m optim.meta " + " ".join(sys.argv[1:] if argv is None else argv)
     cfg_path = workdir / "config.json"
     if (workdir / CKPT).exists() and cfg_path.exists():
-        old = json.loads(cfg_path.read_text())
-        defaults = vars(parser().parse_args(["--workdir", str(workdir)]))  # for options newer than the run
-        changed = {k: (old.get(k, defaults[k]), config[k]) for k in FIXED if old.get(k, defaults[k]) != config[k]}
+        old = vars(saved_args(workdir))
+        changed = {k: (old[k], config[k]) for k in FIXED if old[k] != config[k]}
         if changed:
             raise SystemExit(f"{workdir} holds a run with a different config: {changed}")
     cfg_path.write_text(json.dumps(config, indent=1))
@@ -201,16 +210,18 @@ def main(argv=None, datas=None):
     it = start
 
     def validate(iteration):
+        nonlocal t_window
         from optim.meta.evaluate import quick_validation
+        t0 = time.time()
         log({"iteration": iteration, **quick_validation(state.theta, args.variant, ("fmnist_mlp32", "digits_mlp32"),
                                                         args.eval_steps, args.cache_dir, lr=args.step_mult)})
+        t_window += time.time() - t0  # keep validation out of the throughput numbers
 
     if start == 0:  # the starting theta and its scores: what the run improves on
         if args.snapshot_every:
             save_theta(workdir / "theta_0.state", jax.device_get(state.theta))
         if args.eval_every:
             validate(0)
-            t_window = time.time()  # keep validation out of the throughput numbers
     with StopRequest() as stop:  # SIGTERM/SIGINT: finish this iteration, checkpoint, exit
         while it < args.outer_iterations and not stop.requested:
             state, m = step(state, datas)
@@ -228,9 +239,7 @@ def main(argv=None, datas=None):
                 bar.set_postfix(loss=f"{row['mean_loss']:.3f}", inner_steps_s=f"{row['inner_steps_per_s']:.0f}")
                 window, t_window, it_window = [], time.time(), it
             if args.eval_every and it % args.eval_every == 0:
-                t0 = time.time()
                 validate(it)
-                t_window += time.time() - t0  # keep validation out of the throughput numbers
             if args.snapshot_every and it % args.snapshot_every == 0:
                 save_theta(workdir / f"theta_{it}.state", jax.device_get(state.theta))
             if it % args.checkpoint_every == 0:
