@@ -78,6 +78,16 @@ class DatasetInfo:
     def tokenizer(self) -> Tokenizer:
         return Tokenizer(self.tokenizer_path)
 
+    @property
+    def identity(self) -> str:
+        """A short hash of what makes the batches of step k what they are: tokenizer, chunking and the
+        documents of every split (not the directory's path)."""
+        m = self.meta
+        key = {"tokenizer": m.get("tokenizer", {}).get("sha256"), "chunk_size": m.get("chunk_size"),
+               "dtype": m.get("dtype"), "splits": {s: {k: v.get(k) for k in ("n_tokens", "n_chunks", "documents")}
+                                                   for s, v in m.get("splits", {}).items()}}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
     @classmethod
     def from_meta(cls, data_dir: str | os.PathLike, meta: dict[str, Any]) -> "DatasetInfo":
         splits = meta["splits"]

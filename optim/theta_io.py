@@ -12,11 +12,12 @@ plain ``msgpack`` (no flax or haiku needed) and validates what it reads. In memo
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 
 import msgpack
 import numpy as np
+
+from infra.files import write_atomic
 
 # Widths of the 14 input feature blocks, in the order of the first-layer keys w0__0..w0__13.
 FEATURE_WIDTHS = (1, 1, 1, 3, 1, 3, 1, 3, 1, 3, 3, 3, 3, 3)
@@ -90,23 +91,6 @@ def tree_to_bytes(tree: Mapping) -> bytes:
         return msgpack.ExtType(_NDARRAY_EXT, msgpack.packb([list(a.shape), a.dtype.name, a.tobytes()]))
 
     return msgpack.packb(pack(tree))
-
-
-def write_atomic(path: str | os.PathLike, buf: bytes) -> None:
-    """Write ``buf`` to ``path`` through a temporary file (fsynced) and ``os.replace``: never a half-written
-    file, and concurrent writers never share a temporary file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".weights-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def theta_from_bytes(buf: bytes, source: str = "theta.state") -> dict:

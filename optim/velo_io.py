@@ -31,7 +31,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from optim.theta_io import FEATURE_WIDTHS, tree_from_bytes, tree_to_bytes, write_atomic
+from infra.files import write_atomic
+from optim.theta_io import FEATURE_WIDTHS, tree_from_bytes, tree_to_bytes
 
 LSTM_HIDDEN = 512  # official lstm_hidden_size
 PARAM_INITS = 256  # official number of stored MLP weight sets ("param_inits")

@@ -22,9 +22,9 @@ import data
 from configs.cpu_tiny import get_config
 from optim.factory import BUILDERS
 from tests.helpers import optimizer_config
-from train.checkpoint import CheckpointError, Checkpointer, fingerprint
+from infra.checkpoint import CheckpointError, Checkpointer, fingerprint
 from train.loop import train
-from train.metrics import read_metrics
+from infra.metrics import read_metrics
 
 OPTIMIZERS = sorted(BUILDERS)
 # The loop tests run for AdamW by default and for every other optimizer with -m slow; the fast
@@ -249,7 +249,7 @@ def test_sigterm_checkpoints_the_current_step_and_exits_0(data_dir, tmp_path):
 
 def test_second_signal_exits_at_once():
     code = ("import os, signal, time\n"
-            "from train.preemption import StopRequest\n"
+            "from infra.preemption import StopRequest\n"
             "with StopRequest() as stop:\n"
             "    os.kill(os.getpid(), signal.SIGINT)\n"
             "    assert stop.requested and stop.signal_name == 'SIGINT'\n"
@@ -394,7 +394,7 @@ def test_init_from_takes_params_only(name, data_dir, tmp_path_factory, tmp_path)
     # its first loss is that of the source's final params on batch 0 (a fresh model's is ~ln(512) = 6.2)
     from models import model_config
     from optim.factory import make_optimizer
-    from train.checkpoint import restore_params
+    from infra.checkpoint import restore_params
     from train.mesh import build_mesh
     from train.state import make_layout
     from train.step import batch_sharding, make_eval_step

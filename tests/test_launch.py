@@ -13,7 +13,7 @@ import numpy as np
 
 from launch.local import launch
 from tests.test_checkpoint import ROOT, cli_args, compilation_cache, data_dir, losses, make_config  # noqa: F401
-from train.checkpoint import Checkpointer
+from infra.checkpoint import Checkpointer
 from train.loop import train
 
 

@@ -51,7 +51,7 @@ def _read_done(workdir: str) -> dict | None:
 
 
 def _eval_curve(workdir: str) -> list[tuple[int, float]]:
-    from train.metrics import read_metrics
+    from infra.metrics import read_metrics
 
     return [(r["step"], r["eval_loss"]) for r in read_metrics(workdir) if "eval_loss" in r]
 

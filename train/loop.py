@@ -17,11 +17,11 @@ import data
 from models import count_params, model_config
 from optim.factory import make_optimizer, routing_table
 from train import mesh as mesh_lib
-from train.checkpoint import CheckpointError, Checkpointer, dataset_id, restore_params, warn
+from infra.checkpoint import CheckpointError, Checkpointer, restore_params, warn
 from train.flops import flops_per_token, peak_flops
-from train.metrics import MetricsLogger
+from infra.metrics import MetricsLogger
 from train.plots import plot_losses
-from train.preemption import StopAgreement, StopRequest
+from infra.preemption import StopAgreement, StopRequest
 from train.state import init_state, make_layout, state_from_params
 from train.step import batch_sharding, make_eval_step, make_train_step
 
@@ -88,7 +88,7 @@ def resolve_config(cfg):
 
 def data_order_check(cfg, ds: str, now: dict):
     """``validate`` for ``Checkpointer.restore``: the saved run must read the same batches at each step.
-    ``ds``: this run's ``dataset_id``; ``now``: its config as saved (JSON)."""
+    ``ds``: this run's ``DatasetInfo.identity``; ``now``: its config as saved (JSON)."""
     current = {"seed": cfg.seed, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len}
 
     def validate(step: int, meta: dict, saved: dict) -> None:
@@ -157,7 +157,7 @@ def _train(cfg, stop: StopRequest, devices, stop_at) -> dict:
     pidx, pcount = jax.process_index(), jax.process_count()
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints, cfg.keep_every)
     saved_config = json.loads(cfg.to_json_best_effort())
-    extra_meta = {"data": {"dataset": dataset_id(info), "dir": cfg.data.dir}}
+    extra_meta = {"data": {"dataset": info.identity, "dir": cfg.data.dir}}
     t0 = time.perf_counter()
     start_step, state = ckpt.restore_latest(
         layout.abstract, validate=data_order_check(cfg, extra_meta["data"]["dataset"], saved_config))

@@ -8,7 +8,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from train.metrics import read_metrics  # noqa: E402
+from infra.metrics import read_metrics  # noqa: E402
 
 
 def plot_losses(workdir: str, reference: float | None = None, title: str = "") -> str:

@@ -71,7 +71,7 @@ def sample(workdir: str, prompt: str, *, temperature: float = 0.8, top_k: int = 
     """The generated continuation of ``prompt`` (text only, without the prompt)."""
     import data
     from models import abstract_params
-    from train.checkpoint import restore_params
+    from infra.checkpoint import restore_params
     from train.loop import build_model_config
 
     with open(os.path.join(workdir, "config.json")) as f:

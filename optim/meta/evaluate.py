@@ -41,7 +41,8 @@ import optax
 from optim.celo2 import celo2, celo2_base
 from optim.meta import tasks as tasks_lib
 from optim.meta.inner import VARIANTS
-from optim.theta_io import write_atomic
+from infra.files import write_atomic
+from infra.metrics import read_metrics
 from optim.velo import velo
 
 CURVE_EVERY = 10
@@ -246,17 +247,12 @@ def plot_compare(results, path):
     plt.close(fig)
 
 
-def read_metrics(workdir) -> list[dict]:
-    path = pathlib.Path(workdir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
 def select_snapshot(workdir, prefix: str = "valid_train/") -> pathlib.Path:
     """The snapshot ``theta_<i>.state`` of a run whose quick-validation row has the lowest mean of the
     metrics starting with ``prefix`` (the run's own validation, not the evaluation tables)."""
     workdir = pathlib.Path(workdir)
     scored = [(np.mean([v for k, v in r.items() if k.startswith(prefix)]), r["iteration"])
-              for r in read_metrics(workdir) if any(k.startswith(prefix) for k in r)
+              for r in read_metrics(workdir, key="iteration") if any(k.startswith(prefix) for k in r)
               and (workdir / f"theta_{r['iteration']}.state").exists()]
     if not scored:
         raise SystemExit(f"{workdir}: no snapshot theta_<i>.state with a {prefix}* validation row "
@@ -318,7 +314,7 @@ def plot_run(workdir, path=None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = read_metrics(workdir)
+    rows = read_metrics(workdir, key="iteration")
     train = [r for r in rows if "mean_loss" in r]
     valid = [r for r in rows if any(k.startswith("valid") for k in r)]
     tasks = sorted({k.split("/", 1)[1] for r in valid for k in r if k.startswith("valid")})

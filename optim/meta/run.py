@@ -28,8 +28,8 @@ import optax
 from optim.meta import inner as inner_lib
 from optim.meta import pes
 from optim.meta import tasks as tasks_lib
-from optim.theta_io import write_atomic
-from train.preemption import StopRequest
+from infra.files import write_atomic
+from infra.preemption import StopRequest
 
 CKPT = "checkpoint.npz"
 CKPT_META = "checkpoint.json"

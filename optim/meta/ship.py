@@ -23,7 +23,7 @@ import shutil
 import numpy as np
 
 from optim.celo2 import WEIGHTS_DIR
-from optim.meta.evaluate import read_metrics
+from infra.metrics import read_metrics
 from optim.meta.inner import VARIANTS
 
 PAPER_INNER_STEPS_PER_S = 3.2e8 / (4.5 * 3600)  # 100K outer iterations x 3,200 inner steps in 4.5 GPU-hours
@@ -44,7 +44,7 @@ def main(argv=None):
     ckpt = json.loads((workdir / "checkpoint.json").read_text())
     theta_path = pathlib.Path(args.theta) if args.theta else workdir / "theta.state"
     VARIANTS[config["variant"]].load(theta_path)  # validate
-    rows = [r for r in read_metrics(workdir) if "inner_steps_per_s" in r]
+    rows = [r for r in read_metrics(workdir, key="iteration") if "inner_steps_per_s" in r]
     rates = [r["inner_steps_per_s"] for r in rows[1:]] or [np.nan]  # the first window includes compilation
     ev = json.loads(pathlib.Path(args.eval).read_text())
     variant = config["variant"]

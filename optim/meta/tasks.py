@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optim.theta_io import write_atomic
+from infra.files import write_atomic
 
 TRAIN_FRACTION = 0.8
 FMNIST_DEB = "dataset-fashion-mnist"

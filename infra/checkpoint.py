@@ -29,7 +29,6 @@ order, so the value does not depend on the mesh, the sharding or the number of p
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
 import os
@@ -415,12 +414,3 @@ def restore_params(path: str, abstract_params):
             warn(f"parameters of {step_dir} could not be restored ({_reason(e)}); "
                  f"trying the previous checkpoint")
     raise FileNotFoundError(f"no usable checkpoint in {path}")
-
-
-def dataset_id(info) -> str:
-    """A short hash of a prepared dataset's identity (tokenizer, splits, documents, chunking)."""
-    m = info.meta
-    key = {"tokenizer": m.get("tokenizer", {}).get("sha256"), "chunk_size": m.get("chunk_size"),
-           "dtype": m.get("dtype"), "splits": {s: {k: v.get(k) for k in ("n_tokens", "n_chunks", "documents")}
-                                               for s, v in m.get("splits", {}).items()}}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,6 +1,7 @@
 """Run outputs: ``metrics.jsonl`` (one JSON object per logged step), TensorBoard scalars and a progress bar.
 
-Only process 0 writes; every process may call the methods.
+Used by training (rows keyed by ``step``) and meta-training (keyed by ``iteration``). Only process 0
+writes; every process may call the methods.
 """
 from __future__ import annotations
 
@@ -13,8 +14,13 @@ from tqdm import tqdm
 
 
 class MetricsLogger:
-    def __init__(self, workdir: str, total_steps: int, start_step: int):
+    """Appends rows ``{key: step, name: float, ...}`` to ``<workdir>/metrics.jsonl`` and TensorBoard, and
+    drives a progress bar from ``start`` to ``total`` (``progress=False``: no bar)."""
+
+    def __init__(self, workdir: str, total: int, start: int, *, key: str = "step", desc: str = "train",
+                 progress: bool = True):
         self.enabled = jax.process_index() == 0
+        self.key = key
         self.rows: list[dict] = []
         if not self.enabled:
             return
@@ -24,19 +30,19 @@ class MetricsLogger:
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._file = open(self.path, "a")
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-        self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                         desc="train", smoothing=0.1)
+        self._bar = tqdm(total=total, initial=start, unit=key, dynamic_ncols=True, desc=desc, smoothing=0.1,
+                         disable=not progress)
 
     def write(self, step: int, row: dict) -> None:
-        """Append one row (``step`` plus scalars) to metrics.jsonl and TensorBoard."""
+        """Append one row (``key`` plus scalars) to metrics.jsonl and TensorBoard."""
         if not self.enabled:
             return
-        row = {"step": int(step), **{k: float(v) for k, v in row.items()}}
+        row = {self.key: int(step), **{k: float(v) for k, v in row.items() if k != self.key}}
         self.rows.append(row)
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         for k, v in row.items():
-            if k != "step" and math.isfinite(v):
+            if k != self.key and math.isfinite(v):
                 self._tb.add_scalar(k, v, step)
         self._tb.flush()
 
@@ -57,11 +63,16 @@ class MetricsLogger:
             self._tb.close()
 
 
-def read_metrics(workdir: str) -> list[dict]:
-    """All rows of a run's metrics.jsonl (a resumed run's rows for a step replace the earlier ones)."""
+def read_metrics(workdir: str | os.PathLike, key: str = "step") -> list[dict]:
+    """All rows of a run's metrics.jsonl merged per ``key`` (later rows for a step update the earlier ones,
+    e.g. after a resume), in step order; [] if the run has logged nothing yet."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
     rows = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    with open(path) as f:
         for line in f:
-            row = json.loads(line)
-            rows.setdefault(row["step"], {}).update(row)
+            if line.strip():
+                row = json.loads(line)
+                rows.setdefault(row[key], {}).update(row)
     return [rows[s] for s in sorted(rows)]
