@@ -44,7 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.optimizer = ml_collections.ConfigDict(dict(
         name="adamw",
-        lr=0.0,  # peak learning rate; 0: the optimizer's default (optim.factory.DEFAULT_LR: adamw 3e-3,
+        lr=0.0,  # peak learning rate; 0: the optimizer's default (optim.registry records' default_lr: adamw 3e-3,
         #          muon 0.02, celo2 / celo2-base 1e-3, velo 1 = as published)
         schedule="cosine",  # cosine | constant | wsd
         warmup_steps=30,

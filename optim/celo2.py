@@ -26,8 +26,6 @@ each block is spread over all shards: no all-gather. On CPU the blocks are cache
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -36,27 +34,20 @@ import numpy as np
 import optax
 from jax import lax
 
+from optim.learned_core import (ACCUMULATOR_LAYOUT, ADAFACTOR_DECAYS, CHUNK_ELEMS, CPU_CHUNK_ELEMS, GRAD_CLIP,
+                                MOMENTUM_DECAYS, RSQRT_EPS, WEIGHTS_DIR, accumulate, factored_dims, feature_blocks,
+                                fold_row_blocks, init_accumulators, num_row_blocks, resolve_theta)
+from optim.sharding import REPLICATED, register_state_layout
 from optim.theta_io import (FEATURE_WIDTHS, THETA_SHAPES, check_theta, load_theta, save_theta,
                             theta_from_bytes, theta_to_bytes)
 
-__all__ = ["ScaleByCelo2State", "scale_by_celo2", "celo2", "celo2_base", "param_labels", "routing_table",
+__all__ = ["ScaleByCelo2State", "scale_by_celo2", "celo2", "celo2_base", "param_labels", "factored_dims",
            "orthogonalize_ns", "init_theta", "init_theta_from_feature", "load_theta", "save_theta", "theta_from_bytes",
            "theta_to_bytes", "WEIGHTS_DIR"]
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"  # shipped weights: celo2.state, celo2-base.state
-
-MOMENTUM_DECAYS = (0.9, 0.99, 0.999)
 RMS_DECAYS = (0.95,)
-ADAFACTOR_DECAYS = (0.9, 0.99, 0.999)
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
-GRAD_CLIP = 1000.0  # elementwise clip of the incoming gradient
-FEATURE_CLIP = 0.1  # the "clipped g" feature
-GSQ_EPS = 1e-30  # added to g^2 in the factored accumulators
-FACTOR_EPS = 1e-9  # floor inside the factored rsqrt, and eps of the row-mean normaliser
-RSQRT_EPS = 1e-8  # rsqrt(rms + eps), rsqrt(row/col stat + eps)
 NORM_EPS = 1e-9  # input-feature and output RMS normalisation
-CHUNK_ELEMS = 2**18  # elements per MLP block on accelerators; bounds the transient feature memory
-CPU_CHUNK_ELEMS = 2**16  # on CPU: blocks whose features stay in cache (2.6x faster than 2**18 on 256 x 1024)
 ACTIVATIONS = {"relu": jax.nn.relu, "tanh": jnp.tanh}
 
 
@@ -79,22 +70,7 @@ class ScaleByCelo2State(NamedTuple):
     v_diag: optax.Updates
 
 
-def factored_dims(shape) -> tuple[int, int] | None:
-    """(d1, d0): indices of the second-largest and the largest dim, None for ndim < 2. Ties resolve as a
-    stable argsort (as NumPy's default sort does on such short arrays): (n, n) -> (0, 1)."""
-    if len(shape) < 2:
-        return None
-    order = np.argsort(shape, kind="stable")
-    return int(order[-2]), int(order[-1])
-
-
-def factored_shapes(shape: tuple, k: int):
-    """Shapes of (v_row, v_col, v_diag) for a leaf of ``shape`` and k decays; (0, k) marks an unused one."""
-    dims = factored_dims(shape)
-    if dims is None:
-        return (0, k), (0, k), shape + (k,)
-    d1, d0 = dims
-    return shape[:d0] + shape[d0 + 1:] + (k,), shape[:d1] + shape[d1 + 1:] + (k,), (0, k)
+register_state_layout(ScaleByCelo2State, iteration=REPLICATED, **ACCUMULATOR_LAYOUT)
 
 
 def orthogonalize_ns(x, coeffs=NS_COEFFS, iters: int = 5, eps: float = 1e-8):
@@ -115,93 +91,14 @@ def orthogonalize_ns(x, coeffs=NS_COEFFS, iters: int = 5, eps: float = 1e-8):
     return jnp.swapaxes(x, -1, -2) if tall else x
 
 
-def _ema(old, x, decays):
-    """beta * old + (1 - beta) * x per decay (last axis), with beta in float32 and the result in old's dtype."""
-    beta = jnp.asarray(decays, jnp.float32)
-    return (beta * old + (1 - beta) * x).astype(old.dtype)
-
-
 def _rms_normalizer(x, axes):
     return lax.rsqrt(NORM_EPS + jnp.mean(jnp.square(x), axes, keepdims=True))
 
 
-def _features(g, p, m, rms, *fac):
-    """The 14 feature blocks (9 if ``fac`` is the non-factored 1-tuple), each broadcastable to
-    g.shape + (width,): the factored statistics keep their size-1 axes.
-
-    ``fac`` is (row_factor, col_factor, v_row, v_col), each expanded back to the rank of p, or (v_diag,).
-    The inputs may be whole leaves or matching row blocks of them.
-    """
-    G = g[..., None]
-    R = lax.rsqrt(rms + RSQRT_EPS)
-    if len(fac) == 4:
-        row_factor, col_factor, v_row, v_col = fac
-        fac_g = G * row_factor * col_factor
-    else:
-        fac_g = G * lax.rsqrt(jnp.maximum(fac[0] + FACTOR_EPS, FACTOR_EPS))
-    blocks = [G, jnp.clip(G, -FEATURE_CLIP, FEATURE_CLIP), p[..., None], m, rms, m * R, R, fac_g, G * R]
-    if len(fac) == 4:
-        blocks += [v_row, v_col, lax.rsqrt(v_row + RSQRT_EPS), lax.rsqrt(v_col + RSQRT_EPS),
-                   m * row_factor * col_factor]
-    return blocks
-
-
-def fold_row_blocks(fn, carry, inputs, axis: int, n_blocks: int):
-    """carry <- fn(carry, block, j) for j < n_blocks, block j holding rows j, j + n_blocks, j + 2 n_blocks, ...
-    of every input along ``axis`` (n_blocks divides its size). Inputs of size 1 there (broadcast) pass whole.
-
-    Strided blocks take the same rows from every shard of a sharded ``axis``, so they need no communication.
-    A single block is the inputs themselves: no loop, so XLA fuses it with the rest of the update.
-    """
-    if n_blocks == 1:
-        return fn(carry, list(inputs), 0)
-
-    def take(x, j):
-        if x.shape[axis] == 1:
-            return x
-        x = x.reshape(x.shape[:axis] + (x.shape[axis] // n_blocks, n_blocks) + x.shape[axis + 1:])
-        return lax.dynamic_index_in_dim(x, j, axis + 1, keepdims=False)
-
-    return lax.fori_loop(0, n_blocks, lambda j, c: fn(c, [take(x, j) for x in inputs], j), carry)
-
-
-def num_row_blocks(shape, axis: int, chunk_elems: int) -> int:
-    """The fewest blocks, dividing shape[axis] evenly, with at most ~chunk_elems elements each."""
-    n = shape[axis]
-    min_blocks = -(-math.prod(shape) // max(chunk_elems, 1))
-    return next(k for k in range(1, n + 1) if n % k == 0 and k >= min(min_blocks, n)) if n else 1
-
-
-def accumulate(g, m, rms, v_row, v_col, v_diag, decays):
-    """Update the EMAs of a leaf with its clipped gradient g (A.2).
-
-    Returns the new (m, rms, v_row, v_col, v_diag) and ``fac``, the inputs of the factored features:
-    (row_factor, col_factor, v_row, v_col) expanded back to g's rank, or (v_diag,) when ndim <= 1.
-    """
-    momentum_decays, rms_decays, adafactor_decays = decays
-    G = g[..., None]
-    m = _ema(m, G, momentum_decays)
-    rms = _ema(rms, jnp.square(G), rms_decays)
-    gsq = jnp.square(G.astype(jnp.float32)) + GSQ_EPS
-    dims = factored_dims(g.shape)
-    if dims is None:
-        v_diag = _ema(v_diag, gsq, adafactor_decays)
-        return (m, rms, v_row, v_col, v_diag), (v_diag,)
-    d1, d0 = dims
-    v_row = _ema(v_row, jnp.mean(gsq, axis=d0), adafactor_decays)
-    v_col = _ema(v_col, jnp.mean(gsq, axis=d1), adafactor_decays)
-    row_mean = jnp.mean(v_row, axis=d1 - 1 if d1 > d0 else d1, keepdims=True)
-    row_factor = lax.rsqrt(jnp.maximum(v_row / (row_mean + FACTOR_EPS), FACTOR_EPS))
-    col_factor = lax.rsqrt(jnp.maximum(v_col, FACTOR_EPS))
-    fac = (jnp.expand_dims(row_factor, d0), jnp.expand_dims(col_factor, d1),
-           jnp.expand_dims(v_row, d0), jnp.expand_dims(v_col, d1))
-    return (m, rms, v_row, v_col, v_diag), fac
-
-
 def _channels(g, p, m, rms, *fac):
     """The MLP's input channels in the order of w0's rows (30, or 15 for ndim <= 1): the columns of the
-    feature blocks of ``_features``, each broadcastable to g.shape."""
-    return [b[..., k] for b in _features(g, p, m, rms, *fac) for k in range(b.shape[-1])]
+    feature blocks (``feature_blocks``), each broadcastable to g.shape."""
+    return [b[..., k] for b in feature_blocks(g, p, m, rms, *fac, rms_eps=RSQRT_EPS) for k in range(b.shape[-1])]
 
 
 def _first_layer_terms(stats, axes, w0_rows):
@@ -222,16 +119,10 @@ def _first_layer_terms(stats, axes, w0_rows):
 
 def _resolve_theta(theta, variant: str) -> dict:
     """A theta dict, a path to a theta.state file, or None for the shipped weights of ``variant``."""
-    if theta is None:
-        default = WEIGHTS_DIR / f"{variant}.state"
-        if not default.exists():
-            raise ValueError(f"no shipped {variant} weights exist yet ({default} is missing): pass theta=<path "
-                             "to a theta.state file> (official or meta-trained) or a theta dict")
-        theta = default
-    if isinstance(theta, (str, os.PathLike)):
-        theta = load_theta(theta)
-    check_theta(theta)
-    return {k: jnp.asarray(v, jnp.float32) for k, v in theta.items()}
+    default = WEIGHTS_DIR / f"{variant}.state"
+    return resolve_theta(theta, default, load_theta, check_theta,
+                         f"no shipped {variant} weights exist yet ({default} is missing): pass theta=<path to a "
+                         "theta.state file> (official or meta-trained) or a theta dict")
 
 
 def scale_by_celo2(theta=None, *, orthogonalize: bool = True,
@@ -327,17 +218,8 @@ def scale_by_celo2(theta=None, *, orthogonalize: bool = True,
         return (step.astype(p.dtype), *new_state)
 
     def init_fn(params):
-        def zeros(shape_fn, dtype_fn):
-            return jax.tree.map(lambda p: jnp.zeros(shape_fn(tuple(p.shape)), dtype_fn(p)), params)
-
-        f32 = lambda p: jnp.float32
-        return ScaleByCelo2State(
-            iteration=jnp.zeros([], jnp.int32),
-            m=zeros(lambda s: s + (len(initial_momentum_decays),), lambda p: p.dtype),
-            rms=zeros(lambda s: s + (len(initial_rms_decays),), lambda p: p.dtype),
-            v_row=zeros(lambda s: factored_shapes(s, len(initial_adafactor_decays))[0], f32),
-            v_col=zeros(lambda s: factored_shapes(s, len(initial_adafactor_decays))[1], f32),
-            v_diag=zeros(lambda s: factored_shapes(s, len(initial_adafactor_decays))[2], f32))
+        return ScaleByCelo2State(iteration=jnp.zeros([], jnp.int32), **init_accumulators(
+            params, len(initial_momentum_decays), len(initial_rms_decays), len(initial_adafactor_decays)))
 
     def update_fn(updates, state, params=None):
         if params is None:
@@ -356,13 +238,6 @@ def param_labels(params):
     def label(path, p):
         return "adam" if len(p.shape) <= 1 or "embed" in jax.tree_util.keystr(path) else "celo2"
     return jax.tree_util.tree_map_with_path(label, params)
-
-
-def routing_table(params) -> str:
-    """One line per leaf (key path, shape, optimizer label), then the parameter count per label."""
-    from optim.factory import routing_table as table
-
-    return table(params, param_labels(params))
 
 
 def celo2(learning_rate: optax.ScalarOrSchedule, theta=None, *, weight_decay: float = 0.0,

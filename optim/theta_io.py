@@ -5,19 +5,16 @@ A ``theta.state`` file is what ``flax.serialization.to_bytes`` writes for the tr
     {"ff_mod_stack": {"~": {w0__0..w0__13, b0, w1, b1, w2, b2}}}     (19 float32 arrays, 347 numbers)
 
 i.e. one msgpack object: nested maps with str keys, each array an ExtType(code 1) whose payload is the
-msgpack array [shape, dtype name, C-order little-endian bytes]. This module reads and writes it with
-plain ``msgpack`` (no flax or haiku needed) and validates what it reads. In memory, theta is the flat
-19-key dict, in the creation order of ``THETA_SHAPES``.
+msgpack array [shape, dtype name, C-order little-endian bytes] (``optim.weight_files``). This module reads,
+validates and writes that tree. In memory, theta is the flat 19-key dict, in the creation order of
+``THETA_SHAPES``.
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-
-import msgpack
-import numpy as np
 
 from infra.files import write_atomic
+from optim.weight_files import check_tree, read, tree_from_bytes, tree_to_bytes
 
 # Widths of the 14 input feature blocks, in the order of the first-layer keys w0__0..w0__13.
 FEATURE_WIDTHS = (1, 1, 1, 3, 1, 3, 1, 3, 1, 3, 3, 3, 3, 3)
@@ -33,64 +30,18 @@ THETA_SHAPES = {
     "b2": (OUTPUTS,),
 }
 TREE_PATH = ("ff_mod_stack", "~")  # where the 19 arrays sit in the file; "~" is Haiku's top-level scope
-_NDARRAY_EXT = 1  # flax's msgpack ExtType code for ndarray (2 = complex, 3 = numpy scalar: never used here)
+
+
+def _leading_axis_hint(got: tuple, expected: tuple) -> str:
+    if len(got) > len(expected):
+        return (" (an extra leading axis: this looks like a VeLO or Celo v1 checkpoint, whose ff_mod_stack has a"
+                " leading param_inits axis; Celo2 cannot use it)")
+    return ""
 
 
 def check_theta(theta, source: str = "theta") -> None:
     """Raise ValueError unless ``theta`` has exactly the 19 keys of ``THETA_SHAPES`` with those shapes."""
-    if not isinstance(theta, Mapping):
-        raise ValueError(f"{source}: expected a dict of 19 arrays, got {type(theta).__name__}")
-    missing = [k for k in THETA_SHAPES if k not in theta]
-    extra = sorted(set(theta) - set(THETA_SHAPES))
-    if missing or extra:
-        raise ValueError(f"{source}: not a Celo2 theta: missing keys {missing}, unexpected keys {extra}")
-    for k, shape in THETA_SHAPES.items():
-        got = tuple(getattr(theta[k], "shape", ()))
-        if got != shape:
-            hint = ""
-            if len(got) > len(shape):
-                hint = (" (an extra leading axis: this looks like a VeLO or Celo v1 checkpoint, whose"
-                        " ff_mod_stack has a leading param_inits axis; Celo2 cannot use it)")
-            raise ValueError(f"{source}: {k} has shape {got}, expected {shape}{hint}")
-
-
-class _BadArray(ValueError):
-    """An array entry that is valid msgpack but not a float32 ndarray of the stated shape."""
-
-
-def _unpack_ext(code: int, data: bytes):
-    if code != _NDARRAY_EXT:
-        raise _BadArray(f"unsupported msgpack ExtType code {code} (only 1 = ndarray occurs in theta.state)")
-    shape, dtype, raw = msgpack.unpackb(data, raw=False)
-    if dtype != "float32":
-        raise _BadArray(f"array of dtype {dtype!r}; theta.state holds float32 arrays only")
-    arr = np.frombuffer(raw, dtype="<f4")
-    if arr.size != int(np.prod(shape)):
-        raise _BadArray(f"array payload has {arr.size} floats, shape {shape} needs {int(np.prod(shape))}")
-    return arr.reshape(shape).copy()
-
-
-def tree_from_bytes(buf: bytes, source: str, kind: str = "theta.state") -> dict:
-    """Decode a flax-msgpack weight file (nested maps of float32 ndarrays) without validating its tree."""
-    try:
-        return msgpack.unpackb(buf, raw=False, ext_hook=_unpack_ext, strict_map_key=True)
-    except _BadArray as e:
-        raise ValueError(f"{source}: {e}") from e
-    except ValueError as e:  # msgpack's own errors (truncated, extra data, bad format) are ValueErrors too
-        raise ValueError(f"{source}: not a valid msgpack {kind} file ({e})") from e
-    except Exception as e:  # e.g. a TypeError from an ext payload of the wrong layout
-        raise ValueError(f"{source}: corrupt {kind} file ({type(e).__name__}: {e})") from e
-
-
-def tree_to_bytes(tree: Mapping) -> bytes:
-    """Encode nested maps of arrays exactly as ``flax.serialization.to_bytes`` does (float32, given key order)."""
-    def pack(node):
-        if isinstance(node, Mapping):
-            return {k: pack(v) for k, v in node.items()}
-        a = np.ascontiguousarray(node, dtype=np.float32)
-        return msgpack.ExtType(_NDARRAY_EXT, msgpack.packb([list(a.shape), a.dtype.name, a.tobytes()]))
-
-    return msgpack.packb(pack(tree))
+    check_tree(theta, THETA_SHAPES, source, "Celo2", _leading_axis_hint)
 
 
 def theta_from_bytes(buf: bytes, source: str = "theta.state") -> dict:
@@ -117,8 +68,7 @@ def theta_to_bytes(theta: dict) -> bytes:
 
 def load_theta(path: str | os.PathLike) -> dict:
     """Read a ``theta.state`` file (official Celo2 / Celo2-base weights or one written by ``save_theta``)."""
-    with open(path, "rb") as f:
-        return theta_from_bytes(f.read(), source=os.fspath(path))
+    return read(path, theta_from_bytes)
 
 
 def save_theta(path: str | os.PathLike, theta: dict) -> None:

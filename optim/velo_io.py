@@ -32,7 +32,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from infra.files import write_atomic
-from optim.theta_io import FEATURE_WIDTHS, tree_from_bytes, tree_to_bytes
+from optim.theta_io import FEATURE_WIDTHS
+from optim.weight_files import check_tree, read, tree_from_bytes, tree_to_bytes
 
 LSTM_HIDDEN = 512  # official lstm_hidden_size
 PARAM_INITS = 256  # official number of stored MLP weight sets ("param_inits")
@@ -77,27 +78,8 @@ def check_velo_theta(theta, source: str = "theta", *, param_inits: int = PARAM_I
         raise ValueError(f"{source}: this is a Celo2 / Celo v1 theta (only 'ff_mod_stack', no LSTM "
                          "hyper-network): VeLO needs lstm_init_state, rnn_params and ff_mod_stack. Load Celo2 "
                          "weights with optim.celo2.load_theta")
-
-    def check(node, shapes, path):
-        where = "/".join(path) or "top level"
-        if not isinstance(shapes, Mapping):
-            got = tuple(getattr(node, "shape", ()))
-            if isinstance(node, Mapping) or got != shapes:
-                got = "a dict" if isinstance(node, Mapping) else got
-                raise ValueError(f"{source}: {where} has shape {got}, expected {shapes} (VeLO with "
-                                 f"param_inits={param_inits}, lstm_hidden_size={lstm_hidden_size})")
-            return
-        if not isinstance(node, Mapping):
-            raise ValueError(f"{source}: {where} should be a dict with keys {list(shapes)}, "
-                             f"got {type(node).__name__}")
-        missing, extra = [k for k in shapes if k not in node], sorted(set(node) - set(shapes))
-        if missing or extra:
-            raise ValueError(f"{source}: not a VeLO theta: at {where}, missing keys {missing}, "
-                             f"unexpected keys {extra}")
-        for k, sub in shapes.items():
-            check(node[k], sub, path + (k,))
-
-    check(theta, velo_theta_shapes(param_inits, lstm_hidden_size), ())
+    check_tree(theta, velo_theta_shapes(param_inits, lstm_hidden_size), source, "VeLO",
+               lambda got, expected: f" (VeLO with param_inits={param_inits}, lstm_hidden_size={lstm_hidden_size})")
 
 
 def _ordered(tree, shapes):
@@ -130,9 +112,8 @@ def velo_theta_to_bytes(theta: dict) -> bytes:
 def load_velo_theta(path: str | os.PathLike, *, param_inits: int = PARAM_INITS,
                     lstm_hidden_size: int = LSTM_HIDDEN) -> dict:
     """Read a VeLO parameter file (the official one, or one written by ``save_velo_theta``)."""
-    with open(path, "rb") as f:
-        return velo_theta_from_bytes(f.read(), os.fspath(path), param_inits=param_inits,
-                                     lstm_hidden_size=lstm_hidden_size)
+    return read(path, lambda buf, source: velo_theta_from_bytes(buf, source, param_inits=param_inits,
+                                                                lstm_hidden_size=lstm_hidden_size))
 
 
 def save_velo_theta(path: str | os.PathLike, theta: dict) -> None:

@@ -4,11 +4,7 @@ import numpy as np
 
 from configs.base import base_config
 from configs.cpu_tiny import get_config as cpu_tiny_config
-from models import model_config
-from optim.factory import make_optimizer
-from train.mesh import build_mesh
-from train.state import init_state, make_layout
-from train.step import batch_sharding, make_train_step
+from train.build import build_run
 
 VOCAB = 256
 
@@ -47,18 +43,24 @@ def tiny_config(workdir, data_dir, **overrides):
     return cfg
 
 
+def tiny_run(opt_cfg, mesh_shape, steps=20, batch_size=8, seq_len=32, microbatches=1, model="cpu-tiny"):
+    """The run of ``model`` (vocabulary VOCAB) with ``opt_cfg`` on the first devices, as a mesh of
+    ``mesh_shape`` (data, fsdp, tensor)."""
+    cfg = base_config()
+    cfg.model.update(name=model, vocab_size=VOCAB, vocab_multiple=1)
+    cfg.mesh.update(dict(zip(("data", "fsdp", "tensor"), mesh_shape)))
+    cfg.update(steps=steps, batch_size=batch_size, seq_len=seq_len, microbatches=microbatches, optimizer=opt_cfg)
+    return build_run(cfg, jax.devices()[:int(np.prod(mesh_shape))])
+
+
 def run_steps(mesh_shape, opt_cfg, batches, microbatches=1, model="cpu-tiny", steps_total=20):
     """Train on the given synthetic batches; returns (final state, losses, layout, mesh)."""
-    n = int(np.prod(mesh_shape))
-    mesh = build_mesh(dict(zip(("data", "fsdp", "tensor"), mesh_shape)), jax.devices()[:n])
-    model_cfg = model_config(model, vocab_size=VOCAB)
-    opt = make_optimizer(opt_cfg, steps_total)
-    layout = make_layout(model_cfg, opt.tx, mesh)
-    state = init_state(model_cfg, opt.tx, layout, seed=0)
-    step = make_train_step(layout, opt.tx, opt.schedule, mesh, microbatches=microbatches, seed=0, dropout=False)
+    batch, seq = batches[0]["inputs"].shape
+    run = tiny_run(opt_cfg, mesh_shape, steps_total, batch, seq, microbatches, model)
+    state = run.init_state()
     losses = []
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(run.mesh):
         for b in batches:
-            state, m = step(state, jax.device_put(b, batch_sharding(mesh)))
+            state, m = run.train_step(state, jax.device_put(b, run.batch_sharding))
             losses.append(float(m["loss"]))
-    return state, np.array(losses), layout, mesh
+    return state, np.array(losses), run.layout, run.mesh

@@ -3,14 +3,12 @@ ahead of time against abstract shapes: nothing is allocated, so big presets can 
 import pytest
 
 from train.bench import _parse, bench_preset
-from train.mesh import build_mesh
 
 
 def _aot(preset, remat, vocab, seq_len, batch, mesh=(1, 4, 2)):
     args = _parse(["--batch_size", str(batch), "--seq_len", str(seq_len), "--vocab_size", str(vocab),
-                   "--compute_dtype", "bfloat16", "--remat", remat])
-    mesh = build_mesh(dict(zip(("data", "fsdp", "tensor"), mesh)))
-    return bench_preset(preset, args, mesh, run=False)
+                   "--compute_dtype", "bfloat16", "--remat", remat, "--mesh", ",".join(map(str, mesh))])
+    return bench_preset(preset, args, timed=False)
 
 
 @pytest.mark.parametrize("remat", ["full", "dots_no_batch"])

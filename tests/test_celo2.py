@@ -9,8 +9,8 @@ import pytest
 
 from optim import celo2 as celo2_lib
 from optim.celo2 import (THETA_SHAPES, celo2, celo2_base, factored_dims, init_theta, init_theta_from_feature,
-                         load_theta, param_labels,
-                         routing_table, save_theta, scale_by_celo2)
+                         load_theta, param_labels, save_theta, scale_by_celo2)
+from optim.registry import routing_table
 from optim.theta_io import theta_from_bytes, theta_to_bytes
 
 # --- spec A.11: synthetic theta, params, grads and the official outputs ---------------------------------
@@ -285,7 +285,7 @@ def test_param_labels_and_routing_table():
     labels = param_labels(params)
     assert labels == {"embed": {"tokens": "adam"}, "gain": "adam", "head": "celo2",
                       "blocks": {"qkv": "celo2", "mlp_in": "celo2", "mlp_b": "adam", "scale": "adam"}}
-    table = routing_table(params)
+    table = routing_table(params, param_labels(params))
     lines = table.splitlines()
     assert len(lines) == len(jax.tree.leaves(params)) + 1
     assert any("['blocks']['qkv']" in l and "(3, 2, 8, 4)" in l and l.endswith("celo2") for l in lines)

@@ -20,13 +20,13 @@ import pytest
 
 import data
 from configs.cpu_tiny import get_config
-from optim.factory import BUILDERS
+from optim.registry import REGISTRY
 from tests.helpers import optimizer_config
 from infra.checkpoint import CheckpointError, Checkpointer, fingerprint
 from train.loop import train
 from infra.metrics import read_metrics
 
-OPTIMIZERS = sorted(BUILDERS)
+OPTIMIZERS = sorted(REGISTRY)
 # The loop tests run for AdamW by default and for every other optimizer with -m slow; the fast
 # test_optimizer_state_roundtrip covers every optimizer's state in the default run.
 LOOP_OPTIMIZERS = [pytest.param(n, marks=() if n == "adamw" else pytest.mark.slow) for n in OPTIMIZERS]
@@ -182,22 +182,16 @@ def _random_array(abstract, rng=np.random.default_rng(0)):
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_optimizer_state_roundtrip(name, tmp_path):
     """Every optimizer's full state survives save on 2x2x2 -> restore on data=8 and on one device, exactly."""
-    from models import model_config
-    from optim.factory import make_optimizer
-    from train.mesh import build_mesh
-    from train.state import make_layout
+    from tests.helpers import tiny_run
 
-    model_cfg = model_config("cpu-tiny", vocab_size=256)
-    tx = make_optimizer(optimizer_config(name), 10).tx
-    layout = make_layout(model_cfg, tx, build_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
+    layout = tiny_run(optimizer_config(name), (2, 2, 2), steps=10).layout
     state = jax.tree.map(_random_array, layout.abstract)  # the state's exact tree, random values
     ck = Checkpointer(tmp_path / "ck")
     ck.save(5, state)
     ck.close()
     expected = jax.tree.map(np.asarray, state)
-    for mesh, devices in (({"data": 8, "fsdp": 1, "tensor": 1}, None), ({"data": 1, "fsdp": 1, "tensor": 1},
-                                                                        jax.devices()[:1])):
-        other = make_layout(model_cfg, tx, build_mesh(mesh, devices))
+    for mesh in ((8, 1, 1), (1, 1, 1)):
+        other = tiny_run(optimizer_config(name), mesh, steps=10).layout
         step, restored = Checkpointer(tmp_path / "ck").restore_latest(other.abstract)
         assert step == 5
         jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, restored), expected)
@@ -392,20 +386,15 @@ def test_init_from_takes_params_only(name, data_dir, tmp_path_factory, tmp_path)
     got = losses(wd)
     assert sorted(got) == [1, 2]  # a new run: it counts from step 0
     # its first loss is that of the source's final params on batch 0 (a fresh model's is ~ln(512) = 6.2)
-    from models import model_config
-    from optim.factory import make_optimizer
     from infra.checkpoint import restore_params
-    from train.mesh import build_mesh
-    from train.state import make_layout
-    from train.step import batch_sharding, make_eval_step
+    from train.build import build_run
 
-    mesh = build_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    layout = make_layout(model_config("cpu-tiny", vocab_size=512), make_optimizer(cfg.optimizer, STEPS).tx, mesh)
-    step, params = restore_params(str(src), layout.abstract.params)
+    run = build_run(cfg)
+    step, params = restore_params(str(src), run.layout.abstract.params)
     assert step == STEPS
     batch = next(data.train_iterator(data_dir, seq_len=32, global_batch_size=8, seed=0, num_threads=1))
-    with jax.set_mesh(mesh):
-        total, count = make_eval_step(layout, mesh)(params, jax.device_put(batch, batch_sharding(mesh)))
+    with jax.set_mesh(run.mesh):
+        total, count = run.eval_step(params, jax.device_put(batch, run.batch_sharding))
     np.testing.assert_allclose(got[1], float(total) / float(count), rtol=1e-5)
     # and its optimizer state is fresh: the saved step counter is the new run's
     ck = Checkpointer(wd / "checkpoints")

@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 
+from optim import registry
 from optim.meta import inner, pes, run, tasks
 
 
@@ -138,7 +139,7 @@ def test_velo_inner_problem_plans_its_length_and_sees_the_loss():
     task = tasks.ImageMLPTask("x")
     data = (jax.random.uniform(jax.random.PRNGKey(0), (100, 64)), jnp.arange(100, dtype=jnp.int32) % 10)
     prob = inner.TruncatedProblem(task, inner.meta_training_optimizer("velo"), 3, 40)
-    theta = inner.VARIANTS["velo"].init(jax.random.PRNGKey(0))
+    theta = registry.get("velo").meta.init(jax.random.PRNGKey(0))
     velo_state = lambda s: s.opt_state[0]  # chain(scale_by_velo, scale)
     s = prob.init(theta, jax.random.PRNGKey(1))
     assert int(velo_state(s).num_steps) == int(s.length) and 3 <= int(s.length) < 40
@@ -198,7 +199,7 @@ def _args(workdir, n, variant="celo2"):
 @pytest.mark.parametrize("variant", ["celo2", "velo"])
 def test_meta_training_writes_theta_and_resumes_exactly(tmp_path, variant):
     data = _tiny_data()
-    load = inner.VARIANTS[variant].load  # also validates the official file format
+    load = registry.get(variant).weights.load  # also validates the official file format
     a = run.main(_args(tmp_path / "a", 4, variant), datas=data)
     theta = load(tmp_path / "a" / "theta.state")
     for i in (0, 2):
@@ -220,7 +221,7 @@ def test_meta_training_writes_theta_and_resumes_exactly(tmp_path, variant):
 def test_init_rule_starts_from_the_hand_designed_rule(tmp_path):
     args = _args(tmp_path / "r", 1) + ["--init", "rule"]
     theta = run.build(run._resolve(run.parser().parse_args(args)), _tiny_data())[3].theta
-    want = inner.VARIANTS["celo2"].rule_init(jax.random.PRNGKey(0))  # --seed 0
+    want = registry.get("celo2").meta.rule_init(jax.random.PRNGKey(0))  # --seed 0
     jax.tree.map(np.testing.assert_array_equal, theta, want)
     assert np.asarray(theta["w0__3"])[0, :2].tolist() == [1.0, -1.0]  # d = momentum (beta 0.9)
     with pytest.raises(SystemExit, match="velo has no hand-designed rule"):
@@ -228,7 +229,7 @@ def test_init_rule_starts_from_the_hand_designed_rule(tmp_path):
 
 
 def test_select_snapshot_takes_the_lowest_validated_training_loss(tmp_path):
-    from optim.meta.evaluate import select_snapshot
+    from optim.meta.validation import select_snapshot
     rows = [{"iteration": 0, "valid/a": 0.5, "valid_train/a": 0.40, "valid_train/b": 0.0},
             {"iteration": 10, "mean_loss": 0.1},
             {"iteration": 250, "valid/a": 0.6, "valid_train/a": 0.30, "valid_train/b": 0.0},

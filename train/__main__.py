@@ -2,7 +2,7 @@
 
 Resumes from the newest usable checkpoint in ``--config.workdir``. SIGTERM/SIGINT: finish the step, write
 a checkpoint, exit 0 (a second signal exits at once). Multi-process jobs: ``--config.multiprocess=True``
-(see ``train.loop.setup_platform``; ``python -m launch.local`` starts one on this host).
+(see ``train.build.setup_platform``; ``python -m launch.local`` starts one on this host).
 """
 import os
 import sys
@@ -17,7 +17,8 @@ def main(argv) -> None:
     del argv
     cfg = _CONFIG.value
     logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
-    from train.loop import NonFiniteLoss, setup_platform, train
+    from train.build import setup_platform
+    from train.loop import NonFiniteLoss, train
 
     setup_platform(cfg)
     try:

@@ -61,11 +61,11 @@ class Comparison:
         self.cfg = cfg
         self.root = os.path.abspath(cfg.workdir)
         self.optimizers = [o.strip() for o in cfg.compare.optimizers.split(",") if o.strip()]
-        from optim.factory import BUILDERS
+        from optim.registry import REGISTRY
 
-        unknown = [o for o in self.optimizers if o not in BUILDERS]
+        unknown = [o for o in self.optimizers if o not in REGISTRY]
         if unknown:
-            raise ValueError(f"compare.optimizers has unknown names {unknown}; known: {sorted(BUILDERS)}")
+            raise ValueError(f"compare.optimizers has unknown names {unknown}; known: {sorted(REGISTRY)}")
         self.sweep = {o: _lrs(cfg, o) for o in self.optimizers}
 
     def run_dir(self, name: str) -> str:
@@ -280,7 +280,7 @@ def main(argv) -> None:
     del argv
     cfg = _CONFIG.value
     logging.set_verbosity(logging.WARNING)
-    from train.loop import setup_platform
+    from train.build import setup_platform
 
     setup_platform(cfg)
     try:

@@ -1,134 +1,160 @@
-"""The training loop: data -> sharded train step -> metrics, evaluation, checkpoints, plots.
+"""The training loop: batches -> sharded train step -> hooks (metrics, evaluation, checkpoints, plots).
 
-``train(config)`` runs (or resumes) the run described by ``config`` in ``config.workdir``.
+``train(config)`` runs (or resumes) the run described by ``config`` in ``config.workdir``. The loop itself
+(``Trainer.fit``) only steps and calls hooks; what happens every N steps is a hook added with
+``add_hook(fn, every=N)`` (called with the step and the train state) or ``add_metrics_hook(fn, every=N)``
+(called with the step's metrics on the host), as in Levanter's ``Trainer.add_hook``.
+
+A step's metrics are read one step late (after the next step is dispatched), so the loop never waits for the
+device; every step's loss is checked (a NaN/inf stops the run) before its state can be checkpointed.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
 import os
 import time
+from typing import Callable
 
 import jax
-import numpy as np
 
-import data
-from models import count_params, model_config
-from optim.factory import make_optimizer, routing_table
-from train import mesh as mesh_lib
-from infra.checkpoint import CheckpointError, Checkpointer, restore_params, warn
-from train.flops import flops_per_token, peak_flops
+from infra.checkpoint import Checkpointer
 from infra.metrics import MetricsLogger
-from train.plots import plot_losses
 from infra.preemption import StopAgreement, StopRequest
-from train.state import init_state, make_layout, state_from_params
-from train.step import batch_sharding, make_eval_step, make_train_step
+from optim.registry import routing_table
+from train.build import Run, build_run
+from train.flops import peak_flops
+from train.plots import plot_losses
+from train.resume import start_state
 
 
 class NonFiniteLoss(RuntimeError):
     pass
 
 
-def setup_platform(cfg) -> None:
-    """Must run before JAX starts its backends: simulated CPU devices and multi-process init.
+@dataclasses.dataclass(frozen=True)
+class Hook:
+    """``fn(step, x)`` after every ``every``-th step and after the last one; with ``on_stop`` also at the
+    step where the run stops early; with ``checked`` only once that step's loss has been checked."""
+    fn: Callable
+    every: int
+    on_stop: bool = False
+    checked: bool = False
 
-    ``multiprocess=True`` calls ``jax.distributed.initialize()``, which auto-detects SLURM, Open MPI and
-    TPU pods. Elsewhere (``launch.local``, other clusters) the job is described by the environment:
-    ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0, read by JAX itself), ``JAX_NUM_PROCESSES`` and
-    ``JAX_PROCESS_ID``.
-    """
-    if cfg.cpu_devices:
-        jax.config.update("jax_platforms", "cpu")
-        jax.config.update("jax_num_cpu_devices", int(cfg.cpu_devices))
-    if cfg.multiprocess:
-        if cfg.cpu_devices:
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        kwargs = {}
-        for env, arg in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
-            if os.environ.get(env):
-                kwargs[arg] = int(os.environ[env])
-        jax.distributed.initialize(**kwargs)
+    def due(self, step: int, last: int, stopping: bool) -> bool:
+        return step % self.every == 0 or step == last or (self.on_stop and stopping)
 
 
-def build_model_config(cfg, tokenizer_vocab: int):
-    m = cfg.model
-    vocab = m.vocab_size or tokenizer_vocab
-    if m.vocab_multiple > 1:
-        vocab = math.ceil(vocab / m.vocab_multiple) * m.vocab_multiple
-    if vocab < tokenizer_vocab:
-        raise ValueError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer_vocab}")
-    model_cfg = model_config(m.name, vocab_size=vocab, compute_dtype=m.compute_dtype, remat=m.remat,
-                             dropout=m.dropout, document_mask=m.document_mask)
-    if cfg.seq_len > model_cfg.ctx:
-        raise ValueError(f"seq_len={cfg.seq_len} exceeds the context of {m.name} ({model_cfg.ctx})")
-    return model_cfg
+class Trainer:
+    """Steps ``run``'s train step over its batches and calls the hooks; stops when the run is done, on a
+    signal (``stop``: every process stops after the same step) or after ``stop_at`` steps."""
+
+    def __init__(self, run: Run, stop: StopRequest, stop_at: int | None = None):
+        self.run, self.stop, self.stop_at = run, stop, stop_at
+        self.hooks: list[Hook] = []
+        self.metrics_hooks: list[Hook] = []
+        self.stopping = False
+        self.last: dict = {}  # the last checked step: {"step", "loss", ...}
+
+    def add_hook(self, fn: Callable, every: int, *, on_stop: bool = False, checked: bool = False) -> None:
+        self.hooks.append(Hook(fn, every, on_stop, checked))
+
+    def add_metrics_hook(self, fn: Callable, every: int) -> None:
+        self.metrics_hooks.append(Hook(fn, every))
+
+    def _check(self, step: int, metrics) -> None:
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not math.isfinite(m["loss"]):
+            raise NonFiniteLoss(
+                f"training loss became {m['loss']} at step {step} (grad norm {m['grad_norm']:.3g}); lower "
+                f"--config.optimizer.lr, enable clipping (--config.optimizer.clip_norm) or resume from the last "
+                f"checkpoint in {os.path.join(self.run.cfg.workdir, 'checkpoints')}")
+        self.last.update(step=step, **m)
+        for hook in self.metrics_hooks:
+            if hook.due(step, self.run.cfg.steps, False):
+                hook.fn(step, m)
+
+    def fit(self, state, start_step: int, batches):
+        """Train from ``state`` at ``start_step``; returns the last state."""
+        agree, pending, last = StopAgreement(), None, self.run.cfg.steps
+        self.last = {"step": start_step}
+        with jax.set_mesh(self.run.mesh):
+            for step in range(start_step, last):
+                state, metrics = self.run.train_step(state, self.run.to_global(next(batches)))
+                done = step + 1
+                # every process gets the same answer at the same step (see infra.preemption)
+                self.stopping = agree(self.stop.requested) or (self.stop_at is not None and done >= self.stop_at)
+                if pending is not None:
+                    self._check(*pending)
+                pending = (done, metrics)
+                if step == start_step:  # waits for the first step (compilation); throughput is timed from here
+                    self._check(*pending)
+                    pending = None
+                for hook in self.hooks:
+                    if hook.due(done, last, self.stopping):
+                        if hook.checked and pending is not None:
+                            self._check(*pending)
+                            pending = None
+                        hook.fn(done, state)
+                if self.stopping:
+                    break
+            if pending is not None:
+                self._check(*pending)
+        return state
 
 
-def _to_global(batch: dict, sharding) -> dict:
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+class MetricsLog:
+    """The metrics hook: logged rows with throughput and MFU since the previous row, and any ``extra``
+    values other hooks left for the next row (e.g. a checkpoint's blocking time)."""
 
+    def __init__(self, run: Run, logger: MetricsLogger):
+        self.run, self.logger = run, logger
+        self.peak, self.peak_source = _peak_flops(run.mesh.devices.flat[0].device_kind, run.mesh.size)
+        self.timer = None  # (time, step) of the previous row
+        self.extra: dict = {}
 
-def _check_steps(cfg) -> None:
-    for name in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "checkpoint_every"):
-        if int(cfg[name]) < 1:
-            raise ValueError(f"{name}={cfg[name]} must be a positive integer")
-
-
-def resolve_config(cfg):
-    """The config as the run uses it (paths made absolute), as saved in config.json and checkpoints."""
-    cfg = cfg.copy_and_resolve_references()
-    with cfg.unlocked():
-        cfg.workdir = os.path.abspath(cfg.workdir)
-        cfg.data.dir = os.path.abspath(cfg.data.dir)
-        if cfg.init_from:
-            cfg.init_from = os.path.abspath(cfg.init_from)
-    return cfg
-
-
-def data_order_check(cfg, ds: str, now: dict):
-    """``validate`` for ``Checkpointer.restore``: the saved run must read the same batches at each step.
-    ``ds``: this run's ``DatasetInfo.identity``; ``now``: its config as saved (JSON)."""
-    current = {"seed": cfg.seed, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len}
-
-    def validate(step: int, meta: dict, saved: dict) -> None:
-        diffs = [f"{k}: checkpoint {saved.get(k)!r}, this run {v!r}" for k, v in current.items()
-                 if saved.get(k) != v]
-        saved_ds = meta.get("data", {}).get("dataset")
-        if saved_ds != ds:
-            diffs.append(f"dataset: checkpoint {saved.get('data', {}).get('dir')!r} (id {saved_ds}), this run "
-                         f"{cfg.data.dir!r} (id {ds})")
-        if diffs:
-            raise CheckpointError(
-                f"the checkpoint at step {step} in {cfg.workdir} was trained with another data order; resuming "
-                f"would silently repeat or skip training data:\n  " + "\n  ".join(diffs) + "\nRerun with "
-                f"the checkpoint's values (see {os.path.join(cfg.workdir, 'config.json')}), or start a new "
-                f"workdir from these weights with --config.init_from={cfg.workdir}")
-        changed = [f"{k} {a!r} -> {b!r}" for k, (a, b) in _config_changes(saved, now).items()
-                   if k not in ("data.dir", "workdir")]
-        if changed:
-            warn(f"resuming step {step} with changed settings (the run continues with the new ones): "
-                 + ", ".join(changed))
-
-    return validate
-
-
-def _config_changes(old: dict, new: dict, prefix: str = "") -> dict:
-    """{dotted key: (old, new)} of the leaves that differ between two config dicts."""
-    out = {}
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out.update(_config_changes(a, b, f"{prefix}{k}."))
-        elif a != b:
-            out[f"{prefix}{k}"] = (a, b)
-    return out
+    def __call__(self, step: int, m: dict) -> None:
+        now, row = time.perf_counter(), dict(m)
+        if self.timer is not None:
+            dt = (now - self.timer[0]) / (step - self.timer[1])
+            row.update(step_time=dt, tokens_per_sec=self.run.tokens_per_step / dt,
+                       mfu=self.run.flops_per_step / dt / self.peak)
+        self.timer = (now, step)
+        row["tokens"] = step * self.run.tokens_per_step
+        row.update(self.extra)
+        self.extra.clear()
+        self.logger.write(step, row)
+        self.logger.progress(step, loss=row["loss"], tok_s=f"{row.get('tokens_per_sec', 0):.0f}")
 
 
 @functools.lru_cache(maxsize=None)
 def _peak_flops(device_kind: str, n_devices: int):
     """``peak_flops`` once per process and kind of device (on CPU it times a matmul)."""
     return peak_flops([d for d in jax.devices() if d.device_kind == device_kind][:1] * n_devices)
+
+
+def _header(run: Run, log: MetricsLog, origin: str) -> str:
+    m, mesh, info = run.model_cfg, run.mesh, run.data
+    return (f"model {m.n_layers}L d{m.d_model} h{m.n_heads} vocab {m.vocab_size}: {run.n_params:,} params | mesh "
+            f"{dict(mesh.shape)} on {mesh.size} {mesh.devices.flat[0].platform} devices, {jax.process_count()} "
+            f"process(es) | {run.tokens_per_step:,} tokens/step | peak {log.peak / 1e9:.0f} GFLOP/s "
+            f"({log.peak_source}) | unigram entropy {info.unigram_entropy_nats:.3f} nats | workdir "
+            f"{run.cfg.workdir}" + (f" | {origin}" if origin else ""))
+
+
+def _evaluation(run: Run, trainer: Trainer, logger: MetricsLogger) -> Callable:
+    """The evaluation hook: mean held-out loss over the run's eval batches."""
+    eval_set = run.eval_batches()
+
+    def evaluate(step: int, state) -> None:
+        sums = [run.eval_step(state.params, b) for b in eval_set]
+        total, count = (float(sum(jax.device_get(x[i]) for x in sums)) for i in (0, 1))
+        trainer.last["eval_loss"] = total / count
+        logger.write(step, {"eval_loss": total / count, "tokens": step * run.tokens_per_step})
+
+    return evaluate
 
 
 def train(cfg, *, devices=None, stop_at: int | None = None) -> dict:
@@ -138,145 +164,64 @@ def train(cfg, *, devices=None, stop_at: int | None = None) -> dict:
     step (checkpoint and return), for tests and scripted interruptions.
     """
     with StopRequest() as stop:
-        return _train(cfg, stop, devices, stop_at)
+        return _train(build_run(cfg, devices).check(), stop, stop_at)
 
 
-def _train(cfg, stop: StopRequest, devices, stop_at) -> dict:
-    _check_steps(cfg)
-    cfg = resolve_config(cfg)
-    workdir = cfg.workdir
-    info = data.ensure_prepared(cfg.data.dir, corpus=cfg.data.corpus, vocab_size=cfg.data.vocab_size)
-    model_cfg = build_model_config(cfg, info.vocab_size)
-    mesh = mesh_lib.build_mesh(cfg.mesh, devices)
-    mesh_lib.check_model(model_cfg, mesh)
-    mesh_lib.check_batch(cfg.batch_size, cfg.microbatches, mesh, jax.process_count())
-    optimizer = make_optimizer(cfg.optimizer, cfg.steps)
-    layout = make_layout(model_cfg, optimizer.tx, mesh)
-    mesh_lib.check_divisibility(layout.abstract.params, layout.param_specs, mesh)
-
-    pidx, pcount = jax.process_index(), jax.process_count()
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints, cfg.keep_every)
+def _train(run: Run, stop: StopRequest, stop_at: int | None) -> dict:
+    cfg, info = run.cfg, run.data
+    ckpt = Checkpointer(os.path.join(cfg.workdir, "checkpoints"), cfg.keep_checkpoints, cfg.keep_every)
     saved_config = json.loads(cfg.to_json_best_effort())
     extra_meta = {"data": {"dataset": info.identity, "dir": cfg.data.dir}}
-    t0 = time.perf_counter()
-    start_step, state = ckpt.restore_latest(
-        layout.abstract, validate=data_order_check(cfg, extra_meta["data"]["dataset"], saved_config))
-    restore_s = time.perf_counter() - t0
-    origin = f"resumed at step {start_step} ({restore_s:.1f} s)" if state is not None else ""
-    if state is None and cfg.init_from:
-        from_step, params = restore_params(cfg.init_from, layout.abstract.params)
-        start_step, state = 0, state_from_params(optimizer.tx, layout, params)
-        origin = f"params from {cfg.init_from} (step {from_step}), fresh optimizer"
-    elif state is None:
-        start_step, state = 0, init_state(model_cfg, optimizer.tx, layout, cfg.seed)
+    start_step, state, origin = start_state(run, ckpt, saved_config, extra_meta)
     if start_step >= cfg.steps:
         ckpt.close()
         return {"step": start_step, "unigram_entropy": info.unigram_entropy_nats, "stopped_early": False,
                 "note": f"already at step {start_step} >= steps={cfg.steps}; nothing to do"}
-    train_data = data.train_iterator(info, seq_len=cfg.seq_len, global_batch_size=cfg.batch_size, seed=cfg.seed,
-                                     process_index=pidx, process_count=pcount, start_step=start_step,
-                                     num_threads=cfg.data.num_threads)
-    if pidx == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
+    batches = run.train_batches(start_step)
+    if jax.process_index() == 0:
+        os.makedirs(cfg.workdir, exist_ok=True)
+        with open(os.path.join(cfg.workdir, "config.json"), "w") as f:
             f.write(cfg.to_json_best_effort(indent=2))
+    logger = MetricsLogger(cfg.workdir, cfg.steps, start_step)
+    trainer = Trainer(run, stop, stop_at)
+    log = MetricsLog(run, logger)
+    logger.print(_header(run, log, origin))
+    if run.optimizer.labels is not None:
+        params = run.layout.abstract.params
+        logger.print(f"{cfg.optimizer.name} routing:\n" + routing_table(params, run.optimizer.labels(params)))
 
-    n_params = count_params(model_cfg)
-    tokens_per_step = cfg.batch_size * cfg.seq_len
-    flops_per_step = flops_per_token(n_params, model_cfg.n_layers, model_cfg.d_model, model_cfg.ctx,
-                                     cfg.seq_len) * tokens_per_step
-    peak, peak_source = _peak_flops(mesh.devices.flat[0].device_kind, mesh.size)
-    logger = MetricsLogger(workdir, cfg.steps, start_step)
-    logger.print(f"model {model_cfg.n_layers}L d{model_cfg.d_model} h{model_cfg.n_heads} vocab "
-                 f"{model_cfg.vocab_size}: {n_params:,} params | mesh {dict(mesh.shape)} on {mesh.size} "
-                 f"{mesh.devices.flat[0].platform} devices, {pcount} process(es) | {tokens_per_step:,} tokens/step | "
-                 f"peak {peak / 1e9:.0f} GFLOP/s ({peak_source}) | unigram entropy "
-                 f"{info.unigram_entropy_nats:.3f} nats | workdir {workdir}" + (f" | {origin}" if origin else ""))
-    if optimizer.labels is not None:
-        params = layout.abstract.params
-        logger.print(f"{cfg.optimizer.name} routing:\n" + routing_table(params, optimizer.labels(params)))
+    def save(step: int, state) -> None:
+        ckpt.save(step, state, batches, saved_config, extra_meta)
+        log.extra["checkpoint_s"] = ckpt.last_save_blocking_s
 
-    train_step = make_train_step(layout, optimizer.tx, optimizer.schedule, mesh, microbatches=cfg.microbatches,
-                                 seed=cfg.seed, dropout=model_cfg.dropout > 0)
-    eval_step = make_eval_step(layout, mesh)
-    b_sharding = batch_sharding(mesh)
-    eval_set = [_to_global(b, b_sharding) for b in data.eval_batches(
-        info, seq_len=cfg.seq_len, batch_size=cfg.batch_size, process_index=pidx, process_count=pcount,
-        max_batches=cfg.eval_batches)]
+    def plot(step: int, state) -> None:  # loss.png, redrawn as the run goes
+        if jax.process_index() == 0:
+            trainer.last["plot"] = plot_losses(cfg.workdir, info.unigram_entropy_nats)
 
-    def evaluate(params) -> float:
-        sums = [eval_step(params, b) for b in eval_set]
-        total, count = (float(sum(jax.device_get(x[i]) for x in sums)) for i in (0, 1))
-        return total / count
-
-    last = {"step": start_step}
-    timer = {"t": None, "step": start_step}
-
-    def record(step: int, metrics) -> None:
-        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not math.isfinite(m["loss"]):
-            raise NonFiniteLoss(
-                f"training loss became {m['loss']} at step {step} (grad norm {m['grad_norm']:.3g}); "
-                f"lower --config.optimizer.lr, enable clipping (--config.optimizer.clip_norm) or resume from "
-                f"the last checkpoint in {ckpt.directory}")
-        last.update(step=step, loss=m["loss"])
-        if step % cfg.log_every and step != cfg.steps:
-            return
-        now = time.perf_counter()
-        if timer["t"] is not None:
-            dt = (now - timer["t"]) / (step - timer["step"])
-            m.update(step_time=dt, tokens_per_sec=tokens_per_step / dt, mfu=flops_per_step / dt / peak)
-        timer.update(t=now, step=step)
-        m["tokens"] = step * tokens_per_step
-        if ckpt_time["pending"] is not None:
-            m["checkpoint_s"] = ckpt_time["pending"]
-            ckpt_time["pending"] = None
-        logger.write(step, m)
-        logger.progress(step, loss=m["loss"], tok_s=f"{m.get('tokens_per_sec', 0):.0f}")
-
-    ckpt_time = {"pending": None}
-    agree = StopAgreement()
-    pending, stopping = None, False
+    trainer.add_metrics_hook(log, cfg.log_every)
+    trainer.add_hook(_evaluation(run, trainer, logger), cfg.eval_every)
+    trainer.add_hook(save, cfg.checkpoint_every, on_stop=True, checked=True)
+    trainer.add_hook(plot, cfg.eval_every, on_stop=True, checked=True)
     try:
-        with jax.set_mesh(mesh):
-            for step in range(start_step, cfg.steps):
-                batch = _to_global(next(train_data), b_sharding)
-                state, metrics = train_step(state, batch)
-                done = step + 1
-                # every process gets the same answer at the same step (see train.preemption)
-                stopping = agree(stop.requested) or (stop_at is not None and done >= stop_at)
-                if pending is not None:
-                    record(*pending)
-                pending = (done, metrics)
-                if timer["t"] is None and step == start_step:
-                    record(*pending)  # waits for the first step (compilation), then times from here
-                    pending = None
-                if done % cfg.eval_every == 0 or done == cfg.steps:
-                    last["eval_loss"] = evaluate(state.params)
-                    logger.write(done, {"eval_loss": last["eval_loss"], "tokens": done * tokens_per_step})
-                if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopping:
-                    if pending is not None:
-                        record(*pending)  # never checkpoint a state whose loss was not checked
-                        pending = None
-                    ckpt.save(done, state, train_data, saved_config, extra_meta)
-                    ckpt_time["pending"] = ckpt.last_save_blocking_s
-                if stopping:
-                    break
-            if pending is not None:
-                record(*pending)
+        trainer.fit(state, start_step, batches)
     finally:
         t0 = time.perf_counter()
         ckpt.close()  # waits until the last save is durable (also when the loop failed)
-    if stopping:
-        why = (f"{stop.signal_name} received" if stop.signal_name else
-               "stop requested by another process" if stop_at is None else f"stop_at={stop_at} reached")
+    return _summary(run, trainer, logger, ckpt, time.perf_counter() - t0)
+
+
+def _summary(run: Run, trainer: Trainer, logger: MetricsLogger, ckpt: Checkpointer, durable_s: float) -> dict:
+    """Close the outputs, plot the losses and say how the run ended."""
+    last = {k: trainer.last[k] for k in ("step", "loss", "eval_loss", "plot") if k in trainer.last}
+    if trainer.stopping:
+        why = (f"{trainer.stop.signal_name} received" if trainer.stop.signal_name else
+               "stop requested by another process" if trainer.stop_at is None else
+               f"stop_at={trainer.stop_at} reached")
         msg = (f"{why}: checkpoint of step {last['step']} written to {ckpt.step_dir(last['step'])} (durable "
-               f"{time.perf_counter() - t0:.1f} s after the step); exiting")
-        logger.print(msg) if pidx == 0 else print(msg, flush=True)
+               f"{durable_s:.1f} s after the step); exiting")
+        logger.print(msg) if jax.process_index() == 0 else print(msg, flush=True)
     logger.close()
-    if pidx == 0 and logger.rows:
-        last["plot"] = plot_losses(workdir, info.unigram_entropy_nats)
-    last["unigram_entropy"] = info.unigram_entropy_nats
-    last["stopped_early"] = last["step"] < cfg.steps
+    last["unigram_entropy"] = run.data.unigram_entropy_nats
+    last["stopped_early"] = last["step"] < run.cfg.steps
     last["checkpoint"] = ckpt.step_dir(last["step"])
     return last

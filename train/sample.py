@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.sharding import SingleDeviceSharding
 
 
 def _window(n_prompt: int, max_tokens: int, ctx: int, multiple: int = 32) -> int:
@@ -70,21 +69,20 @@ def sample(workdir: str, prompt: str, *, temperature: float = 0.8, top_k: int = 
            seed: int = 0, checkpoint: str | None = None, device=None) -> str:
     """The generated continuation of ``prompt`` (text only, without the prompt)."""
     import data
-    from models import abstract_params
     from infra.checkpoint import restore_params
-    from train.loop import build_model_config
+    from train.build import build_run
 
     with open(os.path.join(workdir, "config.json")) as f:
         cfg = ml_collections.ConfigDict(json.load(f))
-    info = data.load_info(cfg.data.dir)
-    tok = info.tokenizer
     with cfg.unlocked():
         cfg.model.remat, cfg.model.dropout = "none", 0.0
-    model_cfg = build_model_config(cfg, info.vocab_size)
-    graphdef, abstract = abstract_params(model_cfg)
-    sharding = SingleDeviceSharding(device or jax.devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                            nnx.to_pure_dict(abstract))
+        cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
+        cfg.batch_size, cfg.microbatches = 1, 1
+    run = build_run(cfg, [device or jax.devices()[0]])
+    run.data = info = data.load_info(cfg.data.dir)  # never prepares: the run's data exists
+    tok = info.tokenizer
+    model_cfg = run.model_cfg
+    graphdef, _, abstract = run.params_layout
     _, params = restore_params(checkpoint or workdir, abstract)
 
     ids = [info.bos_id] + tok.encode(prompt)

@@ -28,11 +28,25 @@ class Layout:
     param_specs: Any
 
 
-def make_layout(model_cfg: GPTConfig, tx, mesh: Mesh) -> Layout:
+class ParamsLayout(NamedTuple):
+    """The model graph, its parameters' PartitionSpecs and abstract params carrying their shardings."""
+    graphdef: Any
+    specs: Any
+    abstract: Any
+
+
+def params_layout(model_cfg: GPTConfig, mesh: Mesh) -> ParamsLayout:
     graphdef, abstract_state = abstract_params(model_cfg)
     p_specs = param_specs(abstract_state)
-    params = nnx.to_pure_dict(abstract_state)
-    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    shardings = named(mesh, p_specs)
+    abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                            nnx.to_pure_dict(abstract_state), shardings)
+    return ParamsLayout(graphdef, p_specs, abstract)
+
+
+def make_layout(model_cfg: GPTConfig, tx, mesh: Mesh) -> Layout:
+    graphdef, p_specs, abstract_params_ = params_layout(model_cfg, mesh)
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_params_)
     opt_state = jax.eval_shape(tx.init, params)
     o_specs = state_specs(opt_state, params, p_specs, mesh)
     specs = TrainState(P(), p_specs, o_specs)

@@ -14,8 +14,8 @@
   clip(loss, 0, 1.5 ln 10) with NaN/inf -> 1.5 ln 10. The raw loss also goes to the optimizer's update as
   the ``loss`` extra arg (VeLO's loss features; the Celo2 rules ignore it).
 
-``VARIANTS`` names the learned optimizers that can be meta-trained and how their weights are made, read and
-written (Celo2's ``theta.state``, VeLO's parameter file).
+Which optimizers can be meta-trained, and how their weights are made, read and written, is in their
+``optim.registry`` records (``MetaTraining``, ``WeightFormat``).
 """
 from __future__ import annotations
 
@@ -28,8 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optim.celo2 import init_theta, init_theta_from_feature, load_theta, save_theta, scale_by_celo2
-from optim.velo import init_velo_theta, load_velo_theta, save_velo_theta, scale_by_velo
+from optim import registry
 
 LOSS_MAX = 1.5 * math.log(10.0)
 
@@ -80,25 +79,28 @@ def meta_training_optimizer(variant: str = "celo2", step_mult: float = 1e-3, mul
                             regex_1d: str = r"/b$") -> Callable[[Any], optax.GradientTransformation]:
     """``theta -> inner optimizer`` as used during meta-training (spec B.3, D.4); weight decay 0.
 
-    celo2:      learned rule (Newton-Schulz on) at lr ``step_mult`` on leaves not matching ``regex_1d``;
-                the meta-training Adam at lr ``step_mult * mult_1d`` on the matching ones (biases).
-    celo2-base: learned rule (no Newton-Schulz) at lr ``step_mult`` on every leaf.
-    velo:       VeLO (``scale_by_velo``, which sets its own step sizes) with its update times ``step_mult``
-                on every leaf. Its num_steps (1 here) is set per problem by ``TruncatedProblem.init``.
+    The variant's learned rule (``registry.get(variant).meta.rule``) times ``step_mult`` on every leaf; for variants with ``adam_1d`` (celo2) the leaves matching ``regex_1d`` (biases)
+    go to the meta-training Adam at lr ``step_mult * mult_1d`` instead. VeLO's num_steps is set per problem
+    by ``TruncatedProblem.init``.
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {list(VARIANTS)}, got {variant!r}")
+    meta = learned(variant).meta
 
     def make(theta):
-        if variant == "velo":
-            return optax.chain(scale_by_velo(theta, 1), optax.scale(step_mult))
-        if variant == "celo2-base":
-            return optax.chain(scale_by_celo2(theta, orthogonalize=False), optax.scale(-step_mult))
+        rule = optax.chain(meta.rule(theta), optax.scale(step_mult))
+        if not meta.adam_1d:
+            return rule
         return optax.partition({
-            "learned": optax.chain(scale_by_celo2(theta, orthogonalize=True), optax.scale(-step_mult)),
+            "learned": rule,
             "adam": optax.chain(scale_by_meta_adam(), optax.scale(-step_mult * mult_1d)),
         }, regex_labels(regex_1d))
     return make
+
+
+def learned(variant: str):
+    """The registry record of a meta-trainable optimizer, or a ValueError naming those that are."""
+    if variant not in registry.META_TRAINABLE:
+        raise ValueError(f"variant must be one of {list(registry.META_TRAINABLE)}, got {variant!r}")
+    return registry.get(variant)
 
 
 class InnerState(NamedTuple):
@@ -157,50 +159,3 @@ class TruncatedProblem:
         new = jax.tree.map(lambda a, b: jnp.where(done, a, b), fresh, trained)
         zero = jnp.zeros_like(loss)
         return new, StepOut(jnp.where(done, zero, normalize_loss(loss)), done, ~done, jnp.where(done, zero, loss))
-
-
-def init_velo_meta_theta(key) -> dict:
-    """The VeLO theta that meta-training starts from: learned_optimization's ``HyperV2.init`` (Haiku defaults,
-    ``optim.velo.init_velo_theta``) except the ``step_size`` head, which is w = 0, b = 1 here.
-
-    With Haiku's random head, lr_mult = step_size(h) is a random linear function of the LSTM state (about
-    0.03 in size, of either sign), so a fresh VeLO takes steps of ~1e-4 of RMS(p) that may point uphill on a
-    whole tensor. With lr_mult = 1 on every tensor, a fresh theta takes small, stable steps (about 6e-4 of
-    RMS(p) per step on the 8x8 MLPs; held-out loss 1.66 after 1000 steps on fmnist_mlp32, from 2.37), whose
-    size meta-training learns through one bias and whose dependence on the LSTM state it learns through w
-    (whose gradient is nonzero, because h is)."""
-    theta = init_velo_theta(key)
-    head = theta["rnn_params"]["step_size"]
-    theta["rnn_params"]["step_size"] = {"w": jnp.zeros_like(head["w"]), "b": jnp.ones_like(head["b"])}
-    return theta
-
-
-class Variant(NamedTuple):
-    """How a meta-trainable optimizer's weights are made (``init(key)``: the paper's random init;
-    ``rule_init(key)``: a hand-designed rule to start from, or None), read (``load(path)``, numpy arrays)
-    and written (``save(path, theta)``, its official file format), its default inner lr (step_mult) and
-    its default outer lr."""
-    init: Callable
-    rule_init: Callable | None
-    load: Callable
-    save: Callable
-    step_mult: float
-    outer_lr: float
-
-
-def _momentum_rule(key):
-    """Celo2's rule start: d = momentum (beta 0.9), which Newton-Schulz turns into Muon's direction."""
-    return init_theta_from_feature(key, block=3, channel=0)
-
-
-def _adam_rule(key):
-    """Celo2-base's rule start: d = m / sqrt(v) (beta 0.9 over the 0.95 second moment), Adam's direction."""
-    return init_theta_from_feature(key, block=5, channel=0)
-
-
-VARIANTS = {  # outer lrs: spec D.8 for the Celo2 rules; VeLO has no PES recipe at this budget, 3e-4 was
-    #           chosen by pilot runs (README). step_mult 1 for VeLO: its own step size.
-    "celo2": Variant(init_theta, _momentum_rule, load_theta, save_theta, 1e-3, 5e-5),
-    "celo2-base": Variant(init_theta, _adam_rule, load_theta, save_theta, 1e-3, 1e-4),
-    "velo": Variant(init_velo_meta_theta, None, load_velo_theta, save_velo_theta, 1.0, 3e-4),
-}

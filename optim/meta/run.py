@@ -5,15 +5,14 @@
 
 The workdir receives ``config.json``, ``metrics.jsonl`` (one row per log: iteration, mean_loss = mean
 meta-loss over the window, per-family metrics, throughput; validation rows carry ``valid/*``),
-``tensorboard/``, ``checkpoint.npz`` + ``checkpoint.json`` (the whole PES state: theta, outer AdamW state,
-accumulators, inner problems, RNG, iteration; written atomically), ``theta_{i}.state`` snapshots
+``tensorboard/``, ``checkpoints/`` (orbax, as the trainer's: the whole PES state: theta, outer AdamW state,
+accumulators, inner problems, RNG, iteration; with the config and the wall time so far), ``theta_{i}.state`` snapshots
 (``theta_0``: the starting theta) and the final ``theta.state`` (the variant's official format: Celo2
 ``theta.state`` or the VeLO parameter file). Starting on a workdir with a checkpoint resumes it exactly.
 """
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import pathlib
 import sys
@@ -25,14 +24,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from infra.checkpoint import Checkpointer
+from infra.files import write_atomic
+from infra.metrics import MetricsLogger
+from infra.preemption import StopRequest
+from optim import registry
 from optim.meta import inner as inner_lib
 from optim.meta import pes
 from optim.meta import tasks as tasks_lib
-from infra.files import write_atomic
-from infra.preemption import StopRequest
+from optim.meta.validation import plot_run, quick_validation
 
-CKPT = "checkpoint.npz"
-CKPT_META = "checkpoint.json"
 # Options that must not change when a run resumes (the others, e.g. --outer_iterations, may).
 FIXED = ("variant", "num_particles", "trunc_length", "min_unroll", "max_unroll", "reparam_range", "outer_lr", "std",
          "step_mult", "mult_1d", "seed", "tasks", "regex_1d", "init", "init_theta")
@@ -41,7 +42,7 @@ FIXED = ("variant", "num_particles", "trunc_length", "min_unroll", "max_unroll",
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m optim.meta", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variant", default="celo2", choices=list(inner_lib.VARIANTS))
+    p.add_argument("--variant", default="celo2", choices=list(registry.META_TRAINABLE))
     p.add_argument("--workdir", required=True)
     p.add_argument("--outer_iterations", type=int, default=100_000, help="total outer updates")
     p.add_argument("--num_particles", type=int, default=8, help="PES particles per task family (x2 antithetic)")
@@ -51,7 +52,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--reparam_range", default="1e-3,1e3",
                    help="global reparametrisation scales s ~ log-uniform(lo, hi) (spec D.3: 1e-3,1e3)")
     p.add_argument("--outer_lr", type=float, default=None, help="default: " + ", ".join(
-        f"{v.outer_lr:g} ({name})" for name, v in inner_lib.VARIANTS.items()))
+        f"{registry.get(name).meta.outer_lr:g} ({name})" for name in registry.META_TRAINABLE))
     p.add_argument("--std", type=float, default=0.01, help="PES perturbation std")
     p.add_argument("--step_mult", type=float, default=None, help="inner lr of the learned rule (default 1e-3; "
                                                                    "velo: 1, the multiplier of its own step)")
@@ -75,24 +76,6 @@ def parser() -> argparse.ArgumentParser:
                                                      "~/.cache/celo2_harness)")
     p.add_argument("--no_progress", action="store_true")
     return p
-
-
-def save_checkpoint(workdir: pathlib.Path, state: pes.PESState, meta: dict):
-    buf = io.BytesIO()
-    np.savez(buf, *[np.asarray(x) for x in jax.tree.leaves(state)])
-    write_atomic(workdir / CKPT, buf.getvalue())
-    write_atomic(workdir / CKPT_META, json.dumps(meta, indent=1).encode())
-
-
-def load_checkpoint(workdir: pathlib.Path, template: pes.PESState):
-    with np.load(workdir / CKPT) as f:
-        leaves = [f[f"arr_{i}"] for i in range(len(f.files))]
-    treedef = jax.tree.structure(template)
-    ref = jax.tree.leaves(template)
-    if len(leaves) != len(ref) or any(a.shape != b.shape for a, b in zip(leaves, ref)):
-        raise ValueError(f"{workdir / CKPT} does not match this configuration's state")
-    state = treedef.unflatten([jnp.asarray(a, b.dtype) for a, b in zip(leaves, ref)])
-    return state, json.loads((workdir / CKPT_META).read_text())
 
 
 _BUILT = {}  # config -> (problems, outer_opt, jitted step): runs in one process share the compiled step
@@ -119,25 +102,25 @@ def build(args, datas=None):
             train, _ = tasks_lib.split(tasks_lib.load_dataset(tasks_lib.TRAIN_TASKS[n].dataset, args.cache_dir))
             datas.append((jnp.asarray(train.x), jnp.asarray(train.y)))
     rng = jax.random.PRNGKey(args.seed)
-    variant = inner_lib.VARIANTS[args.variant]
+    spec = registry.get(args.variant)
     if args.init_theta:
-        theta = jax.tree.map(jnp.asarray, variant.load(args.init_theta))
+        theta = jax.tree.map(jnp.asarray, spec.weights.load(args.init_theta))
     elif args.init == "rule":
-        if variant.rule_init is None:
+        if spec.meta.rule_init is None:
             raise SystemExit(f"--init rule: {args.variant} has no hand-designed rule to start from; use --init random")
-        theta = variant.rule_init(rng)
+        theta = spec.meta.rule_init(rng)
     else:
-        theta = variant.init(rng)
+        theta = spec.meta.init(rng)
     state = pes.init(jax.random.fold_in(rng, 1), theta, outer_opt, problems, args.num_particles)
     return problems, datas, outer_opt, state, step
 
 
 def _resolve(args):
-    variant = inner_lib.VARIANTS[args.variant]
+    meta = registry.get(args.variant).meta
     if args.outer_lr is None:
-        args.outer_lr = variant.outer_lr
+        args.outer_lr = meta.outer_lr
     if args.step_mult is None:
-        args.step_mult = variant.step_mult
+        args.step_mult = meta.step_mult
     return args
 
 
@@ -158,100 +141,110 @@ def _truncate_metrics(path: pathlib.Path, iteration: int):
         write_atomic(path, "".join(r + "\n" for r in rows).encode())
 
 
-def main(argv=None, datas=None):
-    args = _resolve(parser().parse_args(argv))
-    workdir = pathlib.Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in vars(args).items()}
-    config["command"] = "python -m optim.meta " + " ".join(sys.argv[1:] if argv is None else argv)
+def _start(args, workdir: pathlib.Path, config: dict, datas):
+    """(problems, datas, step_fn, state, checkpointer, start iteration, wall seconds before this session)."""
+    if (workdir / "checkpoint.npz").exists():
+        raise SystemExit(f"{workdir} holds a meta-training checkpoint of the old npz format (checkpoint.npz); "
+                         "this version checkpoints with orbax: start a new --workdir (its theta_<i>.state "
+                         "snapshots still load with --init_theta)")
     cfg_path = workdir / "config.json"
-    if (workdir / CKPT).exists() and cfg_path.exists():
+    ckpt = Checkpointer(str(workdir / "checkpoints"), keep=2, async_save=False)
+    if ckpt.steps() and cfg_path.exists():
         old = vars(saved_args(workdir))
         changed = {k: (old[k], config[k]) for k in FIXED if old[k] != config[k]}
         if changed:
             raise SystemExit(f"{workdir} holds a run with a different config: {changed}")
-    cfg_path.write_text(json.dumps(config, indent=1))
+    write_atomic(cfg_path, json.dumps(config, indent=1).encode())
+    problems, datas, _, state, step = build(args, datas)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    start, restored = ckpt.restore_latest(abstract)
+    if restored is None:
+        return problems, datas, step, state, ckpt, 0, 0.0
+    print(f"resuming {workdir} at iteration {start}", flush=True)
+    _truncate_metrics(workdir / "metrics.jsonl", start)
+    return problems, datas, step, restored, ckpt, start, float(ckpt.meta(start).get("wall_s", 0.0))
 
-    problems, datas, outer_opt, state, step = build(args, datas)
-    save_theta = inner_lib.VARIANTS[args.variant].save
-    wall_before, start = 0.0, 0
-    if (workdir / CKPT).exists():
-        state, meta = load_checkpoint(workdir, state)
-        start, wall_before = int(state.iteration), float(meta.get("wall_s", 0.0))
-        print(f"resuming {workdir} at iteration {start}", flush=True)
-        _truncate_metrics(workdir / "metrics.jsonl", start)
+
+def main(argv=None, datas=None):
+    args = _resolve(parser().parse_args(argv))
+    workdir = pathlib.Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = dict(vars(args), command="python -m optim.meta " + " ".join(sys.argv[1:] if argv is None else argv))
+    problems, datas, step, state, ckpt, start, wall_before = _start(args, workdir, config, datas)
     if args.variant == "celo2":
         labels = inner_lib.regex_labels(args.regex_1d)(problems[0].task.init(jax.random.PRNGKey(0)))
         print("routing (meta-training):", {inner_lib.path_str(p): l
                                            for p, l in jax.tree_util.tree_leaves_with_path(labels)}, flush=True)
-
-    from tensorboardX import SummaryWriter
-    from tqdm import tqdm
-    tb = SummaryWriter(str(workdir / "tensorboard"))
-    metrics_file = open(workdir / "metrics.jsonl", "a")
-    inner_per_iter = args.num_particles * 2 * len(problems) * args.trunc_length
-
-    def log(row):
-        metrics_file.write(json.dumps(row) + "\n")
-        metrics_file.flush()
-        for k, v in row.items():
-            if k != "iteration" and isinstance(v, (int, float)):
-                tb.add_scalar(k, v, row["iteration"])
-        tb.flush()
-
-    def checkpoint(it):
-        save_checkpoint(workdir, state, {"iteration": it, "wall_s": wall_before + time.time() - t_start,
-                                         "config": config})
-
-    t_start = time.time()
-    window, t_window, it_window = [], time.time(), start
-    bar = tqdm(total=args.outer_iterations, initial=start, unit="it", disable=args.no_progress,
-               dynamic_ncols=True, smoothing=0.05)
-    it = start
-
-    def validate(iteration):
-        nonlocal t_window
-        from optim.meta.evaluate import quick_validation
-        t0 = time.time()
-        log({"iteration": iteration, **quick_validation(state.theta, args.variant, ("fmnist_mlp32", "digits_mlp32"),
-                                                        args.eval_steps, args.cache_dir, lr=args.step_mult)})
-        t_window += time.time() - t0  # keep validation out of the throughput numbers
-
-    if start == 0:  # the starting theta and its scores: what the run improves on
-        if args.snapshot_every:
-            save_theta(workdir / "theta_0.state", jax.device_get(state.theta))
-        if args.eval_every:
-            validate(0)
-    with StopRequest() as stop:  # SIGTERM/SIGINT: finish this iteration, checkpoint, exit
-        while it < args.outer_iterations and not stop.requested:
-            state, m = step(state, datas)
-            it += 1
-            window.append(m)
-            bar.update(1)
-            if it % args.log_every == 0 or it == args.outer_iterations:
-                ms = jax.device_get(window)
-                dt = time.time() - t_window
-                row = {"iteration": it, **{k: float(np.mean([x[k] for x in ms])) for k in ms[0]},
-                       "outer_its_per_s": (it - it_window) / dt,
-                       "inner_steps_per_s": (it - it_window) * inner_per_iter / dt,
-                       "wall_s": wall_before + time.time() - t_start}
-                log(row)
-                bar.set_postfix(loss=f"{row['mean_loss']:.3f}", inner_steps_s=f"{row['inner_steps_per_s']:.0f}")
-                window, t_window, it_window = [], time.time(), it
-            if args.eval_every and it % args.eval_every == 0:
-                validate(it)
-            if args.snapshot_every and it % args.snapshot_every == 0:
-                save_theta(workdir / f"theta_{it}.state", jax.device_get(state.theta))
-            if it % args.checkpoint_every == 0:
-                checkpoint(it)
-            if args.max_minutes and time.time() - t_start > 60 * args.max_minutes:
-                break
-    bar.close()
-    checkpoint(it)
-    save_theta(workdir / "theta.state", jax.device_get(state.theta))
-    metrics_file.close()
-    tb.close()
-    from optim.meta.evaluate import plot_run
+    log = MetricsLogger(str(workdir), args.outer_iterations, start, key="iteration", desc="meta",
+                        progress=not args.no_progress)
+    loop = OuterLoop(args, workdir, step, log, ckpt, config, wall_before,
+                     args.num_particles * 2 * len(problems) * args.trunc_length)
+    state, it = loop.run(state, datas, start)
+    log.close()
     plot_run(workdir)  # meta_training.png: the objective and the validation losses over the run
     print(f"stopped at iteration {it}; wrote {workdir / 'theta.state'}", flush=True)
     return state
+
+
+class OuterLoop:
+    """PES outer iterations with logging (throughput over windows that exclude validation), quick
+    validation, theta snapshots and orbax checkpoints; stops at ``--outer_iterations``, after
+    ``--max_minutes``, or on SIGTERM/SIGINT (finishing the iteration and checkpointing)."""
+
+    def __init__(self, args, workdir, step, log, ckpt, config, wall_before, inner_per_iter):
+        self.args, self.workdir, self.step, self.log, self.ckpt = args, workdir, step, log, ckpt
+        self.config, self.wall_before, self.inner_per_iter = config, wall_before, inner_per_iter
+        self.save_theta = registry.get(args.variant).weights.save
+        self.t_start = time.time()
+        self.window, self.t_window, self.it_window = [], time.time(), 0
+
+    def wall(self) -> float:
+        return self.wall_before + time.time() - self.t_start
+
+    def validate(self, state, iteration):
+        t0 = time.time()
+        self.log.write(iteration, quick_validation(state.theta, self.args.variant, ("fmnist_mlp32", "digits_mlp32"),
+                                                   self.args.eval_steps, self.args.cache_dir, lr=self.args.step_mult))
+        self.t_window += time.time() - t0  # keep validation out of the throughput numbers
+
+    def log_window(self, it):
+        ms = jax.device_get(self.window)
+        dt = time.time() - self.t_window
+        row = {**{k: float(np.mean([x[k] for x in ms])) for k in ms[0]},
+               "outer_its_per_s": (it - self.it_window) / dt,
+               "inner_steps_per_s": (it - self.it_window) * self.inner_per_iter / dt, "wall_s": self.wall()}
+        self.log.write(it, row)
+        self.log.progress(it, loss=f"{row['mean_loss']:.3f}", inner_steps_s=f"{row['inner_steps_per_s']:.0f}")
+        self.window, self.t_window, self.it_window = [], time.time(), it
+
+    def checkpoint(self, state, it):
+        self.ckpt.save(it, state, config=self.config, extra_meta={"wall_s": self.wall()})
+
+    def run(self, state, datas, it: int):
+        args = self.args
+        self.it_window = it
+        if it == 0:  # the starting theta and its scores: what the run improves on
+            if args.snapshot_every:
+                self.save_theta(self.workdir / "theta_0.state", jax.device_get(state.theta))
+            if args.eval_every:
+                self.validate(state, 0)
+        with StopRequest() as stop:
+            while it < args.outer_iterations and not stop.requested:
+                state, m = self.step(state, datas)
+                it += 1
+                self.window.append(m)
+                if it % args.log_every == 0 or it == args.outer_iterations:
+                    self.log_window(it)
+                if args.eval_every and it % args.eval_every == 0:
+                    self.validate(state, it)
+                if args.snapshot_every and it % args.snapshot_every == 0:
+                    self.save_theta(self.workdir / f"theta_{it}.state", jax.device_get(state.theta))
+                if it % args.checkpoint_every == 0:
+                    self.checkpoint(state, it)
+                if args.max_minutes and time.time() - self.t_start > 60 * args.max_minutes:
+                    break
+        if it not in self.ckpt.steps():
+            self.checkpoint(state, it)
+        self.ckpt.close()
+        self.save_theta(self.workdir / "theta.state", jax.device_get(state.theta))
+        return state, it

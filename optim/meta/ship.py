@@ -22,9 +22,10 @@ import shutil
 
 import numpy as np
 
-from optim.celo2 import WEIGHTS_DIR
+from infra.checkpoint import Checkpointer
 from infra.metrics import read_metrics
-from optim.meta.inner import VARIANTS
+from optim import registry
+from optim.learned_core import WEIGHTS_DIR
 
 PAPER_INNER_STEPS_PER_S = 3.2e8 / (4.5 * 3600)  # 100K outer iterations x 3,200 inner steps in 4.5 GPU-hours
 
@@ -41,14 +42,16 @@ def main(argv=None):
     args = p.parse_args(argv)
     workdir = pathlib.Path(args.workdir)
     config = json.loads((workdir / "config.json").read_text())
-    ckpt = json.loads((workdir / "checkpoint.json").read_text())
     theta_path = pathlib.Path(args.theta) if args.theta else workdir / "theta.state"
-    VARIANTS[config["variant"]].load(theta_path)  # validate
+    registry.get(config["variant"]).weights.load(theta_path)  # validate
     rows = [r for r in read_metrics(workdir, key="iteration") if "inner_steps_per_s" in r]
     rates = [r["inner_steps_per_s"] for r in rows[1:]] or [np.nan]  # the first window includes compilation
     ev = json.loads(pathlib.Path(args.eval).read_text())
     variant = config["variant"]
-    iteration = ckpt["iteration"]
+    checkpoints = Checkpointer(str(workdir / "checkpoints"))
+    run_iterations = iteration = checkpoints.steps()[-1]
+    wall_s = checkpoints.meta(run_iterations).get("wall_s")
+    checkpoints.close()
     if theta_path.name.startswith("theta_"):
         iteration = int(theta_path.stem.split("_")[1])
     per_iteration = config["num_particles"] * 2 * len(config["tasks"].split(",")) * config["trunc_length"]
@@ -58,9 +61,9 @@ def main(argv=None):
         "config": {k: v for k, v in config.items() if k != "command"},
         "outer_iterations": iteration,  # behind the shipped theta (a snapshot may come before the run's end)
         "inner_steps": iteration * per_iteration,
-        "run_outer_iterations": ckpt["iteration"],  # the whole run, which wall_time_s measures
-        "run_inner_steps": ckpt["iteration"] * per_iteration,
-        "wall_time_s": ckpt.get("wall_s"),
+        "run_outer_iterations": run_iterations,  # the whole run, which wall_time_s measures
+        "run_inner_steps": run_iterations * per_iteration,
+        "wall_time_s": wall_s,
         "throughput": {
             "inner_steps_per_s_median": float(np.nanmedian(rates)),
             "inner_steps_per_s_max": float(np.nanmax(rates)),

@@ -1,0 +1,89 @@
+"""Learned-optimizer weight files: the msgpack format of ``flax.serialization`` (spec C.3), shared by the
+Celo2 (``optim.theta_io``) and VeLO (``optim.velo_io``) formats.
+
+A file is one msgpack object: nested maps with str keys, each array an ExtType(code 1) whose payload is the
+msgpack array [shape, dtype name, C-order little-endian bytes]. Writing goes through
+``flax.serialization.msgpack_serialize`` itself (on a tree built in the format's key order, so the bytes are
+those of ``flax.serialization.to_bytes``). Reading decodes with an ext hook that validates every array
+(float32, payload size) and ``check_tree`` validates the tree, so that a wrong file is refused with a
+message that names the problem rather than failing later.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Callable
+
+import flax.serialization
+import msgpack
+import numpy as np
+_NDARRAY_EXT = 1  # flax's msgpack ExtType code for ndarray (2 = complex, 3 = numpy scalar: never in weights)
+
+
+class _BadArray(ValueError):
+    """An array entry that is valid msgpack but not a float32 ndarray of the stated shape."""
+
+
+def _unpack_ext(code: int, data: bytes):
+    if code != _NDARRAY_EXT:
+        raise _BadArray(f"unsupported msgpack ExtType code {code} (only 1 = ndarray occurs in weight files)")
+    shape, dtype, raw = msgpack.unpackb(data, raw=False)
+    if dtype != "float32":
+        raise _BadArray(f"array of dtype {dtype!r}; weight files hold float32 arrays only")
+    arr = np.frombuffer(raw, dtype="<f4")
+    if arr.size != int(np.prod(shape)):
+        raise _BadArray(f"array payload has {arr.size} floats, shape {shape} needs {int(np.prod(shape))}")
+    return arr.reshape(shape).copy()
+
+
+def tree_from_bytes(buf: bytes, source: str, kind: str = "theta.state") -> dict:
+    """Decode a flax-msgpack weight file (nested maps of float32 ndarrays) without validating its tree."""
+    try:
+        return msgpack.unpackb(buf, raw=False, ext_hook=_unpack_ext, strict_map_key=True)
+    except _BadArray as e:
+        raise ValueError(f"{source}: {e}") from e
+    except ValueError as e:  # msgpack's own errors (truncated, extra data, bad format) are ValueErrors too
+        raise ValueError(f"{source}: not a valid msgpack {kind} file ({e})") from e
+    except Exception as e:  # e.g. a TypeError from an ext payload of the wrong layout
+        raise ValueError(f"{source}: corrupt {kind} file ({type(e).__name__}: {e})") from e
+
+
+def tree_to_bytes(tree: Mapping) -> bytes:
+    """Encode nested maps of arrays as ``flax.serialization.to_bytes`` does: float32, keys in ``tree``'s order
+    (a fresh tree is serialised in place: flax's copy would go through jax tree ops, which sort the keys)."""
+    def f32(node):
+        if isinstance(node, Mapping):
+            return {k: f32(v) for k, v in node.items()}
+        return np.ascontiguousarray(node, dtype=np.float32)
+
+    return flax.serialization.msgpack_serialize(f32(tree), in_place=True)
+
+
+def check_tree(tree, shapes: Mapping, source: str, kind: str,
+               shape_hint: Callable[[tuple, tuple], str] = lambda got, expected: "") -> None:
+    """Raise ValueError unless ``tree`` has exactly the keys of the nested dict ``shapes`` and, at each leaf,
+    an array of that shape; ``shape_hint(got, expected)`` may add a sentence to a shape error."""
+    def check(node, spec, path):
+        where = "/".join(path) or "top level"
+        if not isinstance(spec, Mapping):
+            got = "a dict" if isinstance(node, Mapping) else tuple(getattr(node, "shape", ()))
+            if got != spec:
+                hint = shape_hint(got, spec) if isinstance(got, tuple) else ""
+                raise ValueError(f"{source}: {where} has shape {got}, expected {spec}{hint}")
+            return
+        if not isinstance(node, Mapping):
+            raise ValueError(f"{source}: {where} should be a dict with keys {list(spec)}, got {type(node).__name__}")
+        missing, extra = [k for k in spec if k not in node], sorted(set(node) - set(spec))
+        if missing or extra:
+            raise ValueError(f"{source}: not a {kind} theta: " + (f"at {where}, " if path else "")
+                             + f"missing keys {missing}, unexpected keys {extra}")
+        for k, sub in spec.items():
+            check(node[k], sub, path + (k,))
+
+    check(tree, shapes, ())
+
+
+def read(path: str | os.PathLike, parse: Callable[[bytes, str], dict]) -> dict:
+    """``parse(bytes, source name)`` of the file at ``path``."""
+    with open(path, "rb") as f:
+        return parse(f.read(), os.fspath(path))

@@ -1,0 +1,185 @@
+"""The one place where a run is assembled from its config:
+
+    config -> dataset -> model config -> mesh -> optimizer -> layout (shapes, shardings) -> jitted steps
+
+``build_run(cfg)`` checks the config and returns a ``Run`` whose parts are built on first use, so that
+sampling (model and parameters only), the benchmark (no dataset) and training (everything) take what they
+need from the same object. Every check of a config that cannot work (mesh, heads, batch, divisibility,
+context, vocabulary) happens while the parts are built, before anything is compiled.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from functools import cached_property
+
+import jax
+import numpy as np
+
+import data
+from models import count_params, model_config
+from optim.registry import make_optimizer
+from train import mesh as mesh_lib
+from train.flops import flops_per_token
+from train.state import init_state, make_layout, params_layout, state_from_params
+from train.step import batch_sharding, make_eval_step, make_train_step
+
+POSITIVE = ("steps", "batch_size", "seq_len", "log_every", "eval_every", "checkpoint_every")
+
+
+def setup_platform(cfg) -> None:
+    """Must run before JAX starts its backends: simulated CPU devices and multi-process init.
+
+    ``multiprocess=True`` calls ``jax.distributed.initialize()``, which auto-detects SLURM, Open MPI and
+    TPU pods. Elsewhere (``launch.local``, other clusters) the job is described by the environment:
+    ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0, read by JAX itself), ``JAX_NUM_PROCESSES`` and
+    ``JAX_PROCESS_ID``.
+    """
+    if cfg.cpu_devices:
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", int(cfg.cpu_devices))
+    if cfg.multiprocess:
+        if cfg.cpu_devices:
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        kwargs = {}
+        for env, arg in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+            if os.environ.get(env):
+                kwargs[arg] = int(os.environ[env])
+        jax.distributed.initialize(**kwargs)
+
+
+def resolve_config(cfg):
+    """The config as the run uses it (paths made absolute), as saved in config.json and checkpoints."""
+    cfg = cfg.copy_and_resolve_references()
+    with cfg.unlocked():
+        cfg.workdir = os.path.abspath(cfg.workdir)
+        cfg.data.dir = os.path.abspath(cfg.data.dir)
+        if cfg.init_from:
+            cfg.init_from = os.path.abspath(cfg.init_from)
+    return cfg
+
+
+def build_model_config(cfg, tokenizer_vocab: int | None):
+    """The model of ``cfg.model``; its vocabulary is ``model.vocab_size`` or the tokenizer's, padded to a
+    multiple of ``model.vocab_multiple``."""
+    m = cfg.model
+    vocab = m.vocab_size or tokenizer_vocab
+    if m.vocab_multiple > 1:
+        vocab = math.ceil(vocab / m.vocab_multiple) * m.vocab_multiple
+    if tokenizer_vocab is not None and vocab < tokenizer_vocab:
+        raise ValueError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer_vocab}")
+    model_cfg = model_config(m.name, vocab_size=vocab, compute_dtype=m.compute_dtype, remat=m.remat,
+                             dropout=m.dropout, document_mask=m.document_mask)
+    if cfg.seq_len > model_cfg.ctx:
+        raise ValueError(f"seq_len={cfg.seq_len} exceeds the context of {m.name} ({model_cfg.ctx})")
+    return model_cfg
+
+
+@dataclasses.dataclass
+class Run:
+    """A run's parts, each built (and checked) on first use. ``cfg`` is the resolved config."""
+    cfg: object
+    devices: list | None = None
+
+    @cached_property
+    def data(self) -> data.DatasetInfo:
+        """The prepared dataset (prepared on first use)."""
+        c = self.cfg.data
+        return data.ensure_prepared(c.dir, corpus=c.corpus, vocab_size=c.vocab_size)
+
+    @cached_property
+    def model_cfg(self):
+        """The model; the dataset is only consulted when ``model.vocab_size`` is 0 (the tokenizer's)."""
+        return build_model_config(self.cfg, None if self.cfg.model.vocab_size else self.data.vocab_size)
+
+    @cached_property
+    def mesh(self):
+        mesh = mesh_lib.build_mesh(self.cfg.mesh, self.devices)
+        mesh_lib.check_model(self.model_cfg, mesh)
+        mesh_lib.check_batch(self.cfg.batch_size, self.cfg.microbatches, mesh, jax.process_count())
+        return mesh
+
+    @cached_property
+    def params_layout(self):
+        """The model graph and its parameters' shardings on the mesh (no optimizer needed)."""
+        return params_layout(self.model_cfg, self.mesh)
+
+    @cached_property
+    def optimizer(self):
+        return make_optimizer(self.cfg.optimizer, self.cfg.steps)
+
+    @cached_property
+    def layout(self):
+        layout = make_layout(self.model_cfg, self.optimizer.tx, self.mesh)
+        mesh_lib.check_divisibility(layout.abstract.params, layout.param_specs, self.mesh)
+        return layout
+
+    @cached_property
+    def train_step(self):
+        return make_train_step(self.layout, self.optimizer.tx, self.optimizer.schedule, self.mesh,
+                               microbatches=self.cfg.microbatches, seed=self.cfg.seed,
+                               dropout=self.model_cfg.dropout > 0)
+
+    @cached_property
+    def eval_step(self):
+        return make_eval_step(self.layout, self.mesh)
+
+    @property
+    def batch_sharding(self):
+        return batch_sharding(self.mesh)
+
+    @property
+    def n_params(self) -> int:
+        return count_params(self.model_cfg)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.batch_size * self.cfg.seq_len
+
+    @property
+    def flops_per_step(self) -> float:
+        """Analytic model FLOPs of one train step (``train.flops.flops_per_token``)."""
+        m = self.model_cfg
+        return flops_per_token(self.n_params, m.n_layers, m.d_model, m.ctx, self.cfg.seq_len) * self.tokens_per_step
+
+    def check(self) -> "Run":
+        """Build every part that a bad config makes fail (dataset, model, mesh, optimizer, layout), so that
+        it fails now, before anything is written or compiled."""
+        self.layout  # building the layout builds and checks everything before it
+        return self
+
+    def init_state(self):
+        """Fresh params (from ``cfg.seed``) and optimizer state, created in their shardings."""
+        return init_state(self.model_cfg, self.optimizer.tx, self.layout, self.cfg.seed)
+
+    def state_from_params(self, params):
+        """Step 0 and a fresh optimizer state around ``params``."""
+        return state_from_params(self.optimizer.tx, self.layout, params)
+
+    def to_global(self, batch: dict) -> dict:
+        """This process's rows of a batch -> global arrays sharded over the mesh's batch axes."""
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+                for k, v in batch.items()}
+
+    def train_batches(self, start_step: int):
+        """The training batches from ``start_step`` on (this process's rows; a function of the step)."""
+        c = self.cfg
+        return data.train_iterator(self.data, seq_len=c.seq_len, global_batch_size=c.batch_size, seed=c.seed,
+                                   process_index=jax.process_index(), process_count=jax.process_count(),
+                                   start_step=start_step, num_threads=c.data.num_threads)
+
+    def eval_batches(self) -> list[dict]:
+        """The held-out batches of every evaluation, as global arrays."""
+        c = self.cfg
+        return [self.to_global(b) for b in data.eval_batches(
+            self.data, seq_len=c.seq_len, batch_size=c.batch_size, process_index=jax.process_index(),
+            process_count=jax.process_count(), max_batches=c.eval_batches)]
+
+
+def build_run(cfg, devices=None) -> Run:
+    """The run described by ``cfg`` on ``devices`` (default: all). Step counts must be positive."""
+    for name in POSITIVE:
+        if int(cfg[name]) < 1:
+            raise ValueError(f"{name}={cfg[name]} must be a positive integer")
+    return Run(resolve_config(cfg), devices)

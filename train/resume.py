@@ -1,0 +1,61 @@
+"""Where a run starts: its latest usable checkpoint, another run's parameters (``init_from``), or a fresh
+initialisation; and the check that a checkpoint was written with the same data order."""
+from __future__ import annotations
+
+import os
+import time
+
+from infra.checkpoint import CheckpointError, restore_params, warn
+
+
+def data_order_check(cfg, ds: str, now: dict):
+    """``validate`` for ``Checkpointer.restore``: the saved run must read the same batches at each step.
+    ``ds``: this run's ``DatasetInfo.identity``; ``now``: its config as saved (JSON)."""
+    current = {"seed": cfg.seed, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len}
+
+    def validate(step: int, meta: dict, saved: dict) -> None:
+        diffs = [f"{k}: checkpoint {saved.get(k)!r}, this run {v!r}" for k, v in current.items()
+                 if saved.get(k) != v]
+        saved_ds = meta.get("data", {}).get("dataset")
+        if saved_ds != ds:
+            diffs.append(f"dataset: checkpoint {saved.get('data', {}).get('dir')!r} (id {saved_ds}), this run "
+                         f"{cfg.data.dir!r} (id {ds})")
+        if diffs:
+            raise CheckpointError(
+                f"the checkpoint at step {step} in {cfg.workdir} was trained with another data order; resuming "
+                f"would silently repeat or skip training data:\n  " + "\n  ".join(diffs) + "\nRerun with "
+                f"the checkpoint's values (see {os.path.join(cfg.workdir, 'config.json')}), or start a new "
+                f"workdir from these weights with --config.init_from={cfg.workdir}")
+        changed = [f"{k} {a!r} -> {b!r}" for k, (a, b) in config_changes(saved, now).items()
+                   if k not in ("data.dir", "workdir")]
+        if changed:
+            warn(f"resuming step {step} with changed settings (the run continues with the new ones): "
+                 + ", ".join(changed))
+
+    return validate
+
+
+def config_changes(old: dict, new: dict, prefix: str = "") -> dict:
+    """{dotted key: (old, new)} of the leaves that differ between two config dicts."""
+    out = {}
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update(config_changes(a, b, f"{prefix}{k}."))
+        elif a != b:
+            out[f"{prefix}{k}"] = (a, b)
+    return out
+
+
+def start_state(run, ckpt, saved_config: dict, extra_meta: dict):
+    """(start step, train state, how it was obtained: "" for a fresh init) of ``run``."""
+    cfg = run.cfg
+    t0 = time.perf_counter()
+    validate = data_order_check(cfg, extra_meta["data"]["dataset"], saved_config)
+    step, state = ckpt.restore_latest(run.layout.abstract, validate=validate)
+    if state is not None:
+        return step, state, f"resumed at step {step} ({time.perf_counter() - t0:.1f} s)"
+    if cfg.init_from:
+        from_step, params = restore_params(cfg.init_from, run.layout.abstract.params)
+        return 0, run.state_from_params(params), f"params from {cfg.init_from} (step {from_step}), fresh optimizer"
+    return 0, run.init_state(), ""
