@@ -111,7 +111,7 @@ class Run:
 
     @cached_property
     def layout(self):
-        layout = make_layout(self.model_cfg, self.optimizer.tx, self.mesh)
+        layout = make_layout(self.params_layout, self.optimizer.tx, self.mesh)
         mesh_lib.check_divisibility(layout.abstract.params, layout.param_specs, self.mesh)
         return layout
 

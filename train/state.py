@@ -44,9 +44,11 @@ def params_layout(model_cfg: GPTConfig, mesh: Mesh) -> ParamsLayout:
     return ParamsLayout(graphdef, p_specs, abstract)
 
 
-def make_layout(model_cfg: GPTConfig, tx, mesh: Mesh) -> Layout:
-    graphdef, p_specs, abstract_params_ = params_layout(model_cfg, mesh)
-    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_params_)
+def make_layout(p_layout: ParamsLayout, tx, mesh: Mesh) -> Layout:
+    """The train state's layout: the params' (``params_layout``) plus the optimizer state of ``tx``, sharded
+    by the layouts its state types declare (``optim.sharding``)."""
+    graphdef, p_specs, sharded_params = p_layout
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), sharded_params)
     opt_state = jax.eval_shape(tx.init, params)
     o_specs = state_specs(opt_state, params, p_specs, mesh)
     specs = TrainState(P(), p_specs, o_specs)
