@@ -168,6 +168,13 @@ def get(name: str) -> OptimizerSpec:
     return REGISTRY[name]
 
 
+def meta_trainable(name: str) -> OptimizerSpec:
+    """The record of a learned optimizer that PES can meta-train, or a ValueError naming those that are."""
+    if name not in META_TRAINABLE:
+        raise ValueError(f"variant must be one of {list(META_TRAINABLE)}, got {name!r}")
+    return REGISTRY[name]
+
+
 def routing_table(params, labels) -> str:
     """One line per leaf (key path, shape, optimizer branch), then the parameter count per branch."""
     leaves = jax.tree_util.tree_leaves_with_path(params)

@@ -79,11 +79,11 @@ def meta_training_optimizer(variant: str = "celo2", step_mult: float = 1e-3, mul
                             regex_1d: str = r"/b$") -> Callable[[Any], optax.GradientTransformation]:
     """``theta -> inner optimizer`` as used during meta-training (spec B.3, D.4); weight decay 0.
 
-    The variant's learned rule (``registry.get(variant).meta.rule``) times ``step_mult`` on every leaf; for variants with ``adam_1d`` (celo2) the leaves matching ``regex_1d`` (biases)
-    go to the meta-training Adam at lr ``step_mult * mult_1d`` instead. VeLO's num_steps is set per problem
-    by ``TruncatedProblem.init``.
+    The variant's learned rule (its registry record's ``meta.rule``) times ``step_mult`` on every leaf; for
+    variants with ``adam_1d`` (celo2) the leaves matching ``regex_1d`` (biases) go to the meta-training Adam
+    at lr ``step_mult * mult_1d`` instead. VeLO's num_steps is set per problem by ``TruncatedProblem.init``.
     """
-    meta = learned(variant).meta
+    meta = registry.meta_trainable(variant).meta
 
     def make(theta):
         rule = optax.chain(meta.rule(theta), optax.scale(step_mult))
@@ -94,13 +94,6 @@ def meta_training_optimizer(variant: str = "celo2", step_mult: float = 1e-3, mul
             "adam": optax.chain(scale_by_meta_adam(), optax.scale(-step_mult * mult_1d)),
         }, regex_labels(regex_1d))
     return make
-
-
-def learned(variant: str):
-    """The registry record of a meta-trainable optimizer, or a ValueError naming those that are."""
-    if variant not in registry.META_TRAINABLE:
-        raise ValueError(f"variant must be one of {list(registry.META_TRAINABLE)}, got {variant!r}")
-    return registry.get(variant)
 
 
 class InnerState(NamedTuple):

@@ -19,7 +19,6 @@ from infra.files import write_atomic
 from infra.metrics import read_metrics
 from optim import registry
 from optim.meta import tasks as tasks_lib
-from optim.meta.inner import learned
 
 CURVE_EVERY = 10
 DEFAULT_LRS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
@@ -27,7 +26,7 @@ DEFAULT_LRS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 
 def learned_optimizer(variant: str, lr: float = 1e-3, mult_1d: float = 20.0, num_steps: int | None = None):
     """``theta -> optax transformation`` for the deployed harness of ``variant``; VeLO needs ``num_steps``."""
-    deploy = learned(variant).deploy
+    deploy = registry.meta_trainable(variant).deploy
     return lambda theta: deploy(theta, lr, num_steps=num_steps, adam_lr_mult=mult_1d)
 
 
