@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import pathlib
 from typing import Callable
 
 import jax
@@ -30,12 +29,11 @@ from optim.schedules import make_schedule
 
 @dataclasses.dataclass(frozen=True)
 class WeightFormat:
-    """A learned optimizer's weight file: ``load(path) -> theta`` (validated), ``save(path, theta)`` (its
-    official format, atomically), ``init(key) -> theta`` (the paper's random init) and the shipped file."""
+    """A learned optimizer's weight file: ``load(path) -> theta`` (validated) and ``save(path, theta)`` (its
+    official format, atomically). Without ``optimizer.theta`` each optimizer uses its shipped file,
+    ``optim/weights/<name>.state``."""
     load: Callable
     save: Callable
-    init: Callable
-    shipped: pathlib.Path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +132,7 @@ def _feature_rule(block: int):
     return lambda key: celo2_lib.init_theta_from_feature(key, block=block, channel=0)
 
 
-_CELO2_WEIGHTS = dict(load=celo2_lib.load_theta, save=celo2_lib.save_theta, init=celo2_lib.init_theta)
+_CELO2_WEIGHTS = WeightFormat(celo2_lib.load_theta, celo2_lib.save_theta)
 
 # Peak lrs (``optimizer.lr`` 0): AdamW's GPT-style 3e-3 (this project's small models), Muon's usual 0.02,
 # the Celo2 rules' meta-training step size 1e-3 (their step has RMS 1, like Adam's scale), and VeLO as
@@ -145,15 +143,13 @@ _CELO2_WEIGHTS = dict(load=celo2_lib.load_theta, save=celo2_lib.save_theta, init
 REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
     OptimizerSpec("adamw", _adamw, 3e-3),
     OptimizerSpec("muon", _muon, 0.02, labels=muon_lib.param_labels),
-    _learned("celo2", _deploy_celo2, 1e-3, WeightFormat(**_CELO2_WEIGHTS, shipped=celo2_lib.WEIGHTS_DIR / "celo2.state"),
+    _learned("celo2", _deploy_celo2, 1e-3, _CELO2_WEIGHTS,
              MetaTraining(_celo2_rule(True), True, celo2_lib.init_theta, _feature_rule(3), 1e-3, 5e-5),
              labels=celo2_lib.param_labels),
-    _learned("celo2-base", _deploy_celo2_base, 1e-3,
-             WeightFormat(**_CELO2_WEIGHTS, shipped=celo2_lib.WEIGHTS_DIR / "celo2-base.state"),
+    _learned("celo2-base", _deploy_celo2_base, 1e-3, _CELO2_WEIGHTS,
              MetaTraining(_celo2_rule(False), False, celo2_lib.init_theta, _feature_rule(5), 1e-3, 1e-4)),
     _learned("velo", _deploy_velo, 1.0,
-             WeightFormat(velo_lib.load_velo_theta, velo_lib.save_velo_theta, velo_lib.init_velo_theta,
-                          velo_lib.DEFAULT_WEIGHTS),
+             WeightFormat(velo_lib.load_velo_theta, velo_lib.save_velo_theta),
              MetaTraining(lambda theta: velo_lib.scale_by_velo(theta, 1), False, velo_lib.init_velo_meta_theta,
                           None, 1.0, 3e-4),
              constant_lr=True),
