@@ -120,7 +120,7 @@ def _first_layer_terms(stats, axes, w0_rows):
 def _resolve_theta(theta, variant: str) -> dict:
     """A theta dict, a path to a theta.state file, or None for the shipped weights of ``variant``."""
     default = WEIGHTS_DIR / f"{variant}.state"
-    return resolve_theta(theta, default, load_theta, check_theta,
+    return resolve_theta(theta, default, lambda path: load_theta(path, variant), check_theta,
                          f"no shipped {variant} weights exist yet ({default} is missing): pass theta=<path to a "
                          "theta.state file> (official or meta-trained) or a theta dict")
 

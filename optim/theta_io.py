@@ -11,7 +11,9 @@ validates and writes that tree. In memory, theta is the flat 19-key dict, in the
 """
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 from infra.files import write_atomic
 from optim.weight_files import check_tree, read, tree_from_bytes, tree_to_bytes
@@ -29,6 +31,7 @@ THETA_SHAPES = {
     "w2": (HIDDEN, OUTPUTS),
     "b2": (OUTPUTS,),
 }
+OFFICIAL_OPTIMIZERS = {"celo2": "celo2", "celo2base": "celo2-base"}  # official --optimizer -> this project's name
 TREE_PATH = ("ff_mod_stack", "~")  # where the 19 arrays sit in the file; "~" is Haiku's top-level scope
 
 
@@ -66,9 +69,54 @@ def theta_to_bytes(theta: dict) -> bytes:
     return tree_to_bytes({TREE_PATH[0]: {TREE_PATH[1]: {k: theta[k] for k in THETA_SHAPES}}})
 
 
-def load_theta(path: str | os.PathLike) -> dict:
-    """Read a ``theta.state`` file (official Celo2 / Celo2-base weights or one written by ``save_theta``)."""
-    return read(path, theta_from_bytes)
+def theta_file(path: str | os.PathLike) -> Path:
+    """``path`` itself, or the ``theta.state`` in it if it is a directory (a downloaded model repository)."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "theta.state").is_file():
+            raise ValueError(f"{path} is a directory without a theta.state file; give the weight file's path")
+        return path / "theta.state"
+    return path
+
+
+def trained_as(path: str | os.PathLike) -> tuple[str, str] | None:
+    """(variant, the config entry that says so) for the weights at ``path`` (file or directory), from the
+    ``config.json`` beside the weight file: the official meta-training flags (``--optimizer``: celo2 or
+    celo2base; other values are other learned optimizers) or this project's (``--variant``). None without one.
+
+    In the official code (``celo/factory.py``) the flags that reach the rule are ``optimizer`` (Celo2 with
+    Newton-Schulz and AdamW on 1-d leaves, or Celo2-base), ``step_mult`` (the learning rate it was trained at),
+    ``weight_decay`` and ``regex_1d`` (the meta-training tasks' routing); only ``optimizer`` changes the rule's
+    math for given weights, the others are hyperparameters of the harness.
+    """
+    config_path = theta_file(path).parent / "config.json"
+    if not config_path.is_file():
+        return None
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{config_path}: unreadable config.json next to the weights ({e})") from e
+    if "optimizer" in config:
+        name = config["optimizer"]
+        return OFFICIAL_OPTIMIZERS.get(name, name), f"{config_path}: optimizer={name!r}"
+    if "variant" in config:
+        return config["variant"], f"{config_path}: variant={config['variant']!r}"
+    return None
+
+
+def load_theta(path: str | os.PathLike, variant: str | None = None) -> dict:
+    """Read a ``theta.state`` file (official Celo2 / Celo2-base weights or one written by ``save_theta``), or the
+    one in a directory. With ``variant`` ("celo2" or "celo2-base"), a ``config.json`` beside the file that
+    says the weights were meta-trained as something else is an error naming it."""
+    found = trained_as(path) if variant else None
+    if found and found[0] != variant:
+        trained, where = found
+        fix = (f"use --config.optimizer.name={trained}" if trained in OFFICIAL_OPTIMIZERS.values()
+               else "these are not Celo2 weights")
+        raise ValueError(f"{theta_file(path)}: meta-trained as {trained} ({where}) but used as {variant}: Celo2 and "
+                         f"Celo2-base differ in Newton-Schulz and routing, so the rule would not be the one the "
+                         f"weights learned; {fix}")
+    return read(theta_file(path), theta_from_bytes)
 
 
 def save_theta(path: str | os.PathLike, theta: dict) -> None:

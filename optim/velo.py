@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -213,14 +214,20 @@ def _resolve_theta(theta, param_inits: int, lstm_hidden_size: int) -> dict:
         "--variant velo) or a theta dict")
 
 
-def _check_update_args(params, loss):
+def _update_loss(params, loss, extra_args: dict):
+    """The scalar training loss of an update, given as ``loss=`` or as learned_optimization's optax wrapper
+    passes it, ``extra_args={"loss": loss}``; errors name what is missing."""
+    if loss is None and isinstance(extra_args.get("extra_args"), Mapping):
+        loss = extra_args["extra_args"].get("loss")
     if params is None:
         raise ValueError("VeLO needs params: update(grads, state, params, loss=loss); p is an input feature")
     if loss is None:
         raise ValueError("VeLO needs the scalar training loss at every step: update(grads, state, params, "
-                         "loss=loss) (in optax.chain, pass loss=... to the chain's update)")
+                         "loss=loss) or extra_args={'loss': loss} (in optax.chain, pass loss=... to the chain's "
+                         "update)")
     if jnp.ndim(loss) != 0:
         raise ValueError(f"VeLO needs a scalar loss, got shape {jnp.shape(loss)}")
+    return loss
 
 
 def scale_by_velo(theta=None, num_steps: int | None = None, *, ff_mult: float = FF_MULT,
@@ -256,8 +263,8 @@ def scale_by_velo(theta=None, num_steps: int | None = None, *, ff_mult: float = 
             loss_min=jnp.full([N_LOSS_EMAS], LOSS_MIN_INIT, jnp.float32))
 
     def update_fn(updates, state, params=None, *, loss=None, **extra_args):
-        del extra_args  # optax passes every extra arg of a chain to each of its members
-        _check_update_args(params, loss)
+        # optax passes every extra arg of a chain to each of its members: only the loss is read
+        loss = _update_loss(params, loss, extra_args)
         treedef = jax.tree.structure(updates)
         trees = (updates, params, state.m, state.rms, state.v_row, state.v_col, state.v_diag)
         leaves = [list(x) for x in zip(*(treedef.flatten_up_to(t) for t in trees))]
@@ -315,10 +322,10 @@ def velo(theta=None, num_steps: int | None = None, *, weight_decay: float = 0.0,
         return rule
 
     def update_fn(updates, state, params=None, *, loss=None, **extra_args):
-        _check_update_args(params, loss)
+        loss = _update_loss(params, loss, extra_args)
         grads = jax.tree.map(lambda g, p: g + weight_decay * p, updates, params)
         loss = loss + weight_decay * sum(jnp.sum(jnp.square(p)) for p in jax.tree.leaves(params))
-        return rule.update(grads, state, params, loss=loss, **extra_args)
+        return rule.update(grads, state, params, loss=loss)
 
     return optax.GradientTransformationExtraArgs(rule.init, update_fn)
 

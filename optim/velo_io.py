@@ -7,16 +7,23 @@ The file is what ``flax.serialization.to_bytes`` writes for the theta of learned
      "rnn_params": {"linear":          {"w": (F, H), "b": (H,)},            F = 30 per-tensor features
                     "linear_1":        {"w": (F, H), "b": (H,)},
                     "linear_2":        {"w": (F, H), "b": (H,)},
-                    "rnn/~/linear":    {"w": (2H, 4H), "b": (4H,)},         the LSTM's gate Linear
+                    "rnn/linear":      {"w": (2H, 4H), "b": (4H,)},         the LSTM's gate Linear
                     "rnn_to_controls": {"w": (H, K), "b": (K,)},            K = param_inits = 256
                     "step_size":       {"w": (H, 1), "b": (1,)}},
      "ff_mod_stack": {"~": {w0__i: (K, k_i, 4) for the 14 feature blocks, b0: (K, 4), w1: (K, 4, 4),
                             b1: (K, 4), w2: (K, 4, 3), b2: (K, 3)}}}
 
-Names are Haiku's: top-level Linears are "linear", "linear_1", ...; the LSTM module is "rnn" and its Linear
-"rnn/~/linear"; "~" holds parameters created outside any module. ``lstm_init_state`` is a Haiku
-``LSTMState`` namedtuple, which flax writes as a map of its fields. In memory theta is this nested dict of
-float32 arrays, keys in the creation order above; files are read by key name, whatever their order.
+Names are Haiku's: top-level Linears are "linear", "linear_1", ...; "~" holds parameters created outside any
+module. A module created inside another module's ``__call__`` is named "<parent>/<child>", one created in
+its ``__init__`` "<parent>/~/<child>": ``hk.LSTM`` ("rnn") creates its gate Linear when called, so the key is
+"rnn/linear". ``lstm_init_state`` is a Haiku ``LSTMState`` namedtuple, which flax writes as a map of its
+fields. In memory theta is this nested dict of float32 arrays, keys in the creation order above; files are
+read by key name, whatever their order.
+
+Layouts read (``velo_layout``): "official" (the bare tree above); "wrapped", the ``ParameterCheckpoint``
+that learned_optimization's outer training saves, ``{"params": theta, "gen_id": str, "step": int}``; and
+"legacy", the bare tree with the gate Linear under "rnn/~/linear", as this project wrote it before
+2026-11-29. Files are written "official" (or "wrapped" on request).
 
 F = 30: the spec's E.1/E.2 count of 28 (``var_rms`` of width 1) is off by two. The official feature code
 computes ``var_rms = mean((rms - mean_m)^2)`` with rms of width 1 and mean_m of width 3, which broadcasts
@@ -41,7 +48,10 @@ FF_HIDDEN = 4  # per-parameter MLP width (two hidden layers)
 FF_OUTPUTS = 3  # direction, magnitude, unused
 TENSOR_FEATURES = 9 + 9 + 1 + 5 + 3 + 3  # per-tensor LSTM inputs (see the module docstring)
 MIXING_LINEARS = ("linear", "linear_1", "linear_2")  # "linear" is computed and discarded upstream
-LSTM_LINEAR = "rnn/~/linear"
+LSTM_LINEAR = "rnn/linear"
+LEGACY_LSTM_LINEAR = "rnn/~/linear"
+WRAPPED_KEYS = ("params", "gen_id", "step")  # learned_optimization's ParameterCheckpoint
+LAYOUTS = ("official", "wrapped", "legacy")
 
 
 def velo_theta_shapes(param_inits: int = PARAM_INITS, lstm_hidden_size: int = LSTM_HIDDEN) -> dict:
@@ -89,24 +99,59 @@ def _ordered(tree, shapes):
     return tree
 
 
+def velo_sizes(theta, source: str = "theta") -> dict:
+    """{param_inits, lstm_hidden_size} of a (bare, official) VeLO theta, read off its arrays."""
+    try:
+        return dict(param_inits=theta["ff_mod_stack"]["~"]["b0"].shape[0],
+                    lstm_hidden_size=theta["lstm_init_state"]["hidden"].shape[-1])
+    except (KeyError, TypeError, AttributeError, IndexError) as e:
+        raise ValueError(f"{source}: not a VeLO theta ({type(e).__name__}: {e})") from e
+
+
+def velo_layout(tree) -> str:
+    """Which layout (``LAYOUTS``) a decoded VeLO file has; raises ValueError for none of them."""
+    if isinstance(tree, Mapping) and "params" in tree and set(tree) <= set(WRAPPED_KEYS):
+        return "wrapped"
+    rnn = tree.get("rnn_params") if isinstance(tree, Mapping) else None
+    if isinstance(rnn, Mapping) and LEGACY_LSTM_LINEAR in rnn and LSTM_LINEAR not in rnn:
+        return "legacy"
+    return "official"
+
+
+def unwrap(tree, source: str = "VeLO parameter file") -> tuple[dict, str]:
+    """(the bare official theta tree, the layout it was in) of a decoded VeLO file."""
+    layout = velo_layout(tree)
+    if layout == "wrapped":
+        inner, inner_layout = unwrap(tree["params"], f"{source} (params)")
+        if inner_layout == "wrapped":
+            raise ValueError(f"{source}: a checkpoint wrapped twice; not a layout the official code writes")
+        return inner, layout
+    if layout == "legacy":
+        rnn = {(LSTM_LINEAR if k == LEGACY_LSTM_LINEAR else k): v for k, v in tree["rnn_params"].items()}
+        return {**tree, "rnn_params": rnn}, layout
+    return tree, layout
+
+
 def velo_theta_from_bytes(buf: bytes, source: str = "VeLO parameter file", *, param_inits: int = PARAM_INITS,
                           lstm_hidden_size: int = LSTM_HIDDEN) -> dict:
-    """Parse and validate the bytes of a VeLO parameter file into the nested dict of float32 arrays."""
-    tree = tree_from_bytes(buf, source, kind="VeLO parameter file")
+    """Parse and validate the bytes of a VeLO parameter file (any of ``LAYOUTS``) into the nested dict of
+    float32 arrays, official names, creation order."""
+    tree, _ = unwrap(tree_from_bytes(buf, source, kind="VeLO parameter"), source)
     check_velo_theta(tree, source, param_inits=param_inits, lstm_hidden_size=lstm_hidden_size)
     return _ordered(tree, velo_theta_shapes(param_inits, lstm_hidden_size))
 
 
-def velo_theta_to_bytes(theta: dict) -> bytes:
+def velo_theta_to_bytes(theta: dict, layout: str = "official", gen_id: str = "", step: int = 0) -> bytes:
     """Encode theta exactly as ``flax.serialization.to_bytes`` does (arrays cast to float32), keys in
-    theta's order. The shapes are validated against theta's own param_inits and lstm_hidden_size."""
-    try:
-        sizes = dict(param_inits=theta["ff_mod_stack"]["~"]["b0"].shape[0],
-                     lstm_hidden_size=theta["lstm_init_state"]["hidden"].shape[-1])
-    except (KeyError, TypeError, AttributeError, IndexError) as e:
-        raise ValueError(f"theta: not a VeLO theta ({type(e).__name__}: {e})") from e
-    check_velo_theta(theta, **sizes)
-    return tree_to_bytes(theta)
+    theta's order: the bare official tree, or with ``layout="wrapped"`` learned_optimization's
+    ``ParameterCheckpoint(params=theta, gen_id, step)``. The shapes are validated against theta's own
+    param_inits and lstm_hidden_size."""
+    if layout not in ("official", "wrapped"):
+        raise ValueError(f"VeLO files are written in layout 'official' or 'wrapped', not {layout!r}")
+    check_velo_theta(theta, **velo_sizes(theta))
+    if layout == "official":
+        return tree_to_bytes(theta)
+    return tree_to_bytes({"params": theta}, extra={"gen_id": gen_id, "step": int(step)})
 
 
 def load_velo_theta(path: str | os.PathLike, *, param_inits: int = PARAM_INITS,
@@ -116,6 +161,6 @@ def load_velo_theta(path: str | os.PathLike, *, param_inits: int = PARAM_INITS,
                                                                 lstm_hidden_size=lstm_hidden_size))
 
 
-def save_velo_theta(path: str | os.PathLike, theta: dict) -> None:
-    """Write theta as a VeLO parameter file, atomically: tmp file + os.replace."""
-    write_atomic(path, velo_theta_to_bytes(theta))
+def save_velo_theta(path: str | os.PathLike, theta: dict, layout: str = "official") -> None:
+    """Write theta as a VeLO parameter file (``velo_theta_to_bytes``), atomically: tmp file + os.replace."""
+    write_atomic(path, velo_theta_to_bytes(theta, layout))

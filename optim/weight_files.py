@@ -17,23 +17,28 @@ from typing import Callable
 import flax.serialization
 import msgpack
 import numpy as np
-_NDARRAY_EXT = 1  # flax's msgpack ExtType code for ndarray (2 = complex, 3 = numpy scalar: never in weights)
+_NDARRAY_EXT, _NPSCALAR_EXT = 1, 3  # flax's msgpack ExtType codes (2, a Python complex, never occurs)
 
 
 class _BadArray(ValueError):
-    """An array entry that is valid msgpack but not a float32 ndarray of the stated shape."""
+    """An array entry that is valid msgpack but not an ndarray of the stated shape."""
 
 
 def _unpack_ext(code: int, data: bytes):
-    if code != _NDARRAY_EXT:
-        raise _BadArray(f"unsupported msgpack ExtType code {code} (only 1 = ndarray occurs in weight files)")
+    """Arrays (code 1) and numpy scalars (code 3, e.g. the step of a wrapped checkpoint) as flax writes them;
+    which dtype a weight may have is ``check_tree``'s business."""
+    if code not in (_NDARRAY_EXT, _NPSCALAR_EXT):
+        raise _BadArray(f"unsupported msgpack ExtType code {code} (weight files hold ndarrays, code 1)")
     shape, dtype, raw = msgpack.unpackb(data, raw=False)
-    if dtype != "float32":
-        raise _BadArray(f"array of dtype {dtype!r}; weight files hold float32 arrays only")
-    arr = np.frombuffer(raw, dtype="<f4")
-    if arr.size != int(np.prod(shape)):
-        raise _BadArray(f"array payload has {arr.size} floats, shape {shape} needs {int(np.prod(shape))}")
-    return arr.reshape(shape).copy()
+    try:
+        dtype = np.dtype(dtype).newbyteorder("<")
+    except TypeError as e:
+        raise _BadArray(f"array of unknown dtype {dtype!r}") from e
+    if len(raw) != dtype.itemsize * int(np.prod(shape)):
+        raise _BadArray(f"array payload has {len(raw)} bytes, shape {shape} of {dtype.name} needs "
+                        f"{dtype.itemsize * int(np.prod(shape))}")
+    arr = np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
+    return arr[()] if code == _NPSCALAR_EXT else arr
 
 
 def tree_from_bytes(buf: bytes, source: str, kind: str = "theta.state") -> dict:
@@ -48,15 +53,16 @@ def tree_from_bytes(buf: bytes, source: str, kind: str = "theta.state") -> dict:
         raise ValueError(f"{source}: corrupt {kind} file ({type(e).__name__}: {e})") from e
 
 
-def tree_to_bytes(tree: Mapping) -> bytes:
+def tree_to_bytes(tree: Mapping, extra: Mapping | None = None) -> bytes:
     """Encode nested maps of arrays as ``flax.serialization.to_bytes`` does: float32, keys in ``tree``'s order
-    (a fresh tree is serialised in place: flax's copy would go through jax tree ops, which sort the keys)."""
+    (a fresh tree is serialised in place: flax's copy would go through jax tree ops, which sort the keys).
+    ``extra``: top-level entries packed as they are (e.g. a checkpoint's ``step`` and ``gen_id``)."""
     def f32(node):
         if isinstance(node, Mapping):
             return {k: f32(v) for k, v in node.items()}
         return np.ascontiguousarray(node, dtype=np.float32)
 
-    return flax.serialization.msgpack_serialize(f32(tree), in_place=True)
+    return flax.serialization.msgpack_serialize({**f32(tree), **(extra or {})}, in_place=True)
 
 
 def check_tree(tree, shapes: Mapping, source: str, kind: str,
@@ -70,6 +76,9 @@ def check_tree(tree, shapes: Mapping, source: str, kind: str,
             if got != spec:
                 hint = shape_hint(got, spec) if isinstance(got, tuple) else ""
                 raise ValueError(f"{source}: {where} has shape {got}, expected {spec}{hint}")
+            dtype = getattr(node, "dtype", None)
+            if isinstance(node, np.ndarray) and dtype != np.float32:
+                raise ValueError(f"{source}: {where} has dtype {dtype.name!r}; weight files hold float32 arrays only")
             return
         if not isinstance(node, Mapping):
             raise ValueError(f"{source}: {where} should be a dict with keys {list(spec)}, got {type(node).__name__}")

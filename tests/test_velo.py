@@ -69,7 +69,7 @@ def test_official_parameter_count_and_breakdown():
     rnn = shapes["rnn_params"]
     breakdown = {
         "3 mixing Linears (30 -> 512)": sum(count_params(rnn[k]) for k in ("linear", "linear_1", "linear_2")),
-        "LSTM (512 + 512 -> 4 x 512)": count_params(rnn["rnn/~/linear"]),
+        "LSTM (512 + 512 -> 4 x 512)": count_params(rnn["rnn/linear"]),
         "rnn_to_controls (512 -> 256)": count_params(rnn["rnn_to_controls"]),
         "step_size (512 -> 1)": count_params(rnn["step_size"]),
         "lstm_init_state": count_params(shapes["lstm_init_state"]),
@@ -112,8 +112,8 @@ def test_hand_built_official_tree_loads(official_theta, tmp_path):
     path.write_bytes(flax.serialization.to_bytes(tree))
     loaded = load_velo_theta(path)
     np.testing.assert_array_equal(loaded["lstm_init_state"]["hidden"], 0.5)
-    np.testing.assert_array_equal(loaded["rnn_params"]["rnn/~/linear"]["w"],
-                                  official_theta["rnn_params"]["rnn/~/linear"]["w"])
+    np.testing.assert_array_equal(loaded["rnn_params"]["rnn/linear"]["w"],
+                                  official_theta["rnn_params"]["rnn/linear"]["w"])
     assert list(loaded["ff_mod_stack"]["~"])[:3] == ["w0__0", "w0__1", "w0__2"]  # back in creation order
 
 
@@ -193,7 +193,7 @@ def reference_steps(theta, params, grads_seq, losses, num_steps, ff_mult=100.0):
                                          clip_log(np.mean((rr - mean_m) ** 2, axis=ax))]))
         x = np.stack(feats)
         x = lin("linear_2", x) + relu(lin("linear_1", x)).max(0, keepdims=True)
-        gi, gg, gf, go = np.split(lin("rnn/~/linear", np.concatenate([x, h], -1)), 4, -1)
+        gi, gg, gf, go = np.split(lin("rnn/linear", np.concatenate([x, h], -1)), 4, -1)
         c = sig(gf + 1) * c + sig(gi) * np.tanh(gg)
         h = sig(go) * np.tanh(c)
         controls, lr_mult = lin("rnn_to_controls", h), lin("step_size", h)[:, 0]

@@ -144,8 +144,10 @@ class Run:
         return flops_per_token(self.n_params, m.n_layers, m.d_model, m.ctx, self.cfg.seq_len) * self.tokens_per_step
 
     def check(self) -> "Run":
-        """Build every part that a bad config makes fail (dataset, model, mesh, optimizer, layout), so that
-        it fails now, before anything is written or compiled."""
+        """Build every part that a bad config makes fail (optimizer, dataset, model, mesh, layout), so that
+        it fails now, before anything is written or compiled; the optimizer first, before a corpus is
+        prepared."""
+        self.optimizer
         self.layout  # building the layout builds and checks everything before it
         return self
 
