@@ -20,6 +20,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 100
     c.keep_checkpoints = 3  # most recent checkpoints kept
     c.keep_every = 0  # also keep every K-th step's checkpoint (0: none)
+    c.keep_set_aside = 2  # unreadable / unfinished checkpoints kept for inspection (per kind); older are deleted
+    c.start_over = False  # checkpoints exist but none restores: False stops with an error naming each and why;
+    #                       True sets them aside and trains from step 0
     c.init_from = ""  # checkpoint dir to take params from (fine-tuning with a fresh optimizer)
     c.multiprocess = False  # call jax.distributed.initialize() (SLURM / TPU pods / launch.local set this)
 

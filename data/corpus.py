@@ -75,7 +75,12 @@ def load_documents(corpus: str | os.PathLike, cache_dir: str | os.PathLike | Non
 
 
 def _read(path: pathlib.Path) -> str:
-    return path.read_bytes().decode("utf-8", errors="replace").replace("\r\n", "\n")
+    """A user's text file, which must be UTF-8: replacement characters would become tokens the model learns."""
+    try:
+        return path.read_bytes().decode("utf-8").replace("\r\n", "\n")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 at byte {e.start} ({e.reason}: {e.object[e.start:e.start + 4]!r}); "
+                         f"convert the file first, e.g. iconv -f latin1 -t utf-8 {path} > {path}.utf8") from e
 
 
 def _split_single_file(name: str, text: str) -> list[Document]:

@@ -32,6 +32,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import time
 from typing import Callable
 
@@ -46,7 +47,8 @@ FORMAT = 1
 
 
 class CheckpointError(ValueError):
-    """A checkpoint exists but this run must not use it (other model/optimizer, other data order)."""
+    """A checkpoint exists but this run must not use it (other model/optimizer, other data order), or none
+    of the existing checkpoints can be read."""
 
 
 def warn(msg: str) -> None:
@@ -216,8 +218,10 @@ class Checkpointer:
     ``keep_every`` (0: none).
     """
 
-    def __init__(self, directory: str, keep: int = 3, keep_every: int = 0, async_save: bool = True):
+    def __init__(self, directory: str, keep: int = 3, keep_every: int = 0, async_save: bool = True,
+                 read_retries: int = 2, retry_wait_s: float = 1.0, keep_set_aside: int = 2):
         self.directory = os.path.abspath(directory)
+        self.read_retries, self.retry_wait_s, self.keep_set_aside = read_retries, retry_wait_s, keep_set_aside
         if keep < 1:
             raise ValueError(f"keep_checkpoints={keep} must be >= 1")
         policies = [ocp.checkpoint_managers.LatestN(n=keep)]
@@ -298,12 +302,30 @@ class Checkpointer:
         args = ocp.args.Composite(state=_restore_args(abstract_state))
         return _fill_empty(self.manager.restore(step, args=args).state, abstract_state), meta
 
-    def restore_latest(self, abstract_state, validate=None):
-        """(step, state) of the newest checkpoint that restores and verifies, or (None, None) if none does.
+    def _read_retrying(self, step, abstract_state, validate):
+        """``_read``, retried ``read_retries`` times (waits of retry_wait_s, 2 retry_wait_s, ...) on a read
+        error, which may be transient (storage, network); ``CheckpointError`` is final."""
+        for attempt in range(self.read_retries + 1):
+            try:
+                return self._read(step, abstract_state, validate)
+            except CheckpointError:
+                raise
+            except Exception as e:  # noqa: BLE001 - retried, then reported by the caller
+                if attempt == self.read_retries:
+                    raise
+                wait = self.retry_wait_s * 2**attempt
+                warn(f"reading checkpoint {self.step_dir(step)} failed ({_reason(e)}); retrying in {wait:g} s")
+                time.sleep(wait)
 
-        Unusable checkpoints newer than the one restored are renamed (never deleted) with a warning.
-        ``CheckpointError`` (incompatible state or data order) is raised, not skipped: an older checkpoint
-        of the same run would be just as incompatible.
+    def restore_latest(self, abstract_state, validate=None, start_over: bool = False):
+        """(step, state) of the newest checkpoint that restores and verifies, or (None, None) if there is none.
+
+        A read error is retried (``read_retries``) before the checkpoint counts as unusable. Unusable
+        checkpoints newer than the one restored are renamed with a warning. If checkpoints exist but none is
+        usable, ``CheckpointError`` names each one and why, and nothing is renamed (under a requeueing
+        scheduler a storage outage must not discard the run); with ``start_over`` they are set aside and
+        (None, None) is returned. ``CheckpointError`` (incompatible state or data order) is raised, not
+        skipped: an older checkpoint of the same run would be just as incompatible.
 
         Multi-process: every process reads its shards; they agree on success before the (collective)
         verification and again after it, so all of them pick the same step.
@@ -316,7 +338,7 @@ class Checkpointer:
         for step in reversed(self.steps()):
             state, error = None, None
             try:
-                state, meta = self._read(step, abstract_state, validate)
+                state, meta = self._read_retrying(step, abstract_state, validate)
             except CheckpointError:
                 raise
             except Exception as e:  # noqa: BLE001 - any failure to read means this checkpoint is unusable
@@ -327,19 +349,34 @@ class Checkpointer:
                 except IOError as e:
                     error = e
                 if error is None:
-                    self._move_aside([self.step_dir(s) for s in skipped], "unusable")
+                    self._move_aside([self.step_dir(s) for s, _ in skipped], "unusable")
                     return step, state
             reason = _reason(error) if error else "failed on another process"
             warn(f"checkpoint {self.step_dir(step)} could not be restored ({reason}); trying the previous one")
-            skipped.append(step)
+            skipped.append((step, reason))
             del state
+        if skipped and not start_over:
+            raise CheckpointError(
+                f"none of the {len(skipped)} checkpoint(s) in {self.directory} could be restored:\n  "
+                + "\n  ".join(f"step {s}: {r}" for s, r in skipped) + "\nNothing was renamed or deleted. If "
+                "the storage was unavailable, rerun once it is back; to set them aside and train from step 0, "
+                "rerun with --config.start_over=True")
         if skipped:
-            warn(f"no usable checkpoint in {self.directory}; starting from scratch")
-            self._move_aside([self.step_dir(s) for s in skipped], "unusable")
+            warn(f"no usable checkpoint in {self.directory}; start_over: setting them aside, starting from step 0")
+            self._move_aside([self.step_dir(s) for s, _ in skipped], "unusable")
         return None, None
 
+    def set_aside(self, label: str) -> list[str]:
+        """The set-aside checkpoint directories of a kind (``<step>.<label>-<time>``), oldest first."""
+        if not os.path.isdir(self.directory):
+            return []
+        found = [os.path.join(self.directory, n) for n in os.listdir(self.directory) if f".{label}-" in n]
+        return sorted(found, key=os.path.getmtime)
+
     def _move_aside(self, paths: list[str], label: str) -> None:
-        """Rename checkpoint dirs out of orbax's sight (it would delete or overwrite them); never delete.
+        """Rename checkpoint dirs out of orbax's sight (it would delete or overwrite them), keeping the newest
+        ``keep_set_aside`` of this kind for inspection (older ones are deleted, with a warning naming them:
+        at GPT-3 XL scale each is ~16 GB).
 
         Called by every process with the same ``label`` (it ends in a barrier); process 0 renames."""
         if jax.process_index() == 0:
@@ -350,7 +387,11 @@ class Checkpointer:
                 while os.path.exists(dst):
                     dst, n = f"{base}-{n}", n + 1
                 os.rename(path, dst)
-                warn(f"moved {path} to {dst} (kept for inspection; delete it when done)")
+                warn(f"moved {path} to {dst} (kept for inspection, up to {self.keep_set_aside} of its kind)")
+            old = self.set_aside(label)[:-self.keep_set_aside or None] if paths else []
+            for path in old:
+                shutil.rmtree(path)
+                warn(f"deleted {path}: more than keep_set_aside={self.keep_set_aside} {label} checkpoints")
         _barrier(f"checkpoint_move_aside_{label}")
         if paths:
             self.manager.reload()

@@ -1,5 +1,8 @@
 """Run outputs: ``metrics.jsonl`` (one JSON object per logged step), TensorBoard scalars and a progress bar.
 
+``metrics.jsonl`` is strict JSON: a NaN or infinite value is written as the string "nan", "inf" or "-inf" and
+its name listed under ``"nonfinite"`` (``read_metrics`` turns them back into floats).
+
 Used by training (rows keyed by ``step``) and meta-training (keyed by ``iteration``). Only process 0
 writes; every process may call the methods.
 """
@@ -39,7 +42,9 @@ class MetricsLogger:
             return
         row = {self.key: int(step), **{k: float(v) for k, v in row.items() if k != self.key}}
         self.rows.append(row)
-        self._file.write(json.dumps(row) + "\n")
+        bad = [k for k, v in row.items() if not math.isfinite(v)]
+        line = {k: (str(v) if k in bad else v) for k, v in row.items()}
+        self._file.write(json.dumps({**line, "nonfinite": bad} if bad else line, allow_nan=False) + "\n")
         self._file.flush()
         for k, v in row.items():
             if k != self.key and math.isfinite(v):
@@ -74,5 +79,7 @@ def read_metrics(workdir: str | os.PathLike, key: str = "step") -> list[dict]:
         for line in f:
             if line.strip():
                 row = json.loads(line)
+                for k in row.pop("nonfinite", ()):
+                    row[k] = float(row[k])
                 rows.setdefault(row[key], {}).update(row)
     return [rows[s] for s in sorted(rows)]

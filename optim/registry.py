@@ -188,6 +188,11 @@ def make_optimizer(cfg, total_steps: int) -> Optimizer:
     """Build the optimizer named ``cfg.name`` with its schedule and global-norm clipping (``cfg.clip_norm``);
     ``cfg.lr`` 0 means the optimizer's ``default_lr``."""
     spec = get(cfg.name)
+    if cfg.lr < 0:
+        raise ValueError(f"optimizer.lr={cfg.lr} must be positive (0: {cfg.name}'s default, {spec.default_lr:g})")
+    if cfg.theta and spec.weights is None:
+        raise ValueError(f"optimizer.theta={cfg.theta!r} is given, but {cfg.name} has no learned weights; remove it, "
+                         f"or choose one of {', '.join(n for n, s in REGISTRY.items() if s.weights)}")
     if not cfg.lr:
         cfg = cfg.copy_and_resolve_references()
         cfg.lr = spec.default_lr

@@ -5,29 +5,26 @@ a checkpoint, exit 0 (a second signal exits at once). Multi-process jobs: ``--co
 (see ``train.build.setup_platform``; ``python -m launch.local`` starts one on this host).
 """
 import os
-import sys
 
 from absl import app, logging
 from ml_collections import config_flags
+
+from infra.cli import parse_flags_or_exit, user_errors
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Run config (a python file).")
 
 
 def main(argv) -> None:
     del argv
-    cfg = _CONFIG.value
     logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
+    from infra.lease import LeaseError
     from train.build import setup_platform
     from train.loop import NonFiniteLoss, train
 
-    setup_platform(cfg)
-    try:
+    with user_errors(NonFiniteLoss, LeaseError):
+        cfg = _CONFIG.value  # a config file that failed to load raises when first read
+        setup_platform(cfg)
         summary = train(cfg)
-    except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
-        if os.environ.get("TRAIN_DEBUG"):
-            raise
-        print(f"error: {e}\n(set TRAIN_DEBUG=1 for the traceback)", file=sys.stderr)
-        sys.exit(2)
     if "note" in summary:
         print(summary["note"])
         return
@@ -41,4 +38,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags_or_exit)

@@ -25,7 +25,7 @@ from train.flops import flops_per_token
 from train.state import init_state, make_layout, params_layout, state_from_params
 from train.step import batch_sharding, make_eval_step, make_train_step
 
-POSITIVE = ("steps", "batch_size", "seq_len", "log_every", "eval_every", "checkpoint_every")
+POSITIVE = ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches", "checkpoint_every")
 
 
 def setup_platform(cfg) -> None:
@@ -181,6 +181,8 @@ class Run:
 
 def build_run(cfg, devices=None) -> Run:
     """The run described by ``cfg`` on ``devices`` (default: all). Step counts must be positive."""
+    if not str(cfg.workdir).strip():
+        raise ValueError("workdir is empty: set --config.workdir to the run's directory")
     for name in POSITIVE:
         if int(cfg[name]) < 1:
             raise ValueError(f"{name}={cfg[name]} must be a positive integer")

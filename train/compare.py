@@ -24,11 +24,12 @@ import copy
 import json
 import os
 import statistics
-import sys
 import time
 
 from absl import app, logging
 from ml_collections import config_flags
+
+from infra.cli import parse_flags_or_exit, user_errors
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/compare_cpu.py", "Comparison config.")
 
@@ -278,21 +279,16 @@ def plot_comparison(comp: Comparison, results: dict) -> None:
 
 def main(argv) -> None:
     del argv
-    cfg = _CONFIG.value
     logging.set_verbosity(logging.WARNING)
     from train.build import setup_platform
 
-    setup_platform(cfg)
-    try:
+    with user_errors():
+        cfg = _CONFIG.value  # a config file that failed to load raises when first read
+        setup_platform(cfg)
         results = Comparison(cfg).execute()
-    except ValueError as e:
-        if os.environ.get("TRAIN_DEBUG"):
-            raise
-        print(f"error: {e}\n(set TRAIN_DEBUG=1 for the traceback)", file=sys.stderr)
-        sys.exit(2)
     print(summary_markdown(results))
     print(f"results in {os.path.abspath(cfg.workdir)}: results.json summary.md curves.png sweep.png")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags_or_exit)

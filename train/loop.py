@@ -10,6 +10,7 @@ device; every step's loss is checked (a NaN/inf stops the run) before its state 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -21,6 +22,7 @@ from typing import Callable
 import jax
 
 from infra.checkpoint import Checkpointer
+from infra.lease import WorkdirLease
 from infra.metrics import MetricsLogger
 from infra.preemption import StopAgreement, StopRequest
 from optim.registry import routing_table
@@ -69,8 +71,7 @@ class Trainer:
         if not math.isfinite(m["loss"]):
             raise NonFiniteLoss(
                 f"training loss became {m['loss']} at step {step} (grad norm {m['grad_norm']:.3g}); lower "
-                f"--config.optimizer.lr, enable clipping (--config.optimizer.clip_norm) or resume from the last "
-                f"checkpoint in {os.path.join(self.run.cfg.workdir, 'checkpoints')}")
+                f"--config.optimizer.lr or enable clipping (--config.optimizer.clip_norm)")
         self.last.update(step=step, **m)
         for hook in self.metrics_hooks:
             if hook.due(step, self.run.cfg.steps, False):
@@ -164,12 +165,16 @@ def train(cfg, *, devices=None, stop_at: int | None = None) -> dict:
     step (checkpoint and return), for tests and scripted interruptions.
     """
     with StopRequest() as stop:
-        return _train(build_run(cfg, devices).check(), stop, stop_at)
+        run = build_run(cfg, devices).check()
+        # one writer per workdir: process 0 holds the lease for the job
+        with WorkdirLease(run.cfg.workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+            return _train(run, stop, stop_at)
 
 
 def _train(run: Run, stop: StopRequest, stop_at: int | None) -> dict:
     cfg, info = run.cfg, run.data
-    ckpt = Checkpointer(os.path.join(cfg.workdir, "checkpoints"), cfg.keep_checkpoints, cfg.keep_every)
+    ckpt = Checkpointer(os.path.join(cfg.workdir, "checkpoints"), cfg.keep_checkpoints, cfg.keep_every,
+                        keep_set_aside=cfg.keep_set_aside)
     saved_config = json.loads(cfg.to_json_best_effort())
     extra_meta = {"data": {"dataset": info.identity, "dir": cfg.data.dir}}
     start_step, state, origin = start_state(run, ckpt, saved_config, extra_meta)
@@ -204,6 +209,11 @@ def _train(run: Run, stop: StopRequest, stop_at: int | None) -> dict:
     trainer.add_hook(plot, cfg.eval_every, on_stop=True, checked=True)
     try:
         trainer.fit(state, start_step, batches)
+    except NonFiniteLoss as e:
+        steps = ckpt.steps()
+        where = (f"rerunning resumes from its last checkpoint, {ckpt.step_dir(steps[-1])}" if steps else
+                 "no checkpoint was written yet, so rerunning starts from step 0")
+        raise NonFiniteLoss(f"{e}; {where}") from None
     finally:
         t0 = time.perf_counter()
         ckpt.close()  # waits until the last save is durable (also when the loop failed)

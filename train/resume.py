@@ -52,7 +52,7 @@ def start_state(run, ckpt, saved_config: dict, extra_meta: dict):
     cfg = run.cfg
     t0 = time.perf_counter()
     validate = data_order_check(cfg, extra_meta["data"]["dataset"], saved_config)
-    step, state = ckpt.restore_latest(run.layout.abstract, validate=validate)
+    step, state = ckpt.restore_latest(run.layout.abstract, validate=validate, start_over=cfg.start_over)
     if state is not None:
         return step, state, f"resumed at step {step} ({time.perf_counter() - t0:.1f} s)"
     if cfg.init_from:

@@ -15,12 +15,13 @@ import argparse
 import functools
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+
+from infra.cli import user_errors
 from flax import nnx
 
 
@@ -96,20 +97,28 @@ def sample(workdir: str, prompt: str, *, temperature: float = 0.8, top_k: int = 
     return tok.decode(np.asarray(out))
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m train.sample", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="run directory (holds config.json and checkpoints/)")
     p.add_argument("--prompt", default="", help="text to continue")
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     p.add_argument("--top_k", type=int, default=40, help="sample among the k most likely tokens (0: all)")
-    p.add_argument("--max_tokens", type=int, default=200)
+    p.add_argument("--max_tokens", type=_positive, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", default=None, help="a checkpoint step dir (default: the latest)")
     a = p.parse_args(argv)
-    if not os.path.isfile(os.path.join(a.workdir, "config.json")):
-        sys.exit(f"error: {a.workdir} has no config.json (not a training run's workdir)")
-    text = sample(a.workdir, a.prompt, temperature=a.temperature, top_k=a.top_k, max_tokens=a.max_tokens,
-                  seed=a.seed, checkpoint=a.checkpoint)
+    with user_errors():
+        if not os.path.isfile(os.path.join(a.workdir, "config.json")):
+            raise ValueError(f"{a.workdir} has no config.json (not a training run's workdir)")
+        text = sample(a.workdir, a.prompt, temperature=a.temperature, top_k=a.top_k, max_tokens=a.max_tokens,
+                      seed=a.seed, checkpoint=a.checkpoint)
     print(a.prompt + text, flush=True)
 
 

@@ -1,0 +1,49 @@
+"""Command-line entry points end bad input with one line on stderr and exit code 2; ``TRAIN_DEBUG=1`` shows
+the traceback instead.
+
+``user_errors()`` wraps a command's work; ``parse_flags_or_exit`` is an absl ``flags_parser`` that does the
+same for flag parsing (a misspelled config field, a missing config file), which absl would otherwise report
+as a long traceback before the program's own code runs.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+# Errors that mean "the input is wrong" (the caller's to fix), not a bug: ValueError covers config and
+# checkpoint errors (CheckpointError), OSError missing or unreadable files; RuntimeError subclasses the
+# commands name (a NaN loss, a held workdir) are added by the caller.
+USER_ERRORS = (ValueError, OSError, KeyError)
+
+
+def _one_line(error: BaseException) -> str:
+    """The message on one line; a KeyError's (ml_collections' "did you mean") without its quoting."""
+    while error.args and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    return " ".join(str(text).split())
+
+
+def exit_with(error: BaseException) -> None:
+    print(f"error: {_one_line(error)}\n(set TRAIN_DEBUG=1 for the traceback)", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+@contextlib.contextmanager
+def user_errors(*more: type[BaseException]):
+    """Turn ``USER_ERRORS`` (and ``more``) raised in the block into one line and exit code 2."""
+    try:
+        yield
+    except USER_ERRORS + more as e:
+        if os.environ.get("TRAIN_DEBUG"):
+            raise
+        exit_with(e)
+
+
+def parse_flags_or_exit(argv):
+    """absl ``flags_parser``: parse ``argv`` into absl's FLAGS, a bad flag or config ending in one line."""
+    from absl import flags
+
+    with user_errors(flags.Error, AttributeError):  # AttributeError: a misspelled nested config field
+        return flags.FLAGS(argv)

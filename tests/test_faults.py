@@ -1,0 +1,184 @@
+"""Fault injection: storage errors on restore, two runs on one workdir, stale leases, and bad values that
+must stop a run before it writes anything."""
+import glob
+import json
+import os
+import socket
+import time
+
+import numpy as np
+import pytest
+
+from infra.checkpoint import CheckpointError, Checkpointer
+from infra.lease import LEASE, LeaseError, WorkdirLease
+from infra.metrics import MetricsLogger, read_metrics
+from tests.test_checkpoint import STEPS, compilation_cache, copy_run, data_dir, losses, make_config, reference  # noqa: F401
+from train.loop import train
+
+
+def _break(step_dir):
+    """Make a checkpoint unreadable: its largest array file cut in half."""
+    files = glob.glob(os.path.join(step_dir, "state", "ocdbt.process_*", "d", "*"))
+    victim = max(files, key=os.path.getsize)
+    with open(victim, "r+b") as f:
+        f.truncate(os.path.getsize(victim) // 2)
+
+
+def test_no_usable_checkpoint_stops_instead_of_starting_over(data_dir, tmp_path_factory, tmp_path):
+    wd = copy_run(reference("adamw", data_dir, tmp_path_factory), tmp_path / "run")
+    ckpts = wd / "checkpoints"
+    for step in Checkpointer(ckpts).steps():  # 3 and 6
+        _break(ckpts / str(step))
+    before = sorted(os.listdir(ckpts))
+    with pytest.raises(CheckpointError, match=r"(?s)none of the 2 checkpoint\(s\).*\n  step 6: .*\n  step 3: .*start_over"):
+        train(make_config(wd, data_dir, steps=STEPS))
+    assert sorted(os.listdir(ckpts)) == before  # nothing renamed: a storage outage must not discard the run
+    summary = train(make_config(wd, data_dir, steps=STEPS, start_over=True))
+    assert summary["step"] == STEPS and len(glob.glob(str(ckpts / "*.unusable-*"))) == 2
+
+
+def test_transient_read_error_is_retried(data_dir, tmp_path_factory, tmp_path, monkeypatch, capsys):
+    wd = copy_run(reference("adamw", data_dir, tmp_path_factory), tmp_path / "run")
+    real, calls = Checkpointer._read, []
+
+    def flaky(self, step, *args):
+        calls.append(step)
+        if len(calls) == 1:
+            raise OSError("simulated: connection reset by peer")
+        return real(self, step, *args)
+
+    monkeypatch.setattr(Checkpointer, "_read", flaky)
+    monkeypatch.setattr(Checkpointer, "__init__", _fast_retries(Checkpointer.__init__))
+    summary = train(make_config(wd, data_dir, steps=STEPS + 1))
+    assert calls == [STEPS, STEPS] and summary["step"] == STEPS + 1  # the latest, read on the second try
+    assert "retrying" in capsys.readouterr().out
+    assert not glob.glob(str(wd / "checkpoints" / "*.unusable-*"))
+
+
+def _fast_retries(init):
+    def wrapped(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.retry_wait_s = 0.01
+    return wrapped
+
+
+def test_set_aside_checkpoints_are_bounded(tmp_path, capsys):
+    ck = Checkpointer(tmp_path / "ck", keep_set_aside=2)
+    for i in range(3):
+        old = tmp_path / "ck" / f"{i}.unusable-2026010{i}-000000"
+        old.mkdir()
+        os.utime(old, (time.time() - 100 + i, time.time() - 100 + i))
+    (tmp_path / "ck" / "7").mkdir()
+    ck._move_aside([str(tmp_path / "ck" / "7")], "unusable")
+    kept = sorted(os.path.basename(p) for p in ck.set_aside("unusable"))
+    assert len(kept) == 2 and kept[0].startswith("2.") and kept[1].startswith("7.")
+    out = capsys.readouterr().out
+    assert "deleted" in out and "0.unusable" in out and "1.unusable" in out
+
+
+def test_two_runs_on_one_workdir(data_dir, tmp_path):
+    wd = tmp_path / "run"
+    with WorkdirLease(str(wd)):
+        with pytest.raises(LeaseError, match=rf"in use by another run \(pid {os.getpid()} on {socket.gethostname()}"):
+            train(make_config(wd, data_dir))
+        assert not (wd / "config.json").exists() and not (wd / "checkpoints").exists()
+    assert not (wd / LEASE).exists()  # released
+
+
+@pytest.mark.parametrize("record", [
+    {"holder": "x", "host": socket.gethostname(), "pid": 2**22 + 12345, "heartbeat": time.time()},  # killed
+    {"holder": "y", "host": "elsewhere", "pid": 1, "heartbeat": time.time() - 3600},  # no heartbeat for 1 h
+])
+def test_stale_lease_is_taken_over(data_dir, tmp_path, capsys, record):
+    wd = tmp_path / "run"
+    wd.mkdir()
+    (wd / LEASE).write_text(json.dumps({**record, "started": record["heartbeat"]}))
+    assert train(make_config(wd, data_dir, steps=3, checkpoint_every=3))["step"] == 3
+    assert "taking over the lease" in capsys.readouterr().out
+    assert not (wd / LEASE).exists()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"optimizer.name": "velo", "optimizer.lr": -1.0}, "optimizer.lr=-1.0 must be positive"),
+    ({"optimizer.name": "adamw", "optimizer.lr": -1e-3}, "optimizer.lr=-0.001 must be positive"),
+    ({"optimizer.theta": "/some/theta.state"}, "adamw has no learned weights"),
+    ({"workdir": ""}, "workdir is empty"),
+    ({"eval_batches": 0}, "eval_batches=0 must be a positive integer"),
+])
+def test_bad_values_stop_before_anything_is_written(data_dir, tmp_path, overrides, message):
+    wd = tmp_path / "run"
+    wd.mkdir()
+    (wd / "config.json").write_text("{}")  # a previous run's: must survive
+    cfg = make_config(wd, data_dir)
+    for key, value in overrides.items():
+        node, leaf = (cfg.optimizer, key.split(".")[1]) if key.startswith("optimizer.") else (cfg, key)
+        node[leaf] = value
+    with pytest.raises(ValueError, match=message):
+        train(cfg)
+    assert (wd / "config.json").read_text() == "{}" and sorted(os.listdir(wd)) == ["config.json"]
+
+
+def test_corpus_that_is_not_utf8_is_refused_with_file_and_offset(tmp_path):
+    import data
+
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "a.txt").write_text("plain text\n" * 50)
+    (texts / "b.txt").write_bytes("caf\u00e9 au lait\n".encode("latin-1") * 3)
+    with pytest.raises(ValueError, match=r"b.txt: not UTF-8 at byte 3 .*iconv -f latin1"):
+        data.ensure_prepared(tmp_path / "data", corpus=texts, vocab_size=300, verbose=False)
+
+
+def test_metrics_file_is_strict_json(tmp_path):
+    log = MetricsLogger(str(tmp_path), 3, 0, progress=False)
+    log.write(1, {"loss": 2.5})
+    log.write(2, {"loss": float("nan"), "grad_norm": float("-inf")})
+    log.close()
+
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    rows = [json.loads(line, parse_constant=refuse) for line in open(tmp_path / "metrics.jsonl")]
+    assert rows[1] == {"step": 2, "loss": "nan", "grad_norm": "-inf", "nonfinite": ["loss", "grad_norm"]}
+    back = read_metrics(str(tmp_path))
+    assert np.isnan(back[1]["loss"]) and back[1]["grad_norm"] == -np.inf and "nonfinite" not in back[1]
+    assert losses(tmp_path)[1] == 2.5
+
+
+@pytest.mark.parametrize("args,message", [
+    (["-m", "train", "--config", "configs/cpu_tiny.py", "--config.optimizer.lrr=1"], 'Did you mean "lr"'),
+    (["-m", "train", "--config", "configs/no_such_preset.py"], "no_such_preset.py"),
+    (["-m", "train.sample", "--workdir", "/nonexistent/run"], "has no config.json"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(args, message):
+    import subprocess
+    import sys
+
+    from tests.test_checkpoint import ROOT
+
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_nan_loss_names_the_checkpoint_a_rerun_resumes_from(data_dir, tmp_path, monkeypatch):
+    import jax.numpy as jnp
+
+    from train.build import Run
+    from train.loop import NonFiniteLoss
+
+    real = Run.train_step
+
+    def poisoned(run):  # the loss turns NaN at step 5 (checkpoints every 3 steps)
+        step = real.__get__(run)
+
+        def wrapped(state, batch):
+            state, metrics = step(state, batch)
+            return state, {**metrics, "loss": jnp.where(state.step >= 5, jnp.nan, metrics["loss"])}
+        return wrapped
+
+    monkeypatch.setattr(Run, "train_step", property(poisoned))
+    with pytest.raises(NonFiniteLoss, match=r"became nan at step 5 .*resumes from its last checkpoint, .*/checkpoints/3"):
+        train(make_config(tmp_path / "run", data_dir))
+    assert max(losses(tmp_path / "run")) <= 4  # the NaN row was never logged
