@@ -112,6 +112,12 @@ def load_info(data_dir: str | os.PathLike) -> DatasetInfo:
     if not path.is_dir():
         raise ValueError(f"no prepared data dir at {path}: {_prepare_hint(path)}")
     meta_path = path / META
+    if not meta_path.is_file() and (path / "config.json").is_file() and (path / "checkpoints").is_dir():
+        try:
+            data_dir = json.loads((path / "config.json").read_text())["data"]["dir"]
+        except (ValueError, KeyError, TypeError):
+            data_dir = "the data.dir in its config.json"
+        raise ValueError(f"{path} is a training run's workdir, not a prepared data dir; its data is {data_dir}")
     if not meta_path.is_file():
         raise ValueError(
             f"{path} is not a complete prepared data dir (no {META}: its preparation never finished). "

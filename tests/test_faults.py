@@ -182,3 +182,17 @@ def test_nan_loss_names_the_checkpoint_a_rerun_resumes_from(data_dir, tmp_path, 
     with pytest.raises(NonFiniteLoss, match=r"became nan at step 5 .*resumes from its last checkpoint, .*/checkpoints/3"):
         train(make_config(tmp_path / "run", data_dir))
     assert max(losses(tmp_path / "run")) <= 4  # the NaN row was never logged
+
+
+def test_a_stopped_comparison_run_stops_the_comparison_resumably(tmp_path, monkeypatch):
+    """A signal stops the current run at a checkpoint; the comparison then stops too (exit 0, no traceback)
+    and records no result for that run, so the next invocation resumes it."""
+    import train.loop
+    from tests.test_compare import small_comparison
+    from train.compare import Comparison, Stopped
+
+    monkeypatch.setattr(train.loop, "train", lambda cfg: {"stopped_early": True, "step": 2})
+    comparison = Comparison(small_comparison(tmp_path / "cmp", tmp_path / "data"))
+    with pytest.raises(Stopped, match="stopped early .*rerun the command to resume"):
+        comparison.execute()
+    assert not glob.glob(str(tmp_path / "cmp" / "runs" / "*" / "done.json"))

@@ -9,9 +9,13 @@ import os
 from absl import app, logging
 from ml_collections import config_flags
 
+import configs
 from infra.cli import parse_flags_or_exit, user_errors
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Run config (a python file).")
+# The default config is the installed one, wherever the command runs from; a given --config path is relative
+# to the current directory, like the paths inside a config (workdir, data.dir, init_from).
+_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(configs.__file__), "default.py"),
+                                          "Run config (a python file).")
 
 
 def main(argv) -> None:

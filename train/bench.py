@@ -334,4 +334,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from infra.cli import user_errors
+
+    with user_errors():
+        sys.exit(main())

@@ -29,9 +29,11 @@ import time
 from absl import app, logging
 from ml_collections import config_flags
 
+import configs
 from infra.cli import parse_flags_or_exit, user_errors
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/compare_cpu.py", "Comparison config.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(configs.__file__), "compare_cpu.py"), "Comparison config.")
 
 NOISE_FACTOR = 2.0  # a difference counts when it exceeds NOISE_FACTOR x the larger seed std
 
@@ -55,6 +57,10 @@ def _eval_curve(workdir: str) -> list[tuple[int, float]]:
     from infra.metrics import read_metrics
 
     return [(r["step"], r["eval_loss"]) for r in read_metrics(workdir) if "eval_loss" in r]
+
+
+class Stopped(Exception):
+    """A run of the comparison stopped early (a signal): the comparison stops too, resumably."""
 
 
 class Comparison:
@@ -90,7 +96,7 @@ class Comparison:
         t = time.time()
         try:
             if train(cfg)["stopped_early"]:
-                raise KeyboardInterrupt(f"{name} stopped early; rerun the command to resume")
+                raise Stopped(f"{name} stopped early (its checkpoint is written); rerun the command to resume")
             final = _eval_curve(workdir)[-1]
             assert final[0] == cfg.steps, f"{name}: no eval at the last step"
             final_loss = final[1]
@@ -285,7 +291,11 @@ def main(argv) -> None:
     with user_errors():
         cfg = _CONFIG.value  # a config file that failed to load raises when first read
         setup_platform(cfg)
-        results = Comparison(cfg).execute()
+        try:
+            results = Comparison(cfg).execute()
+        except Stopped as e:  # preempted: like train, exit 0 once the checkpoint is durable
+            print(e, flush=True)
+            return
     print(summary_markdown(results))
     print(f"results in {os.path.abspath(cfg.workdir)}: results.json summary.md curves.png sweep.png")
 

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from infra.cli import user_errors
 from infra.files import write_atomic
 from optim import registry
 from optim.meta import pes, run
@@ -108,4 +109,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors():
+        main()

@@ -23,6 +23,7 @@ import shutil
 import numpy as np
 
 from infra.checkpoint import Checkpointer
+from infra.cli import user_errors
 from infra.metrics import read_metrics
 from optim import registry
 from optim.learned_core import WEIGHTS_DIR
@@ -99,4 +100,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors():
+        main()
