@@ -1,9 +1,11 @@
 import json
 import os
 
+import pytest
+
 from configs.compare import compare_fields
 from configs.cpu_tiny import get_config
-from train.compare import Comparison, steps_to_reach, verdict
+from train.compare import Comparison, steps_to_reach, verdict, welch_interval
 
 
 def small_comparison(workdir, data_dir):
@@ -33,6 +35,9 @@ def test_comparison_writes_results_and_is_resumable(tmp_path, shakespeare, capsy
     assert results["optimizers"]["adamw"]["speedup_vs_adamw"] in (None, 1.0)
     summary = open(root / "summary.md").read()
     assert "| adamw |" in summary and "| muon |" in summary and "Verdict rule" in summary
+    assert saved["optimizers"]["adamw"]["best_lr_at_grid_edge"]  # 2 rates: the best is at an edge
+    assert not saved["optimizers"]["muon"]["best_lr_at_grid_edge"]  # a single rate is no grid
+    assert "edge of its grid, widen the sweep:** adamw" in summary and "epochs of the training split" in summary
     runs = sorted(os.listdir(root / "runs"))
     assert len(runs) == 5 and all(os.path.exists(root / "runs" / r / "tensorboard") for r in runs)
 
@@ -42,6 +47,12 @@ def test_comparison_writes_results_and_is_resumable(tmp_path, shakespeare, capsy
     Comparison(cfg).execute()
     assert " ===\n" not in capsys.readouterr().out
     assert mtimes == {r: os.path.getmtime(root / "runs" / r / "metrics.jsonl") for r in runs}
+
+    # runs made with other settings are not reused
+    cfg.steps = 5
+    with pytest.raises(ValueError, match="other settings than this comparison's \\(steps: run 4, comparison 5\\)"):
+        Comparison(cfg).execute()
+    cfg.steps = 4
 
     # a run killed mid-way is resumed, and only the unfinished run trains
     os.remove(root / "runs" / runs[0] / "done.json")
@@ -54,7 +65,18 @@ def test_steps_to_reach_interpolates_and_verdict_respects_noise():
     curve = [(10, 5.0), (20, 4.0), (30, 3.0)]
     assert steps_to_reach(curve, 3.5) == 25.0
     assert steps_to_reach(curve, 6.0) == 10.0 and steps_to_reach(curve, 2.0) is None
-    ref = {"mean": 4.0, "std": 0.05}
-    assert verdict({"mean": 3.8, "std": 0.05}, ref).startswith("better")
-    assert verdict({"mean": 3.95, "std": 0.05}, ref).startswith("within noise")
-    assert verdict({"mean": 4.3, "std": 0.1}, ref).startswith("worse")
+    ref = {"seed_losses": [4.0, 4.05, 3.95]}  # mean 4, std 0.05
+    assert verdict({"seed_losses": [3.8, 3.85, 3.75]}, ref).startswith("better")
+    assert verdict({"seed_losses": [3.95, 4.0, 3.9]}, ref).startswith("not distinguishable")
+    assert verdict({"seed_losses": [4.3, 4.4, 4.2]}, ref).startswith("worse")
+    assert verdict({"seed_losses": [3.0]}, ref) == "one seed, no verdict"
+
+
+def test_welch_interval_matches_the_textbook_formula():
+    from scipy import stats
+
+    x, y = [3.1, 3.3, 3.2, 3.6], [3.5, 3.9, 3.7]
+    diff, low, high = welch_interval(x, y)
+    ref = stats.ttest_ind(x, y, equal_var=False).confidence_interval(0.95)
+    assert abs(diff - (sum(x) / 4 - sum(y) / 3)) < 1e-12
+    assert abs(low - ref.low) < 1e-9 and abs(high - ref.high) < 1e-9

@@ -14,14 +14,23 @@ final eval loss, mean, std, best rate, tokens, wall time), ``summary.md`` (the t
 ``curves.png`` (eval loss of each optimizer's best rate, mean over seeds with the min-max band) and
 ``sweep.png`` (final eval loss against learning rate).
 
-Verdict rule: optimizer X beats AdamW when its mean final eval loss is lower by more than twice the
-larger of the two seed standard deviations (and loses when higher by as much); otherwise the difference
-is within seed-to-seed noise and no winner is declared.
+Verdict rule (Welch's t): the 95% confidence interval of the difference in mean final eval loss between
+optimizer X and AdamW, from their seed runs (unequal variances). X is better when the whole interval is below
+zero, worse when it is above, and not distinguishable from AdamW otherwise; with one seed on either side there
+is no spread to judge by, and the report says "one seed, no verdict". The report also flags a best learning
+rate at the edge of its grid (the sweep should be widened) and states the seeds, the tokens per run and the
+number of epochs of the training split they amount to (warning above one: the comparison then measures
+memorisation as much as optimisation).
+
+A run is reused only if it was made with the comparison's current settings (model, data, steps, batch,
+sequence length, optimizer); otherwise the comparison stops naming the differences, or with
+``compare.redo_mismatched=True`` sets the old run aside and trains it again.
 """
 from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import statistics
 import time
@@ -35,7 +44,9 @@ from infra.cli import parse_flags_or_exit, user_errors
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(configs.__file__), "compare_cpu.py"), "Comparison config.")
 
-NOISE_FACTOR = 2.0  # a difference counts when it exceeds NOISE_FACTOR x the larger seed std
+CONFIDENCE = 0.95  # of the Welch interval that decides the verdict
+SETTINGS = ("model", "data", "steps", "batch_size", "seq_len", "microbatches", "optimizer", "seed")
+NOT_SETTINGS = ("data.num_threads",)  # parts of SETTINGS that do not change a run's result
 
 
 def run_name(opt: str, lr: float, seed: int) -> str:
@@ -84,14 +95,15 @@ class Comparison:
 
         name = run_name(opt, lr, seed)
         workdir = self.run_dir(name)
-        done = _read_done(workdir)
-        if done is not None:
-            return done
         cfg = copy.deepcopy(self.cfg)
         with cfg.unlocked():
             del cfg["compare"]
         cfg.workdir, cfg.seed = workdir, seed
         cfg.optimizer.name, cfg.optimizer.lr = opt, lr
+        self.check_settings(cfg, workdir)
+        done = _read_done(workdir)
+        if done is not None:
+            return done
         print(f"\n=== {name} ===", flush=True)
         t = time.time()
         try:
@@ -117,6 +129,41 @@ class Comparison:
             if best is not None:
                 plan += [(o, best, s) for s in range(1, self.cfg.compare.seeds)]
         return plan
+
+    def epochs(self) -> float | None:
+        """Passes over the training split that one run's tokens amount to (None before the data exists)."""
+        import data
+
+        try:
+            train_tokens = data.load_info(self.cfg.data.dir).n_tokens["train"]
+        except ValueError:
+            return None
+        return self.cfg.steps * self.cfg.batch_size * self.cfg.seq_len / train_tokens
+
+    def check_settings(self, cfg, workdir: str) -> None:
+        """A run in ``workdir`` must have been made with ``cfg``'s settings (``SETTINGS``): otherwise stop
+        naming the differences, or with ``compare.redo_mismatched`` set the run aside to be trained again."""
+        from train.build import resolve_config
+        from train.resume import config_changes
+
+        path = os.path.join(workdir, "config.json")
+        if not os.path.exists(path):
+            return
+        with open(path) as f:
+            saved = json.load(f)
+        now = json.loads(resolve_config(cfg).to_json_best_effort())
+        diffs = {k: v for k, v in config_changes({k: saved.get(k) for k in SETTINGS},
+                                                  {k: now.get(k) for k in SETTINGS}).items() if k not in NOT_SETTINGS}
+        if not diffs:
+            return
+        listed = ", ".join(f"{k}: run {a!r}, comparison {b!r}" for k, (a, b) in diffs.items())
+        if not self.cfg.compare.get("redo_mismatched", False):
+            raise ValueError(f"{workdir} was made with other settings than this comparison's ({listed}); use "
+                             f"another --config.workdir, or --config.compare.redo_mismatched=True to set it "
+                             f"aside and train it again")
+        aside = f"{workdir}.mismatched-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.rename(workdir, aside)
+        print(f"{workdir}: other settings ({listed}); moved to {aside}, training it again", flush=True)
 
     def best_lr(self, opt: str) -> float | None:
         results = [_read_done(self.run_dir(run_name(opt, lr, 0))) for lr in self.sweep[opt]]
@@ -153,12 +200,14 @@ class Comparison:
         return self.report()
 
     def report(self) -> dict:
-        results = {"config": json.loads(self.cfg.to_json_best_effort()), "noise_factor": NOISE_FACTOR,
-                   "optimizers": {}}
+        results = {"config": json.loads(self.cfg.to_json_best_effort()), "confidence": CONFIDENCE,
+                   "epochs": self.epochs(), "optimizers": {}}
         for o in self.optimizers:
             sweep = {lr: _read_done(self.run_dir(run_name(o, lr, 0))) for lr in self.sweep[o]}
             best = self.best_lr(o)
-            entry = {"sweep": {f"{lr:g}": r["final_eval_loss"] for lr, r in sweep.items()}, "best_lr": best}
+            entry = {"sweep": {f"{lr:g}": r["final_eval_loss"] for lr, r in sweep.items()}, "best_lr": best,
+                     "best_lr_at_grid_edge": best is not None and len(self.sweep[o]) > 1
+                     and best in (min(self.sweep[o]), max(self.sweep[o]))}
             if best is not None:
                 seeds = [_read_done(self.run_dir(run_name(o, best, s))) for s in range(self.cfg.compare.seeds)]
                 losses = [r["final_eval_loss"] for r in seeds]
@@ -209,16 +258,36 @@ def add_speedups(results: dict, comp: Comparison) -> None:
         entry["speedup_vs_adamw"] = adamw_steps / s if s and adamw_steps else None
 
 
+def welch_interval(x: list[float], y: list[float], confidence: float = CONFIDENCE):
+    """(mean(x) - mean(y), low, high): Welch's t interval of the difference of means (unequal variances,
+    Welch-Satterthwaite degrees of freedom); None when either sample has fewer than two values."""
+    from scipy import stats
+
+    if len(x) < 2 or len(y) < 2:
+        return None
+    diff = statistics.fmean(x) - statistics.fmean(y)
+    vx, vy = statistics.variance(x) / len(x), statistics.variance(y) / len(y)
+    if vx + vy == 0:
+        return diff, diff, diff
+    df = (vx + vy) ** 2 / (vx ** 2 / (len(x) - 1) + vy ** 2 / (len(y) - 1))
+    half = stats.t.ppf(0.5 + confidence / 2, df) * math.sqrt(vx + vy)
+    return diff, diff - half, diff + half
+
+
 def verdict(entry: dict, ref: dict) -> str:
-    if "mean" not in entry or "mean" not in ref:
+    """Better / worse / not distinguishable from AdamW by the Welch interval of the seed runs."""
+    if "seed_losses" not in entry or "seed_losses" not in ref:
         return "no result"
-    diff = entry["mean"] - ref["mean"]
-    noise = NOISE_FACTOR * max(entry["std"], ref["std"])
-    if diff < -noise:
-        return f"better than AdamW by {-diff:.3f} (> {noise:.3f})"
-    if diff > noise:
-        return f"worse than AdamW by {diff:.3f} (> {noise:.3f})"
-    return f"within noise of AdamW ({diff:+.3f}, noise {noise:.3f})"
+    interval = welch_interval(entry["seed_losses"], ref["seed_losses"])
+    if interval is None:
+        return "one seed, no verdict"
+    diff, low, high = interval
+    ci = f"{CONFIDENCE:.0%} CI of the difference [{low:+.3f}, {high:+.3f}]"
+    if high < 0:
+        return f"better than AdamW by {-diff:.3f} ({ci})"
+    if low > 0:
+        return f"worse than AdamW by {diff:.3f} ({ci})"
+    return f"not distinguishable from AdamW ({diff:+.3f}, {ci})"
 
 
 def summary_markdown(results: dict) -> str:
@@ -236,8 +305,20 @@ def summary_markdown(results: dict) -> str:
         speed = f"{e['speedup_vs_adamw']:.2f}x" if e.get("speedup_vs_adamw") else "–"
         lines.append(f"| {o} | {e['best_lr']:g} | {e['mean']:.4f} ± {e['std']:.4f} (n={len(e['seed_losses'])}) "
                      f"| {steps} | {speed} | {'reference' if o == 'adamw' else verdict(e, ref)} |")
-    lines += ["", f"Verdict rule: a difference in mean final eval loss counts only when it exceeds "
-              f"{results['noise_factor']:g} x the larger seed standard deviation.", "",
+    epochs = results.get("epochs")
+    seeds = cfg["compare"]["seeds"]
+    lines += ["", f"Verdict rule (decides): Welch's t {results['confidence']:.0%} confidence interval of the "
+              f"difference in mean final eval loss against AdamW over {seeds} seed(s) per optimizer; better or "
+              f"worse only when the whole interval is on one side of zero. Tokens per run: {tokens:,}"
+              + (f" = {epochs:.2f} epochs of the training split" if epochs is not None else "") + "."]
+    if epochs is not None and epochs > 1:
+        lines.append(f"**Warning: each run sees its training data {epochs:.1f} times: the comparison measures "
+                     f"memorisation as much as optimisation.**")
+    edge = [f"{o} (best lr {e['best_lr']:g})" for o, e in results["optimizers"].items()
+            if e.get("best_lr_at_grid_edge")]
+    if edge:
+        lines.append("**Best learning rate at the edge of its grid, widen the sweep:** " + ", ".join(edge) + ".")
+    lines += ["",
               "Learning-rate sweeps (seed 0, final eval loss):", ""]
     for o, e in results["optimizers"].items():
         lines.append(f"- {o}: " + ", ".join(f"{lr}: " + ("diverged" if v is None else f"{v:.4f}")
