@@ -16,7 +16,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.cpu_devices = 8  # simulated CPU devices; 0 leaves the platform alone (GPU/TPU runs)
     c.log_every = 10
     c.eval_every = 50
-    c.eval_batches = 8  # held-out batches (of batch_size sequences) per evaluation
+    c.eval_batches = 8  # held-out batches (of batch_size sequences) per periodic evaluation (the first ones)
+    c.final_eval_batches = 0  # the evaluation after the last step: 0 = the whole held-out split
     c.checkpoint_every = 100
     c.keep_checkpoints = 3  # most recent checkpoints kept
     c.keep_every = 0  # also keep every K-th step's checkpoint (0: none)

@@ -171,12 +171,12 @@ class Run:
                                    process_index=jax.process_index(), process_count=jax.process_count(),
                                    start_step=start_step, num_threads=c.data.num_threads)
 
-    def eval_batches(self) -> list[dict]:
-        """The held-out batches of every evaluation, as global arrays."""
+    def eval_batches(self, max_batches: int | None) -> list[dict]:
+        """The first ``max_batches`` held-out batches (None: the whole split), as global arrays."""
         c = self.cfg
         return [self.to_global(b) for b in data.eval_batches(
             self.data, seq_len=c.seq_len, batch_size=c.batch_size, process_index=jax.process_index(),
-            process_count=jax.process_count(), max_batches=c.eval_batches)]
+            process_count=jax.process_count(), max_batches=max_batches)]
 
 
 def build_run(cfg, devices=None) -> Run:

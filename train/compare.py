@@ -109,14 +109,18 @@ class Comparison:
         try:
             if train(cfg)["stopped_early"]:
                 raise Stopped(f"{name} stopped early (its checkpoint is written); rerun the command to resume")
-            final = _eval_curve(workdir)[-1]
-            assert final[0] == cfg.steps, f"{name}: no eval at the last step"
-            final_loss = final[1]
+            from infra.metrics import read_metrics
+
+            final = [r for r in read_metrics(workdir) if "eval_loss" in r][-1]
+            assert final["step"] == cfg.steps, f"{name}: no eval at the last step"
+            # the whole held-out split decides; the periodic evaluations' sample is kept beside it
+            final_loss, sampled = final.get("eval_loss_full", final["eval_loss"]), final["eval_loss"]
         except NonFiniteLoss as e:  # a diverging learning rate is a result of the sweep, not a failure
             print(f"{name} diverged: {e}", flush=True)
-            final_loss = None
+            final_loss = sampled = None
         result = {"optimizer": opt, "lr": lr, "seed": seed, "final_eval_loss": final_loss,
-                  "tokens": cfg.steps * cfg.batch_size * cfg.seq_len, "wall_seconds": time.time() - t}
+                  "final_eval_loss_sampled": sampled, "tokens": cfg.steps * cfg.batch_size * cfg.seq_len,
+                  "wall_seconds": time.time() - t}
         with open(os.path.join(workdir, "done.json"), "w") as f:
             json.dump(result, f, indent=2)
         return result
@@ -310,7 +314,9 @@ def summary_markdown(results: dict) -> str:
     lines += ["", f"Verdict rule (decides): Welch's t {results['confidence']:.0%} confidence interval of the "
               f"difference in mean final eval loss against AdamW over {seeds} seed(s) per optimizer; better or "
               f"worse only when the whole interval is on one side of zero. Tokens per run: {tokens:,}"
-              + (f" = {epochs:.2f} epochs of the training split" if epochs is not None else "") + "."]
+              + (f" = {epochs:.2f} epochs of the training split" if epochs is not None else "") + ". Final eval loss: "
+              f"the whole held-out split after the last step (curves: the periodic evaluations' first "
+              f"{cfg['eval_batches']} batches)."]
     if epochs is not None and epochs > 1:
         lines.append(f"**Warning: each run sees its training data {epochs:.1f} times: the comparison measures "
                      f"memorisation as much as optimisation.**")

@@ -146,14 +146,26 @@ def _header(run: Run, log: MetricsLog, origin: str) -> str:
 
 
 def _evaluation(run: Run, trainer: Trainer, logger: MetricsLogger) -> Callable:
-    """The evaluation hook: mean held-out loss over the run's eval batches."""
-    eval_set = run.eval_batches()
+    """The evaluation hook: mean held-out loss over the first ``eval_batches`` held-out batches
+    (``eval_loss``) and, after the last step, also over ``final_eval_batches`` of them, by default the whole
+    held-out split (``eval_loss_full``: the number a comparison decides on; the periodic one is a sample)."""
+    eval_set = run.eval_batches(run.cfg.eval_batches)
+
+    def mean_loss(params, batches) -> float:
+        # one batch in flight at a time: many collective programs queued at once can deadlock XLA's CPU
+        # collectives (device threads joining different programs' rendezvous)
+        total = count = 0.0
+        for b in batches:
+            loss_sum, n = jax.device_get(run.eval_step(params, b))
+            total, count = total + float(loss_sum), count + float(n)
+        return total / count
 
     def evaluate(step: int, state) -> None:
-        sums = [run.eval_step(state.params, b) for b in eval_set]
-        total, count = (float(sum(jax.device_get(x[i]) for x in sums)) for i in (0, 1))
-        trainer.last["eval_loss"] = total / count
-        logger.write(step, {"eval_loss": total / count, "tokens": step * run.tokens_per_step})
+        row = {"eval_loss": mean_loss(state.params, eval_set), "tokens": step * run.tokens_per_step}
+        if step == run.cfg.steps:
+            row["eval_loss_full"] = mean_loss(state.params, run.eval_batches(run.cfg.final_eval_batches or None))
+        trainer.last.update({k: v for k, v in row.items() if k != "tokens"})
+        logger.write(step, row)
 
     return evaluate
 
@@ -222,7 +234,7 @@ def _train(run: Run, stop: StopRequest, stop_at: int | None) -> dict:
 
 def _summary(run: Run, trainer: Trainer, logger: MetricsLogger, ckpt: Checkpointer, durable_s: float) -> dict:
     """Close the outputs, plot the losses and say how the run ended."""
-    last = {k: trainer.last[k] for k in ("step", "loss", "eval_loss", "plot") if k in trainer.last}
+    last = {k: trainer.last[k] for k in ("step", "loss", "eval_loss", "eval_loss_full", "plot") if k in trainer.last}
     if trainer.stopping:
         why = (f"{trainer.stop.signal_name} received" if trainer.stop.signal_name else
                "stop requested by another process" if trainer.stop_at is None else
