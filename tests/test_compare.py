@@ -80,3 +80,29 @@ def test_welch_interval_matches_the_textbook_formula():
     ref = stats.ttest_ind(x, y, equal_var=False).confidence_interval(0.95)
     assert abs(diff - (sum(x) / 4 - sum(y) / 3)) < 1e-12
     assert abs(low - ref.low) < 1e-9 and abs(high - ref.high) < 1e-9
+
+
+def test_plan_run_and_report_on_a_half_done_comparison(tmp_path, shakespeare):
+    from train.compare import plan
+
+    cfg = small_comparison(tmp_path / "cmp", shakespeare)
+    comp = Comparison(cfg)
+    overrides = {"workdir": str(tmp_path / "cmp"), "steps": 4}
+    rows = plan(comp, "configs/compare_cpu.py", overrides)
+    assert [r["name"] for r in rows] == ["adamw_lr0.001_s0", "adamw_lr0.01_s0", "muon_lr0.02_s0"]  # no seeds yet
+    assert all(r["status"] == "pending" for r in rows)
+    assert rows[0]["command"].endswith("--config.steps=4 run adamw_lr0.001_s0")
+    assert (f"--config.steps=4 --config.workdir={tmp_path}/cmp/runs/adamw_lr0.001_s0 --config.seed=0 "
+            f"--config.optimizer.name=adamw --config.optimizer.lr=0.001") in rows[0]["train_command"]
+    assert json.load(open(tmp_path / "cmp" / "plan.json")) == rows
+
+    comp.run("muon", 0.02, 0)  # `run muon_lr0.02_s0`: muon's one-rate sweep is done, its seed run is planned
+    names = {r["name"]: r["status"] for r in plan(comp, "configs/compare_cpu.py", overrides)}
+    assert names["muon_lr0.02_s0"] == "done" and names["muon_lr0.02_s1"] == "pending"
+    results = comp.report()  # never trains: reports what is there
+    assert results["optimizers"]["adamw"]["unfinished"] == ["adamw_lr0.001_s0", "adamw_lr0.01_s0"]
+    muon = results["optimizers"]["muon"]
+    assert muon["seeds"] == [0] and muon["unfinished"] == ["muon_lr0.02_s1"]
+    summary = open(tmp_path / "cmp" / "summary.md").read()
+    assert "| adamw | – | sweep unfinished |" in summary and "Unfinished runs, not counted (3)" in summary
+    assert not os.path.exists(tmp_path / "cmp" / "runs" / "adamw_lr0.001_s0")

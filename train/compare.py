@@ -203,24 +203,31 @@ class Comparison:
         self.print_progress()
         return self.report()
 
+    def _entry(self, o: str) -> dict:
+        """One optimizer's results from whatever its run workdirs hold now (unfinished runs are listed)."""
+        sweep = {lr: _read_done(self.run_dir(run_name(o, lr, 0))) for lr in self.sweep[o]}
+        best = self.best_lr(o)
+        entry = {"sweep": {f"{lr:g}": r["final_eval_loss"] for lr, r in sweep.items() if r is not None},
+                 "best_lr": best, "best_lr_at_grid_edge": best is not None and len(self.sweep[o]) > 1
+                 and best in (min(self.sweep[o]), max(self.sweep[o])),
+                 "unfinished": [run_name(o, lr, 0) for lr, r in sweep.items() if r is None]}
+        if best is None:
+            return entry
+        runs = {s: _read_done(self.run_dir(run_name(o, best, s))) for s in range(self.cfg.compare.seeds)}
+        entry["unfinished"] += [run_name(o, best, s) for s, r in runs.items() if r is None]
+        done = {s: r for s, r in runs.items() if r is not None and r["final_eval_loss"] is not None}
+        losses = [r["final_eval_loss"] for r in done.values()]
+        entry.update(seeds=sorted(done), seed_losses=losses, mean=statistics.fmean(losses),
+                     std=statistics.stdev(losses) if len(losses) > 1 else 0.0, tokens=done[0]["tokens"],
+                     wall_seconds=sum(r["wall_seconds"] for r in list(sweep.values()) + list(runs.values())[1:]
+                                      if r is not None))
+        return entry
+
     def report(self) -> dict:
         results = {"config": json.loads(self.cfg.to_json_best_effort()), "confidence": CONFIDENCE,
                    "epochs": self.epochs(), "optimizers": {}}
         for o in self.optimizers:
-            sweep = {lr: _read_done(self.run_dir(run_name(o, lr, 0))) for lr in self.sweep[o]}
-            best = self.best_lr(o)
-            entry = {"sweep": {f"{lr:g}": r["final_eval_loss"] for lr, r in sweep.items()}, "best_lr": best,
-                     "best_lr_at_grid_edge": best is not None and len(self.sweep[o]) > 1
-                     and best in (min(self.sweep[o]), max(self.sweep[o]))}
-            if best is not None:
-                seeds = [_read_done(self.run_dir(run_name(o, best, s))) for s in range(self.cfg.compare.seeds)]
-                losses = [r["final_eval_loss"] for r in seeds]
-                entry.update(
-                    seed_losses=losses, mean=statistics.fmean(losses),
-                    std=statistics.stdev(losses) if len(losses) > 1 else 0.0,
-                    tokens=seeds[0]["tokens"], wall_seconds=sum(r["wall_seconds"] for r in sweep.values())
-                    + sum(r["wall_seconds"] for r in seeds[1:]))
-            results["optimizers"][o] = entry
+            results["optimizers"][o] = self._entry(o)
         add_speedups(results, self)
         with open(os.path.join(self.root, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
@@ -252,7 +259,7 @@ def add_speedups(results: dict, comp: Comparison) -> None:
     for o, entry in results["optimizers"].items():
         if entry.get("best_lr") is None:
             continue
-        curves = [_eval_curve(comp.run_dir(run_name(o, entry["best_lr"], s))) for s in range(comp.cfg.compare.seeds)]
+        curves = [_eval_curve(comp.run_dir(run_name(o, entry["best_lr"], s))) for s in entry["seeds"]]
         n = min(len(c) for c in curves)
         mean_curve = [(curves[0][i][0], statistics.fmean(c[i][1] for c in curves)) for i in range(n)]
         entry["steps_to_adamw_loss"] = steps_to_reach(mean_curve, ref["mean"] + 1e-9)
@@ -303,7 +310,8 @@ def summary_markdown(results: dict) -> str:
              "speed-up vs AdamW | verdict |", "|---|---|---|---|---|---|"]
     for o, e in results["optimizers"].items():
         if "mean" not in e:
-            lines.append(f"| {o} | – | diverged at every lr | – | – | – |")
+            state = "sweep unfinished" if e.get("unfinished") else "diverged at every lr"
+            lines.append(f"| {o} | – | {state} | – | – | – |")
             continue
         steps = f"{e['steps_to_adamw_loss']:.0f}" if e.get("steps_to_adamw_loss") else "not reached"
         speed = f"{e['speedup_vs_adamw']:.2f}x" if e.get("speedup_vs_adamw") else "–"
@@ -322,6 +330,9 @@ def summary_markdown(results: dict) -> str:
                      f"memorisation as much as optimisation.**")
     edge = [f"{o} (best lr {e['best_lr']:g})" for o, e in results["optimizers"].items()
             if e.get("best_lr_at_grid_edge")]
+    unfinished = [n for e in results["optimizers"].values() for n in e.get("unfinished", [])]
+    if unfinished:
+        lines.append(f"**Unfinished runs, not counted ({len(unfinished)}):** " + ", ".join(unfinished) + ".")
     if edge:
         lines.append("**Best learning rate at the edge of its grid, widen the sweep:** " + ", ".join(edge) + ".")
     lines += ["",
@@ -343,7 +354,7 @@ def plot_comparison(comp: Comparison, results: dict) -> None:
     for o, e in results["optimizers"].items():
         if e.get("best_lr") is None:
             continue
-        curves = [_eval_curve(comp.run_dir(run_name(o, e["best_lr"], s))) for s in range(comp.cfg.compare.seeds)]
+        curves = [_eval_curve(comp.run_dir(run_name(o, e["best_lr"], s))) for s in e["seeds"]]
         n = min(len(c) for c in curves)
         steps = [s for s, _ in curves[0][:n]]
         losses = np.array([[l for _, l in c[:n]] for c in curves])
@@ -370,16 +381,79 @@ def plot_comparison(comp: Comparison, results: dict) -> None:
     plt.close(fig)
 
 
+def train_command(comp: Comparison, config_file: str, overrides: dict, opt: str, lr: float, seed: int) -> list[str]:
+    """The ``python -m train`` command of one run: the comparison's config file and its command-line
+    ``overrides``, plus the run's workdir, seed, optimizer and learning rate (train ignores ``compare``)."""
+    mine = {"workdir": comp.run_dir(run_name(opt, lr, seed)), "seed": seed, "optimizer.name": opt,
+            "optimizer.lr": lr}
+    given = {k: v for k, v in _flatten(overrides).items() if k not in mine}
+    return (["python", "-m", "train", "--config", os.path.abspath(config_file)]
+            + [f"--config.{k}={v}" for k, v in {**given, **mine}.items()])
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def plan(comp: Comparison, config_file: str, overrides: dict) -> list[dict]:
+    """Every run known now (seed runs appear once their sweep has finished): name, workdir, status, the job's
+    command (``python -m train.compare ... run NAME``: trains or resumes the run and records its result,
+    a divergence included, for ``report``) and the ``python -m train`` command it amounts to; also written
+    to ``<workdir>/plan.json``."""
+    rows = []
+    for o, lr, s in comp.planned():
+        name = run_name(o, lr, s)
+        done = _read_done(comp.run_dir(name))
+        status = ("pending" if not os.path.exists(comp.run_dir(name)) else "started" if done is None else
+                  "diverged" if done["final_eval_loss"] is None else "done")
+        job = (["python", "-m", "train.compare", "--config", os.path.abspath(config_file)]
+               + [f"--config.{k}={v}" for k, v in _flatten(overrides).items()] + ["run", name])
+        rows.append({"name": name, "workdir": comp.run_dir(name), "status": status, "command": " ".join(job),
+                     "train_command": " ".join(train_command(comp, config_file, overrides, o, lr, s))})
+    os.makedirs(comp.root, exist_ok=True)
+    with open(os.path.join(comp.root, "plan.json"), "w") as f:
+        json.dump(rows, f, indent=2)
+    return rows
+
+
+USAGE = ("python -m train.compare --config CONFIG [--config.*=...] [plan | run NAME | report]: no subcommand "
+         "runs the whole comparison in this process")
+
+
 def main(argv) -> None:
-    del argv
     logging.set_verbosity(logging.WARNING)
     from train.build import setup_platform
 
+    command = argv[1:]
     with user_errors():
         cfg = _CONFIG.value  # a config file that failed to load raises when first read
+        if command not in ([], ["plan"], ["report"]) and not (len(command) == 2 and command[0] == "run"):
+            raise ValueError(f"unknown subcommand {' '.join(command)!r}; usage: {USAGE}")
+        comp = Comparison(cfg)
+        if command == ["plan"]:
+            from absl import flags
+
+            flag = flags.FLAGS["config"]
+            for row in plan(comp, config_flags.get_config_filename(flag), config_flags.get_override_values(flag)):
+                print(f"{row['name']:<28} {row['status']:<9} {row['command']}")
+            print(f"plan written to {os.path.join(comp.root, 'plan.json')}")
+            return
+        if command == ["report"]:  # never trains: whatever the run workdirs hold now
+            print(summary_markdown(comp.report()))
+            return
         setup_platform(cfg)
         try:
-            results = Comparison(cfg).execute()
+            if command:
+                runs = {run_name(*r): r for r in comp.planned()}
+                if command[1] not in runs:
+                    raise ValueError(f"{command[1]!r} is not a planned run now; see `plan` (seed runs appear once "
+                                     "their sweep has finished)")
+                print(json.dumps(comp.run(*runs[command[1]]), indent=1))
+                return
+            results = comp.execute()
         except Stopped as e:  # preempted: like train, exit 0 once the checkpoint is durable
             print(e, flush=True)
             return
