@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ["launch/slurm.sbatch", "launch/tpu_pod.sh"]
+SCRIPTS = ["launch/slurm.sbatch", "launch/tpu_pod.sh", "launch/slurm_compare.sh"]
 ARGS = ["--config", "configs/gpt3_xl.py", "--config.workdir=/shared/runs/gpt3 xl"]
 
 
@@ -45,3 +45,41 @@ def test_tpu_script_requires_its_variables():
     proc = subprocess.run(["bash", os.path.join(REPO, "launch/tpu_pod.sh")], capture_output=True, text=True,
                           env={k: v for k, v in os.environ.items() if k not in ("TPU_NAME", "ZONE")})
     assert proc.returncode != 0 and "TPU_NAME" in proc.stderr
+
+
+def test_slurm_compare_submits_each_planned_run_once(tmp_path):
+    """Dry run: one sbatch per sweep run. Then, with a stand-in ``sbatch`` on PATH (SLURM is not installed
+    here) that records its arguments: the first invocation submits the sweeps, a second one nothing new, and
+    once an optimizer's sweep is done its seed runs, and only those."""
+    import json
+
+    workdir = tmp_path / "cmp dir"  # a space, to check the quoting
+    args = ["--config", os.path.join(REPO, "configs", "compare_cpu.py"), f"--config.workdir={workdir}"]
+    script = os.path.join(REPO, "launch/slurm_compare.sh")
+    run = lambda **env: subprocess.run(["bash", script, *args], env={**os.environ, **env}, capture_output=True,
+                                       text=True, check=True).stdout.replace(" \n", "\n").strip().splitlines()
+    lines = run(DRY_RUN="1", SBATCH_ARGS="--nodes=8")
+    assert len(lines) == 17  # 3 + 3 + 3 + 3 + 5 learning rates, seed 0
+    assert lines[0].startswith(r"sbatch --job-name=adamw_lr0.003_s0 --export=ALL\,TRAIN_MODULE=train.compare "
+                               r"--nodes=8 launch/slurm.sbatch --config ")
+    assert lines[0].endswith(r"--config.workdir=" + str(workdir).replace(" ", r"\ ") + " run adamw_lr0.003_s0")
+    assert not (workdir / "submitted.txt").read_text()  # a dry run records nothing
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "sbatch.log"
+    (bin_dir / "sbatch").write_text(f'#!/usr/bin/env bash\necho "$@" >> "{log}"\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    run(**env)
+    assert len(log.read_text().splitlines()) == 17
+    assert run(**env)[-1].startswith("nothing to submit")
+    for lr in ("0.003", "0.01", "0.03"):  # adamw's sweep finishes; 0.01 is best
+        d = workdir / "runs" / f"adamw_lr{lr}_s0"
+        d.mkdir(parents=True)
+        loss = 5.0 if lr == "0.01" else 5.5
+        (d / "done.json").write_text(json.dumps({"optimizer": "adamw", "lr": float(lr), "seed": 0,
+                                                 "final_eval_loss": loss, "tokens": 1, "wall_seconds": 1}))
+    run(**env)
+    new = log.read_text().splitlines()[17:]
+    assert [line.split()[0] for line in new] == ["--job-name=adamw_lr0.01_s1", "--job-name=adamw_lr0.01_s2"]

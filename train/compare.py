@@ -32,6 +32,7 @@ import copy
 import json
 import math
 import os
+import shlex
 import statistics
 import time
 
@@ -411,8 +412,8 @@ def plan(comp: Comparison, config_file: str, overrides: dict) -> list[dict]:
                   "diverged" if done["final_eval_loss"] is None else "done")
         job = (["python", "-m", "train.compare", "--config", os.path.abspath(config_file)]
                + [f"--config.{k}={v}" for k, v in _flatten(overrides).items()] + ["run", name])
-        rows.append({"name": name, "workdir": comp.run_dir(name), "status": status, "command": " ".join(job),
-                     "train_command": " ".join(train_command(comp, config_file, overrides, o, lr, s))})
+        rows.append({"name": name, "workdir": comp.run_dir(name), "status": status, "command": shlex.join(job),
+                     "train_command": shlex.join(train_command(comp, config_file, overrides, o, lr, s))})
     os.makedirs(comp.root, exist_ok=True)
     with open(os.path.join(comp.root, "plan.json"), "w") as f:
         json.dump(rows, f, indent=2)
