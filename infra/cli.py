@@ -13,8 +13,9 @@ import sys
 
 # Errors that mean "the input is wrong" (the caller's to fix), not a bug: ValueError covers config and
 # checkpoint errors (CheckpointError), OSError missing or unreadable files; RuntimeError subclasses the
-# commands name (a NaN loss, a held workdir) are added by the caller.
-USER_ERRORS = (ValueError, OSError, KeyError)
+# commands name (a NaN loss, a held workdir) are added by the caller. KeyError and AttributeError only count
+# while flags are parsed (a misspelled config field); later they are bugs and keep their traceback.
+USER_ERRORS = (ValueError, OSError)
 
 
 def _one_line(error: BaseException) -> str:
@@ -45,5 +46,5 @@ def parse_flags_or_exit(argv):
     """absl ``flags_parser``: parse ``argv`` into absl's FLAGS, a bad flag or config ending in one line."""
     from absl import flags
 
-    with user_errors(flags.Error, AttributeError):  # AttributeError: a misspelled nested config field
+    with user_errors(flags.Error, KeyError, AttributeError):  # a misspelled (nested) config field
         return flags.FLAGS(argv)

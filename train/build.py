@@ -129,15 +129,15 @@ class Run:
     def batch_sharding(self):
         return batch_sharding(self.mesh)
 
-    @property
+    @cached_property
     def n_params(self) -> int:
-        return count_params(self.model_cfg)
+        return count_params(self.model_cfg)  # traces the model's shapes: once per run
 
     @property
     def tokens_per_step(self) -> int:
         return self.cfg.batch_size * self.cfg.seq_len
 
-    @property
+    @cached_property
     def flops_per_step(self) -> float:
         """Analytic model FLOPs of one train step (``train.flops.flops_per_token``)."""
         m = self.model_cfg

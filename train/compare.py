@@ -177,14 +177,16 @@ class Comparison:
         finite = [r for r in results if r["final_eval_loss"] is not None]
         return min(finite, key=lambda r: r["final_eval_loss"])["lr"] if finite else None
 
+    def status(self, name: str) -> str:
+        """pending (no workdir yet), started (not finished), diverged or done."""
+        done = _read_done(self.run_dir(name))
+        if done is None:
+            return "started" if os.path.exists(self.run_dir(name)) else "pending"
+        return "diverged" if done["final_eval_loss"] is None else "done"
+
     def print_progress(self) -> None:
-        rows = []
-        for o, lr, s in self.planned():
-            name = run_name(o, lr, s)
-            d = self.run_dir(name)
-            status = "done" if _read_done(d) else ("started" if os.path.exists(d) else "pending")
-            rows.append(f"  {name:<28} {status}")
-        n_done = sum(r.endswith("done") for r in rows)
+        rows = [f"  {run_name(*r):<28} {self.status(run_name(*r))}" for r in self.planned()]
+        n_done = sum(r.endswith(("done", "diverged")) for r in rows)
         print(f"comparison in {self.root}: {n_done}/{len(rows)} runs done (seed runs are added once a sweep ends)")
         print("\n".join(rows), flush=True)
 
@@ -407,12 +409,10 @@ def plan(comp: Comparison, config_file: str, overrides: dict) -> list[dict]:
     rows = []
     for o, lr, s in comp.planned():
         name = run_name(o, lr, s)
-        done = _read_done(comp.run_dir(name))
-        status = ("pending" if not os.path.exists(comp.run_dir(name)) else "started" if done is None else
-                  "diverged" if done["final_eval_loss"] is None else "done")
         job = (["python", "-m", "train.compare", "--config", os.path.abspath(config_file)]
                + [f"--config.{k}={v}" for k, v in _flatten(overrides).items()] + ["run", name])
-        rows.append({"name": name, "workdir": comp.run_dir(name), "status": status, "command": shlex.join(job),
+        rows.append({"name": name, "workdir": comp.run_dir(name), "status": comp.status(name),
+                     "command": shlex.join(job),
                      "train_command": shlex.join(train_command(comp, config_file, overrides, o, lr, s))})
     os.makedirs(comp.root, exist_ok=True)
     with open(os.path.join(comp.root, "plan.json"), "w") as f:
