@@ -49,7 +49,11 @@ def check_theta(theta, source: str = "theta") -> None:
 
 def theta_from_bytes(buf: bytes, source: str = "theta.state") -> dict:
     """Parse and validate the bytes of a ``theta.state`` file into the flat 19-key dict of float32 arrays."""
-    tree = tree_from_bytes(buf, source)
+    return theta_from_tree(tree_from_bytes(buf, source), source)
+
+
+def theta_from_tree(tree, source: str = "theta.state") -> dict:
+    """The validated flat 19-key theta of a decoded ``theta.state`` tree."""
     node = tree
     for depth, key in enumerate(TREE_PATH):
         if not isinstance(node, dict) or set(node) != {key}:

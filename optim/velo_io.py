@@ -136,9 +136,15 @@ def velo_theta_from_bytes(buf: bytes, source: str = "VeLO parameter file", *, pa
                           lstm_hidden_size: int = LSTM_HIDDEN) -> dict:
     """Parse and validate the bytes of a VeLO parameter file (any of ``LAYOUTS``) into the nested dict of
     float32 arrays, official names, creation order."""
-    tree, _ = unwrap(tree_from_bytes(buf, source, kind="VeLO parameter"), source)
-    check_velo_theta(tree, source, param_inits=param_inits, lstm_hidden_size=lstm_hidden_size)
-    return _ordered(tree, velo_theta_shapes(param_inits, lstm_hidden_size))
+    bare, _ = unwrap(tree_from_bytes(buf, source, kind="VeLO parameter"), source)
+    return velo_theta_from_tree(bare, source, param_inits=param_inits, lstm_hidden_size=lstm_hidden_size)
+
+
+def velo_theta_from_tree(bare, source: str = "VeLO parameter file", *, param_inits: int = PARAM_INITS,
+                         lstm_hidden_size: int = LSTM_HIDDEN) -> dict:
+    """The validated theta (creation order) of a decoded, unwrapped (``unwrap``) VeLO tree."""
+    check_velo_theta(bare, source, param_inits=param_inits, lstm_hidden_size=lstm_hidden_size)
+    return _ordered(bare, velo_theta_shapes(param_inits, lstm_hidden_size))
 
 
 def velo_theta_to_bytes(theta: dict, layout: str = "official", gen_id: str = "", step: int = 0) -> bytes:

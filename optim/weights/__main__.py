@@ -35,7 +35,7 @@ def identify(path) -> dict:
     if isinstance(tree, dict) and set(tree) == {theta_io.TREE_PATH[0]}:
         trained = theta_io.trained_as(path)
         out.update(optimizer="celo2 / celo2-base" if trained is None else f"{trained[0]} ({trained[1]})",
-                   layout="official", theta=theta_io.theta_from_bytes(buf, str(file)))
+                   layout="official", theta=theta_io.theta_from_tree(tree, str(file)))
         out["tree"] = {theta_io.TREE_PATH[0]: {theta_io.TREE_PATH[1]: out["theta"]}}
         return out
     if isinstance(tree, dict) and ("lstm_init_state" in tree or "params" in tree):
@@ -43,7 +43,7 @@ def identify(path) -> dict:
         sizes = velo_io.velo_sizes(bare, str(file))
         out.update(optimizer=f"velo (param_inits {sizes['param_inits']}, lstm_hidden_size "
                              f"{sizes['lstm_hidden_size']})", layout=layout,
-                   theta=velo_io.velo_theta_from_bytes(buf, str(file), **sizes))
+                   theta=velo_io.velo_theta_from_tree(bare, str(file), **sizes))
         out["tree"] = {"params": out["theta"]} if layout == "wrapped" else out["theta"]
         if layout == "wrapped":
             out.update(gen_id=tree.get("gen_id"), step=tree.get("step"))
