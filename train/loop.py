@@ -59,6 +59,7 @@ class Trainer:
         self.metrics_hooks: list[Hook] = []
         self.stopping = False
         self.last: dict = {}  # the last checked step: {"step", "loss", ...}
+        self.hook_seconds = 0.0  # wall time spent in step hooks (evaluation, checkpoints, plots) so far
 
     def add_hook(self, fn: Callable, every: int, *, on_stop: bool = False, checked: bool = False) -> None:
         self.hooks.append(Hook(fn, every, on_stop, checked))
@@ -98,7 +99,9 @@ class Trainer:
                         if hook.checked and pending is not None:
                             self._check(*pending)
                             pending = None
+                        t0 = time.perf_counter()
                         hook.fn(done, state)
+                        self.hook_seconds += time.perf_counter() - t0
                 if self.stopping:
                     break
             if pending is not None:
@@ -108,16 +111,17 @@ class Trainer:
 
 class MetricsLog:
     """The metrics hook: logged rows with throughput and MFU since the previous row, and any ``extra``
-    values other hooks left for the next row (e.g. a checkpoint's blocking time)."""
+    values other hooks left for the next row (e.g. a checkpoint's blocking time). The time the trainer spent
+    in its step hooks (evaluation, checkpoints, plots) is not training time and is left out of the rate."""
 
-    def __init__(self, run: Run, logger: MetricsLogger):
-        self.run, self.logger = run, logger
+    def __init__(self, run: Run, logger: MetricsLogger, trainer: Trainer):
+        self.run, self.logger, self.trainer = run, logger, trainer
         self.peak, self.peak_source = _peak_flops(run.mesh.devices.flat[0].device_kind, run.mesh.size)
-        self.timer = None  # (time, step) of the previous row
+        self.timer = None  # (time - hook time, step) of the previous row
         self.extra: dict = {}
 
     def __call__(self, step: int, m: dict) -> None:
-        now, row = time.perf_counter(), dict(m)
+        now, row = time.perf_counter() - self.trainer.hook_seconds, dict(m)
         if self.timer is not None:
             dt = (now - self.timer[0]) / (step - self.timer[1])
             row.update(step_time=dt, tokens_per_sec=self.run.tokens_per_step / dt,
@@ -201,7 +205,7 @@ def _train(run: Run, stop: StopRequest, stop_at: int | None) -> dict:
             f.write(cfg.to_json_best_effort(indent=2))
     logger = MetricsLogger(cfg.workdir, cfg.steps, start_step)
     trainer = Trainer(run, stop, stop_at)
-    log = MetricsLog(run, logger)
+    log = MetricsLog(run, logger, trainer)
     logger.print(_header(run, log, origin))
     if run.optimizer.labels is not None:
         params = run.layout.abstract.params
