@@ -32,7 +32,6 @@ import functools
 import json
 import math
 import os
-import shutil
 import time
 from typing import Callable
 
@@ -42,6 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
+
+from infra.files import epath, is_uri, join, move_tree, read_text, resolve
 
 FORMAT = 1
 
@@ -139,8 +140,7 @@ def fingerprint(tree) -> dict[str, str]:
 
 def read_meta(step_dir: str) -> dict:
     """The ``meta`` item of a checkpoint step directory."""
-    with open(os.path.join(step_dir, "meta", "metadata")) as f:
-        return json.load(f)
+    return json.loads(read_text(join(step_dir, "meta", "metadata")))
 
 
 def verify(tree, meta: dict) -> None:
@@ -220,7 +220,7 @@ class Checkpointer:
 
     def __init__(self, directory: str, keep: int = 3, keep_every: int = 0, async_save: bool = True,
                  read_retries: int = 2, retry_wait_s: float = 1.0, keep_set_aside: int = 2):
-        self.directory = os.path.abspath(directory)
+        self.directory = resolve(directory)
         self.read_retries, self.retry_wait_s, self.keep_set_aside = read_retries, retry_wait_s, keep_set_aside
         if keep < 1:
             raise ValueError(f"keep_checkpoints={keep} must be >= 1")
@@ -239,10 +239,16 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def step_dir(self, step: int) -> str:
-        return os.path.join(self.directory, str(step))
+        return join(self.directory, str(step))
 
     def incomplete(self) -> list[str]:
-        """Directories of saves that never finished (a crash or kill mid-save); orbax ignores them."""
+        """Directories of saves that never finished (a crash or kill mid-save); orbax ignores them.
+
+        On object storage orbax writes a save into its final ``<step>/`` and marks it finished with a
+        ``commit_success.txt`` object, instead of renaming a temporary directory."""
+        if is_uri(self.directory):
+            found = epath(self.directory).iterdir() if epath(self.directory).is_dir() else []
+            return sorted(str(p) for p in found if p.name.isdigit() and not (p / "commit_success.txt").exists())
         if not os.path.isdir(self.directory):
             return []
         return sorted(os.path.join(self.directory, n) for n in os.listdir(self.directory)
@@ -266,8 +272,7 @@ class Checkpointer:
         return read_meta(self.step_dir(step))
 
     def config(self, step: int) -> dict:
-        with open(os.path.join(self.step_dir(step), "config", "metadata")) as f:
-            return json.load(f)
+        return json.loads(read_text(join(self.step_dir(step), "config", "metadata")))
 
     def restore(self, step: int, abstract_state, validate: Callable[[int, dict, dict], None] | None = None):
         """Train state of ``step``, read into ``abstract_state``'s shardings and verified.
@@ -368,6 +373,9 @@ class Checkpointer:
 
     def set_aside(self, label: str) -> list[str]:
         """The set-aside checkpoint directories of a kind (``<step>.<label>-<time>``), oldest first."""
+        if is_uri(self.directory):  # no directory times on object storage: the name's time stamp orders them
+            found = epath(self.directory).iterdir() if epath(self.directory).is_dir() else []
+            return sorted((str(p) for p in found if f".{label}-" in p.name), key=lambda p: p.rsplit(f".{label}-")[1])
         if not os.path.isdir(self.directory):
             return []
         found = [os.path.join(self.directory, n) for n in os.listdir(self.directory) if f".{label}-" in n]
@@ -384,13 +392,13 @@ class Checkpointer:
             for path in paths:
                 dst = base = f"{path.split('.orbax-checkpoint-tmp')[0]}.{label}-{stamp}"
                 n = 1
-                while os.path.exists(dst):
+                while epath(dst).exists():
                     dst, n = f"{base}-{n}", n + 1
-                os.rename(path, dst)
+                move_tree(path, dst)
                 warn(f"moved {path} to {dst} (kept for inspection, up to {self.keep_set_aside} of its kind)")
             old = self.set_aside(label)[:-self.keep_set_aside or None] if paths else []
             for path in old:
-                shutil.rmtree(path)
+                epath(path).rmtree()
                 warn(f"deleted {path}: more than keep_set_aside={self.keep_set_aside} {label} checkpoints")
         _barrier(f"checkpoint_move_aside_{label}")
         if paths:
@@ -409,17 +417,18 @@ class Checkpointer:
 def candidates(path: str) -> list[str]:
     """Step directories meant by ``path``, newest first: a step dir itself, or the steps of a checkpoints
     dir or of a workdir (its ``checkpoints/``)."""
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        path = os.path.join(path, "checkpoints")
-    if os.path.isdir(os.path.join(path, "state")):
+    p = epath(resolve(path))
+    if (p / "checkpoints").is_dir():
+        p = p / "checkpoints"
+    path = str(p)
+    if (p / "state").is_dir():
         return [path]
-    steps = sorted((int(n) for n in (os.listdir(path) if os.path.isdir(path) else []) if n.isdigit()
-                    and os.path.isdir(os.path.join(path, n, "state"))), reverse=True)
+    steps = sorted((int(c.name) for c in (p.iterdir() if p.is_dir() else []) if c.name.isdigit()
+                    and (c / "state").is_dir()), reverse=True)
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {path} (expected a workdir, its checkpoints/ dir or a "
                                 f"checkpoint step dir)")
-    return [os.path.join(path, str(s)) for s in steps]
+    return [join(path, str(s)) for s in steps]
 
 
 def _restore_params_from(step_dir: str, abstract_params):
@@ -429,7 +438,7 @@ def _restore_params_from(step_dir: str, abstract_params):
     if problems:
         raise CheckpointError(f"the parameters in {step_dir} do not fit this model:\n  " + "\n  ".join(problems))
     with ocp.Checkpointer(_state_handler()) as checkpointer:
-        restored = checkpointer.restore(os.path.join(step_dir, "state"),
+        restored = checkpointer.restore(join(step_dir, "state"),
                                         args=_restore_args({"params": abstract_params}, partial=True))
     params = _fill_empty(restored["params"], abstract_params)
     verify({"params": params}, meta)

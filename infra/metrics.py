@@ -3,6 +3,12 @@
 ``metrics.jsonl`` is strict JSON: a NaN or infinite value is written as the string "nan", "inf" or "-inf" and
 its name listed under ``"nonfinite"`` (``read_metrics`` turns them back into floats).
 
+On object storage (a ``gs://`` workdir), where an object cannot be appended to, the logger keeps the
+file's lines in memory (starting from what an earlier run of the workdir left) and replaces the whole
+``metrics.jsonl`` object after every row: readers always see a complete file. TensorBoard events are written
+to a local temporary directory and each event file is uploaded (as a whole, replacing the previous upload)
+to ``<workdir>/tensorboard/`` after every row and on close.
+
 Used by training (rows keyed by ``step``) and meta-training (keyed by ``iteration``). Only process 0
 writes; every process may call the methods.
 """
@@ -11,9 +17,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import tempfile
 
 import jax
 from tqdm import tqdm
+
+from infra.files import is_uri, join, makedirs, read_text, write_atomic
 
 
 class MetricsLogger:
@@ -29,10 +39,12 @@ class MetricsLogger:
             return
         from tensorboardX import SummaryWriter
 
-        os.makedirs(workdir, exist_ok=True)
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self._file = open(self.path, "a")
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        makedirs(workdir)
+        self.path = join(workdir, "metrics.jsonl")
+        self._file = _ObjectAppender(self.path) if is_uri(self.path) else open(self.path, "a")
+        self._tb_dir = join(workdir, "tensorboard")
+        self._tb_local = tempfile.mkdtemp(prefix="tensorboard-") if is_uri(workdir) else None
+        self._tb = SummaryWriter(self._tb_local or self._tb_dir)
         self._bar = tqdm(total=total, initial=start, unit=key, dynamic_ncols=True, desc=desc, smoothing=0.1,
                          disable=not progress)
 
@@ -50,6 +62,14 @@ class MetricsLogger:
             if k != self.key and math.isfinite(v):
                 self._tb.add_scalar(k, v, step)
         self._tb.flush()
+        self._upload_events()
+
+    def _upload_events(self) -> None:
+        """Object storage: copy the local event files to ``<workdir>/tensorboard/``."""
+        if self._tb_local is not None:
+            for name in os.listdir(self._tb_local):
+                with open(os.path.join(self._tb_local, name), "rb") as f:
+                    write_atomic(join(self._tb_dir, name), f.read())
 
     def progress(self, step: int, **postfix) -> None:
         if self.enabled:
@@ -66,20 +86,46 @@ class MetricsLogger:
             self._bar.close()
             self._file.close()
             self._tb.close()
+            self._upload_events()
+            if self._tb_local is not None:
+                shutil.rmtree(self._tb_local, ignore_errors=True)
+
+
+class _ObjectAppender:
+    """A file opened for appending, on object storage: the lines so far in memory, and the whole object
+    rewritten (one atomic upload) on every flush."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            text = read_text(path)
+        except FileNotFoundError:
+            text = ""
+        self._parts = [text if not text or text.endswith("\n") else text + "\n"]  # the next row starts a line
+
+    def write(self, text: str) -> None:
+        self._parts.append(text)
+
+    def flush(self) -> None:
+        self._parts = ["".join(self._parts)]
+        write_atomic(self.path, self._parts[0].encode())
+
+    def close(self) -> None:
+        self.flush()
 
 
 def read_metrics(workdir: str | os.PathLike, key: str = "step") -> list[dict]:
     """All rows of a run's metrics.jsonl merged per ``key`` (later rows for a step update the earlier ones,
-    e.g. after a resume), in step order; [] if the run has logged nothing yet."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    e.g. after a resume), in step order; [] if the run has logged nothing yet. ``workdir`` may be a URI."""
+    try:
+        text = read_text(join(workdir, "metrics.jsonl"))
+    except FileNotFoundError:
         return []
     rows = {}
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                row = json.loads(line)
-                for k in row.pop("nonfinite", ()):
-                    row[k] = float(row[k])
-                rows.setdefault(row[key], {}).update(row)
+    for line in text.splitlines():
+        if line.strip():
+            row = json.loads(line)
+            for k in row.pop("nonfinite", ()):
+                row[k] = float(row[k])
+            rows.setdefault(row[key], {}).update(row)
     return [rows[s] for s in sorted(rows)]

@@ -21,6 +21,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname
 def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
+    from infra.files import resolve
     from infra.lease import LeaseError
     from train.build import setup_platform
     from train.loop import NonFiniteLoss, train
@@ -34,7 +35,7 @@ def main(argv) -> None:
         return
     msg = (f"done: step {summary['step']}, train loss {summary.get('loss', float('nan')):.4f}, "
            f"eval loss {summary.get('eval_loss', float('nan')):.4f} (unigram entropy "
-           f"{summary['unigram_entropy']:.4f}); outputs in {os.path.abspath(cfg.workdir)}")
+           f"{summary['unigram_entropy']:.4f}); outputs in {resolve(cfg.workdir)}")
     if "plot" in summary:
         msg += f" (plot: {summary['plot']})"
     print(("stopped early and checkpointed; rerun the same command to resume. " if summary["stopped_early"]

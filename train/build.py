@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 import data
+from infra.files import resolve
 from models import count_params, model_config
 from optim.registry import make_optimizer
 from train import mesh as mesh_lib
@@ -50,13 +51,14 @@ def setup_platform(cfg) -> None:
 
 
 def resolve_config(cfg):
-    """The config as the run uses it (paths made absolute), as saved in config.json and checkpoints."""
+    """The config as the run uses it (local paths made absolute, URIs such as gs://bucket/run kept), as saved
+    in config.json and checkpoints."""
     cfg = cfg.copy_and_resolve_references()
     with cfg.unlocked():
-        cfg.workdir = os.path.abspath(cfg.workdir)
+        cfg.workdir = resolve(cfg.workdir)
         cfg.data.dir = os.path.abspath(cfg.data.dir)
         if cfg.init_from:
-            cfg.init_from = os.path.abspath(cfg.init_from)
+            cfg.init_from = resolve(cfg.init_from)
     return cfg
 
 

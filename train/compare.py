@@ -41,6 +41,7 @@ from ml_collections import config_flags
 
 import configs
 from infra.cli import parse_flags_or_exit, user_errors
+from infra.files import exists, join, makedirs, move_tree, read_text, resolve, save_figure, write_text
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(configs.__file__), "compare_cpu.py"), "Comparison config.")
@@ -61,8 +62,10 @@ def _lrs(cfg, opt: str) -> list[float]:
 
 
 def _read_done(workdir: str) -> dict | None:
-    path = os.path.join(workdir, "done.json")
-    return json.load(open(path)) if os.path.exists(path) else None
+    try:
+        return json.loads(read_text(join(workdir, "done.json")))
+    except FileNotFoundError:
+        return None
 
 
 def _eval_curve(workdir: str) -> list[tuple[int, float]]:
@@ -78,7 +81,7 @@ class Stopped(Exception):
 class Comparison:
     def __init__(self, cfg):
         self.cfg = cfg
-        self.root = os.path.abspath(cfg.workdir)
+        self.root = resolve(cfg.workdir)  # a local path or a URI (gs://...)
         self.optimizers = [o.strip() for o in cfg.compare.optimizers.split(",") if o.strip()]
         from optim.registry import REGISTRY
 
@@ -88,7 +91,7 @@ class Comparison:
         self.sweep = {o: _lrs(cfg, o) for o in self.optimizers}
 
     def run_dir(self, name: str) -> str:
-        return os.path.join(self.root, "runs", name)
+        return join(self.root, "runs", name)
 
     def run(self, opt: str, lr: float, seed: int) -> dict:
         """Train one run (or resume it, or return its recorded result if it finished)."""
@@ -122,8 +125,7 @@ class Comparison:
         result = {"optimizer": opt, "lr": lr, "seed": seed, "final_eval_loss": final_loss,
                   "final_eval_loss_sampled": sampled, "tokens": cfg.steps * cfg.batch_size * cfg.seq_len,
                   "wall_seconds": time.time() - t}
-        with open(os.path.join(workdir, "done.json"), "w") as f:
-            json.dump(result, f, indent=2)
+        write_text(join(workdir, "done.json"), json.dumps(result, indent=2))
         return result
 
     def planned(self) -> list[tuple[str, float, int]]:
@@ -151,11 +153,10 @@ class Comparison:
         from train.build import resolve_config
         from train.resume import config_changes
 
-        path = os.path.join(workdir, "config.json")
-        if not os.path.exists(path):
+        try:
+            saved = json.loads(read_text(join(workdir, "config.json")))
+        except FileNotFoundError:
             return
-        with open(path) as f:
-            saved = json.load(f)
         now = json.loads(resolve_config(cfg).to_json_best_effort())
         diffs = {k: v for k, v in config_changes({k: saved.get(k) for k in SETTINGS},
                                                   {k: now.get(k) for k in SETTINGS}).items() if k not in NOT_SETTINGS}
@@ -167,7 +168,7 @@ class Comparison:
                              f"another --config.workdir, or --config.compare.redo_mismatched=True to set it "
                              f"aside and train it again")
         aside = f"{workdir}.mismatched-{time.strftime('%Y%m%d-%H%M%S')}"
-        os.rename(workdir, aside)
+        move_tree(workdir, aside)
         print(f"{workdir}: other settings ({listed}); moved to {aside}, training it again", flush=True)
 
     def best_lr(self, opt: str) -> float | None:
@@ -181,7 +182,7 @@ class Comparison:
         """pending (no workdir yet), started (not finished), diverged or done."""
         done = _read_done(self.run_dir(name))
         if done is None:
-            return "started" if os.path.exists(self.run_dir(name)) else "pending"
+            return "started" if exists(self.run_dir(name)) else "pending"
         return "diverged" if done["final_eval_loss"] is None else "done"
 
     def print_progress(self) -> None:
@@ -232,10 +233,9 @@ class Comparison:
         for o in self.optimizers:
             results["optimizers"][o] = self._entry(o)
         add_speedups(results, self)
-        with open(os.path.join(self.root, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        with open(os.path.join(self.root, "summary.md"), "w") as f:
-            f.write(summary_markdown(results))
+        makedirs(self.root)
+        write_text(join(self.root, "results.json"), json.dumps(results, indent=2))
+        write_text(join(self.root, "summary.md"), summary_markdown(results))
         plot_comparison(self, results)
         return results
 
@@ -367,7 +367,7 @@ def plot_comparison(comp: Comparison, results: dict) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(comp.root, "curves.png"), dpi=120)
+    save_figure(fig, join(comp.root, "curves.png"))
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
@@ -380,7 +380,7 @@ def plot_comparison(comp: Comparison, results: dict) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(comp.root, "sweep.png"), dpi=120)
+    save_figure(fig, join(comp.root, "sweep.png"))
     plt.close(fig)
 
 
@@ -414,9 +414,8 @@ def plan(comp: Comparison, config_file: str, overrides: dict) -> list[dict]:
         rows.append({"name": name, "workdir": comp.run_dir(name), "status": comp.status(name),
                      "command": shlex.join(job),
                      "train_command": shlex.join(train_command(comp, config_file, overrides, o, lr, s))})
-    os.makedirs(comp.root, exist_ok=True)
-    with open(os.path.join(comp.root, "plan.json"), "w") as f:
-        json.dump(rows, f, indent=2)
+    makedirs(comp.root)
+    write_text(join(comp.root, "plan.json"), json.dumps(rows, indent=2))
     return rows
 
 
@@ -440,7 +439,7 @@ def main(argv) -> None:
             flag = flags.FLAGS["config"]
             for row in plan(comp, config_flags.get_config_filename(flag), config_flags.get_override_values(flag)):
                 print(f"{row['name']:<28} {row['status']:<9} {row['command']}")
-            print(f"plan written to {os.path.join(comp.root, 'plan.json')}")
+            print(f"plan written to {join(comp.root, 'plan.json')}")
             return
         if command == ["report"]:  # never trains: whatever the run workdirs hold now
             print(summary_markdown(comp.report()))
@@ -459,7 +458,7 @@ def main(argv) -> None:
             print(e, flush=True)
             return
     print(summary_markdown(results))
-    print(f"results in {os.path.abspath(cfg.workdir)}: results.json summary.md curves.png sweep.png")
+    print(f"results in {comp.root}: results.json summary.md curves.png sweep.png")
 
 
 if __name__ == "__main__":

@@ -15,13 +15,13 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import time
 from typing import Callable
 
 import jax
 
 from infra.checkpoint import Checkpointer
+from infra.files import join, makedirs, write_text
 from infra.lease import WorkdirLease
 from infra.metrics import MetricsLogger
 from infra.preemption import StopAgreement, StopRequest
@@ -189,7 +189,7 @@ def train(cfg, *, devices=None, stop_at: int | None = None) -> dict:
 
 def _train(run: Run, stop: StopRequest, stop_at: int | None) -> dict:
     cfg, info = run.cfg, run.data
-    ckpt = Checkpointer(os.path.join(cfg.workdir, "checkpoints"), cfg.keep_checkpoints, cfg.keep_every,
+    ckpt = Checkpointer(join(cfg.workdir, "checkpoints"), cfg.keep_checkpoints, cfg.keep_every,
                         keep_set_aside=cfg.keep_set_aside)
     saved_config = json.loads(cfg.to_json_best_effort())
     extra_meta = {"data": {"dataset": info.identity, "dir": cfg.data.dir}}
@@ -200,9 +200,8 @@ def _train(run: Run, stop: StopRequest, stop_at: int | None) -> dict:
                 "note": f"already at step {start_step} >= steps={cfg.steps}; nothing to do"}
     batches = run.train_batches(start_step)
     if jax.process_index() == 0:
-        os.makedirs(cfg.workdir, exist_ok=True)
-        with open(os.path.join(cfg.workdir, "config.json"), "w") as f:
-            f.write(cfg.to_json_best_effort(indent=2))
+        makedirs(cfg.workdir)
+        write_text(join(cfg.workdir, "config.json"), cfg.to_json_best_effort(indent=2))
     logger = MetricsLogger(cfg.workdir, cfg.steps, start_step)
     trainer = Trainer(run, stop, stop_at)
     log = MetricsLog(run, logger, trainer)

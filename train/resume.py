@@ -2,10 +2,10 @@
 initialisation; and the check that a checkpoint was written with the same data order."""
 from __future__ import annotations
 
-import os
 import time
 
 from infra.checkpoint import CheckpointError, restore_params, warn
+from infra.files import join
 
 
 def data_order_check(cfg, ds: str, now: dict):
@@ -24,7 +24,7 @@ def data_order_check(cfg, ds: str, now: dict):
             raise CheckpointError(
                 f"the checkpoint at step {step} in {cfg.workdir} was trained with another data order; resuming "
                 f"would silently repeat or skip training data:\n  " + "\n  ".join(diffs) + "\nRerun with "
-                f"the checkpoint's values (see {os.path.join(cfg.workdir, 'config.json')}), or start a new "
+                f"the checkpoint's values (see {join(cfg.workdir, 'config.json')}), or start a new "
                 f"workdir from these weights with --config.init_from={cfg.workdir}")
         changed = [f"{k} {a!r} -> {b!r}" for k, (a, b) in config_changes(saved, now).items()
                    if k not in ("data.dir", "workdir")]
