@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from infra.cli import user_errors
+from infra.files import exists, join, read_text
 from flax import nnx
 
 
@@ -73,8 +73,7 @@ def sample(workdir: str, prompt: str, *, temperature: float = 0.8, top_k: int = 
     from infra.checkpoint import restore_params
     from train.build import build_run
 
-    with open(os.path.join(workdir, "config.json")) as f:
-        cfg = ml_collections.ConfigDict(json.load(f))
+    cfg = ml_collections.ConfigDict(json.loads(read_text(join(workdir, "config.json"))))
     with cfg.unlocked():
         cfg.model.remat, cfg.model.dropout = "none", 0.0
         cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
@@ -115,7 +114,7 @@ def main(argv=None) -> None:
     p.add_argument("--checkpoint", default=None, help="a checkpoint step dir (default: the latest)")
     a = p.parse_args(argv)
     with user_errors():
-        if not os.path.isfile(os.path.join(a.workdir, "config.json")):
+        if not exists(join(a.workdir, "config.json")):
             raise ValueError(f"{a.workdir} has no config.json (not a training run's workdir)")
         text = sample(a.workdir, a.prompt, temperature=a.temperature, top_k=a.top_k, max_tokens=a.max_tokens,
                       seed=a.seed, checkpoint=a.checkpoint)
