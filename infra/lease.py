@@ -192,8 +192,13 @@ class GcsWorkdirLease(WorkdirLease):
             self._blob.upload_from_string(json.dumps(self.record), content_type="application/json",
                                           if_generation_match=generation)
         except PreconditionFailed:
-            return False
-        self.generation = self._blob.generation
+            current, generation = self._read_generation()
+            if current != self.record:
+                return False
+            # our own write: the client retried it after a lost response, and the retry was refused
+        else:
+            generation = self._blob.generation
+        self.generation = generation
         return True
 
     def _read_generation(self) -> tuple[dict | None, int]:
