@@ -172,11 +172,24 @@ def test_stale_gs_lease_is_taken_over_by_exactly_one(gcs, capsys):
     assert _names(wd) == []
 
 
-def test_the_cli_names_the_holder_in_one_line(gcs, data_dir):
-    wd = f"{gcs}/cli"
-    with WorkdirLease(wd):
-        proc = subprocess.run([sys.executable, "-m", "train", *cli_args(make_config(wd, data_dir))], cwd=ROOT,
-                              capture_output=True, text=True, timeout=300)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
-    assert f"{wd} is in use by another run (pid {os.getpid()} on {socket.gethostname()}" in errors[0]
+def test_a_second_trainer_on_a_gs_workdir_stops_naming_the_first(gcs, data_dir):
+    """Two ``python -m train`` processes on one gs:// workdir: the second ends with one error line naming the
+    first (its pid and host)."""
+    wd = f"{gcs}/two"
+    first = subprocess.Popen([sys.executable, "-m", "train", *cli_args(make_config(wd, data_dir, steps=10_000))],
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        lease, deadline = _blob(f"{wd}/{LEASE}"), time.time() + 120
+        while not lease.exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert lease.exists() and first.poll() is None
+        second = subprocess.run([sys.executable, "-m", "train", *cli_args(make_config(wd, data_dir))], cwd=ROOT,
+                                capture_output=True, text=True, timeout=300)
+        assert first.poll() is None  # the first still runs: the refusal was about a live holder
+    finally:
+        first.kill()
+        first.wait()
+    errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+    assert second.returncode == 2 and len(errors) == 1, second.stderr[-3000:]
+    assert f"{wd} is in use by another run (pid {first.pid} on {socket.gethostname()}" in errors[0]
+    assert "Traceback" not in second.stderr
