@@ -41,7 +41,7 @@ def add_parser(sub) -> None:
 
 def make_corpus(out: pathlib.Path, size_bytes: int, n_shards: int, seed: int = 0) -> list[pathlib.Path]:
     """The generated jsonl shards (see the module docstring); kept and reused if already complete."""
-    marker = out / "COMPLETE.json"
+    marker = out.parent / f"{out.name}.complete.json"  # outside the corpus, which would read it as input
     spec = {"size_bytes": size_bytes, "shards": n_shards, "seed": seed, "version": 1}
     paths = [out / f"shard-{i:04d}.jsonl" for i in range(n_shards)]
     if marker.is_file() and json.loads(marker.read_text()) == spec:
