@@ -64,26 +64,49 @@ def _entropy_nats(counts: np.ndarray) -> float:
 
 
 SMALL_CORPUS_BYTES = 256 * 2**20
+SMALL_CORPUS_DOCS = 1000
+
+
+def _held_out_by_size(sizes: dict[str, int], eval_fraction: float) -> set[str]:
+    """Whole documents in order of their hash, each one that brings the held-out share of characters closer
+    to eval_fraction (always at least one; at least one stays for training)."""
+    target = eval_fraction * sum(sizes.values())
+    held, size = set(), 0
+    for doc_id in sorted(sizes, key=lambda i: hashlib.sha256(i.encode()).hexdigest()):
+        if size >= target or len(held) == len(sizes) - 1:
+            break
+        if held and abs(size + sizes[doc_id] - target) >= target - size:
+            continue  # taking it would land further from the target than stopping here; try the next one
+        held.add(doc_id)
+        size += sizes[doc_id]
+    return held
 
 
 def flipped_documents(units, text_key: str, eval_fraction: float, on_error: str) -> tuple[str, ...]:
-    """For a corpus of at most SMALL_CORPUS_BYTES: the document whose side of the held-out rule is switched
-    so that neither split is empty (the one with the smallest hash goes to eval if no document is held out,
-    the one with the largest stays for training if all are), else none. Larger corpora are not scanned."""
+    """The documents on the other side of the hash rule (``data.shards.held_out``), from one scan of a corpus
+    of at most SMALL_CORPUS_BYTES; larger corpora are not scanned and keep the hash rule as it is.
+
+    With at most SMALL_CORPUS_DOCS documents the held-out set is ``_held_out_by_size``'s, which hits
+    eval_fraction of the characters as closely as whole documents allow (a few documents would otherwise
+    give a share far from it, or none); with more, the hash rule stands, except that the document with the
+    smallest hash is held out if it holds out none (the largest stays for training if it holds out all).
+    """
     if sum(u.size for u in units) > SMALL_CORPUS_BYTES:
         return ()
     quiet = corpus_lib.Problems(on_error, verbose=False)  # the tokenizing pass counts skipped input
-    ids = [doc.name for u in units for doc, _ in corpus_lib.read_documents(u, text_key, quiet)]
-    if len(ids) < 2:
+    sizes = {doc.name: len(doc.text) for u in units for doc, _ in corpus_lib.read_documents(u, text_key, quiet)}
+    if len(sizes) < 2:
         raise ValueError(
-            f"the corpus has {len(ids)} non-empty document(s); holding out whole documents for evaluation needs "
+            f"the corpus has {len(sizes)} non-empty document(s); holding out whole documents for evaluation needs "
             "at least 2 (use a directory of several .txt files, separate documents with <|endoftext|> lines, or "
             "give jsonl/parquet records)")
-    held = sum(shards.held_out(i, eval_fraction) for i in ids)
-    if held == 0:
-        return (min(ids, key=shards.doc_hash),)
-    if held == len(ids):
-        return (max(ids, key=shards.doc_hash),)
+    by_hash = {i for i in sizes if shards.held_out(i, eval_fraction)}
+    if len(sizes) <= SMALL_CORPUS_DOCS:
+        return tuple(sorted(_held_out_by_size(sizes, eval_fraction) ^ by_hash))
+    if not by_hash:
+        return (min(sizes, key=shards.doc_hash),)
+    if len(by_hash) == len(sizes):
+        return (max(sizes, key=shards.doc_hash),)
     return ()
 
 
@@ -138,18 +161,20 @@ def _worker_prepare(job, unit):
     return shards.prepare_unit(job, unit, _add_progress)
 
 
-def run_local(job: shards.UnitJob, units: Sequence[corpus_lib.Unit], workers: int, verbose: bool) -> None:
-    """Prepares ``units`` in this process (workers=1) or a pool of ``workers`` processes, largest first."""
+def run_local(job: shards.UnitJob, units: Sequence[corpus_lib.Unit], workers: int, verbose: bool) -> int:
+    """Prepares ``units``, largest first, in a pool of up to ``workers`` processes, or in this process when
+    one would do (workers=1, or a single unit); returns the number of processes that tokenized."""
     todo = sorted(units, key=lambda u: -u.size)
+    workers = min(workers, len(todo)) if len(todo) > 1 else 1
     with tqdm(total=sum(u.size for u in todo), unit="B", unit_scale=True, desc=f"tokenizing ({workers} workers)",
               disable=not verbose, smoothing=0.1) as bar:
-        if workers == 1 or len(todo) <= 1:  # no process to spare work for
+        if workers == 1:
             for unit in todo:
                 shards.prepare_unit(job, unit, bar.update)
-            return
+            return 1
         ctx = multiprocessing.get_context("spawn")  # fork is unsafe once jax or grain threads run
         counter = ctx.Value("q", 0)
-        with ctx.Pool(min(workers, len(todo)), initializer=_init_worker, initargs=(counter,)) as pool:
+        with ctx.Pool(workers, initializer=_init_worker, initargs=(counter,)) as pool:
             results = pool.imap_unordered(functools.partial(_worker_prepare, job), todo)
             while True:
                 try:
@@ -160,6 +185,7 @@ def run_local(job: shards.UnitJob, units: Sequence[corpus_lib.Unit], workers: in
                     break
                 finally:
                     bar.update(counter.value - bar.n)
+    return workers
 
 
 def _plan(corpus, files, tokenizer, vocab_size, eval_fraction, chunk_size, shard_tokens, text_key, on_error,
@@ -322,7 +348,7 @@ def prepare_corpus(
         from data import beam  # the optional "beam" extra
         beam.run_units(job, todo, beam_args)
     else:
-        run_local(job, todo, workers, verbose)
+        workers = run_local(job, todo, workers, verbose)
     stats = _run_stats(partial, todo, engine, workers, time.perf_counter() - t0)
     meta = {**_assemble_meta(partial, units, tok_meta, plan, stats), "flipped_documents": list(flipped)}
     shutil.rmtree(partial / shards.UNITS_DIR)

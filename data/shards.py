@@ -14,8 +14,8 @@ chunk_size)`` as raw little-endian ``uint16``/``uint32``. Every file is written 
 renamed when complete, so a killed unit leaves no file that looks finished; it is redone from scratch.
 
 A document is held out for evaluation when ``sha256(id)``, read as a fraction in [0, 1), is below
-``eval_fraction``: a deterministic choice of whole documents that needs no pass over the corpus (a small
-corpus may flip one document, see ``data.prepare``).
+``eval_fraction``: a deterministic choice of whole documents that needs no pass over the corpus (a corpus
+small enough to scan moves some documents across it, see ``data.prepare.flipped_documents``).
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def doc_hash(doc_id: str) -> float:
 
 def held_out(doc_id: str, eval_fraction: float, flipped: tuple[str, ...] = ()) -> bool:
     """Whether document ``doc_id`` belongs to the eval split: ``doc_hash(id) < eval_fraction``, except for
-    the ``flipped`` documents (see ``data.prepare``: a small corpus never leaves a split empty)."""
+    the ``flipped`` documents (``data.prepare.flipped_documents``, for a corpus small enough to scan)."""
     return (doc_hash(doc_id) < eval_fraction) != (doc_id in flipped)
 
 
