@@ -41,6 +41,7 @@ from ml_collections import config_flags
 
 import configs
 from infra.cli import parse_flags_or_exit, user_errors
+from infra.files import write_atomic
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(configs.__file__), "compare_cpu.py"), "Comparison config.")
@@ -450,8 +451,7 @@ def plan(comp: Comparison, config_file: str, overrides: dict) -> list[dict]:
                      "command": shlex.join(job),
                      "train_command": shlex.join(train_command(comp, config_file, overrides, o, lr, s))})
     os.makedirs(comp.root, exist_ok=True)
-    with open(os.path.join(comp.root, "plan.json"), "w") as f:
-        json.dump(rows, f, indent=2)
+    write_atomic(os.path.join(comp.root, "plan.json"), json.dumps(rows, indent=2).encode())  # launchers read it
     return rows
 
 
