@@ -13,6 +13,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.batch_size = 16  # global, in sequences
     c.seq_len = 256
     c.microbatches = 1  # gradient accumulation: batch_size is split into this many microbatches
+    c.loss_chunk = 0  # positions per cross-entropy piece (train/loss.py): float32 logits are made and dropped
+    #                   piece by piece, never [B, L, V] at once; must divide seq_len; 0 = the whole sequence
     c.cpu_devices = 8  # simulated CPU devices; 0 leaves the platform alone (GPU/TPU runs)
     c.log_every = 10
     c.eval_every = 50

@@ -7,11 +7,14 @@
     batch = next(it)  # {"inputs", "targets", "segment_ids": int32, "loss_mask": float32} [B/P, L]
     evals = eval_batches(info, seq_len=256, batch_size=32, ...)
 
-CLI: ``python -m data prepare --corpus shakespeare --out DIR`` and ``python -m data info DIR``.
-See ``data.prepare`` for the on-disk format and ``data.pipeline`` for the example and batch semantics.
+CLI: ``python -m data prepare --corpus shakespeare --out DIR``, ``python -m data info DIR`` and
+``python -m data bench``. See ``data.corpus`` for the input formats, ``data.prepare`` and ``data.shards`` for
+how a corpus is prepared, ``data.info`` for the on-disk format and ``data.pipeline`` for the example and
+batch semantics.
 """
 from data.pipeline import eval_batches, train_iterator
-from data.prepare import DatasetInfo, ensure_prepared, load_info, prepare_corpus
+from data.info import DatasetInfo, load_info
+from data.prepare import ensure_prepared, prepare_corpus
 from data.tokenizer import Tokenizer
 
 __all__ = ["ensure_prepared", "prepare_corpus", "load_info", "DatasetInfo", "Tokenizer", "train_iterator",

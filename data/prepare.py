@@ -1,213 +1,61 @@
-"""Corpus preparation: documents -> train/eval split -> tokenizer -> ArrayRecord token chunks + meta.json.
+"""Corpus preparation: input files -> work units -> tokenizer -> sharded ArrayRecord token streams + meta.json.
 
-A prepared data dir holds::
+Steps (the on-disk format is in ``data.info``, the per-unit computation in ``data.shards``):
 
-  train.array_record   the training token stream, in records of ``chunk_size`` tokens (the last one shorter)
-  eval.array_record    the held-out token stream, same layout
-  tokenizer.model      the sentencepiece model
-  meta.json            written last; its presence marks the dir as complete
+1. The corpus's input files are grouped into work units (``data.corpus``).
+2. The tokenizer is trained on a bounded, seeded sample of the training documents: units in a seeded
+   random order, their training documents in order, until ``tokenizer_sample_chars`` characters;
+   sentencepiece then samples at most ``input_sentence_size`` of those lines (``data.tokenizer``). Or an
+   existing sentencepiece ``.model`` is used.
+3. Every unit is tokenized and written as shards, by ``workers`` processes (``engine="local"``) or by an
+   Apache Beam pipeline (``engine="beam"``, ``data.beam``); the output is the same.
+4. meta.json is assembled from the units' manifests and written last, and the directory is renamed into
+   place.
 
-Each split's token stream is the concatenation of its documents, each as ``[BOS] + tokens`` (no EOS).
-Record ``i`` holds tokens ``[i * chunk_size, (i + 1) * chunk_size)`` of the stream as raw little-endian
-``uint16`` (vocab <= 65536) or ``uint32``. Whole documents are held out for evaluation (a deterministic
-choice by a hash of the document name, about ``eval_fraction`` of the text), so the eval split never
-shares a token with the training split. The tokenizer is trained on the training documents only.
-
-Everything is written to a temporary sibling directory that is renamed into place at the end, so an
-interrupted preparation never leaves a directory that looks complete.
+Everything is written into ``.<name>.partial`` next to the data dir, with the settings in its
+``plan.json``. An interrupted preparation (killed, or stopped by bad input) resumes from there when rerun
+with the same settings: finished units are kept, only unfinished ones are redone. Memory stays bounded
+whatever the corpus size: documents are streamed, and each worker holds one batch of text at a time.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import pathlib
+import resource
 import shutil
 import time
 import uuid
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
-from array_record.python.array_record_module import ArrayRecordWriter
 from tqdm.auto import tqdm
 
 from data import corpus as corpus_lib
+from data import shards
+from data.info import FORMAT_VERSION, META, SPLITS, TOKENIZER, DatasetInfo, load_info
 from data.tokenizer import TRAINER_SEED, TRAINER_SETTINGS, Tokenizer
+from infra.files import write_atomic
 
-FORMAT_VERSION = 1
-META = "meta.json"
-TOKENIZER = "tokenizer.model"
-SPLITS = ("train", "eval")
-_OUR_FILES = {META, TOKENIZER, *(f"{s}.array_record" for s in SPLITS)}
-_WRITER_OPTIONS = "group_size:1,uncompressed"  # group_size 1: grain's random access reads one record
+PLAN = "plan.json"
+ENGINES = ("local", "beam")
+_OUR_FILES = {META, TOKENIZER, PLAN, *(f"{s}.array_record" for s in SPLITS), *SPLITS, shards.UNITS_DIR}
 
 
-def _prepare_hint(data_dir) -> str:
-    return f"run `python -m data prepare --corpus <shakespeare|PATH> --out {data_dir}`"
+@functools.lru_cache(maxsize=1)
+def default_workers() -> int:
+    """The cores this process may use."""
+    return len(os.sched_getaffinity(0))
 
 
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-    """What a complete prepared data dir holds (parsed from its meta.json)."""
-    data_dir: str
-    corpus: str
-    vocab_size: int
-    bos_id: int
-    eos_id: int
-    dtype: str  # of the stored tokens: "uint16" or "uint32"
-    chunk_size: int  # tokens per ArrayRecord record
-    n_tokens: dict[str, int]  # per split, BOS tokens included
-    n_docs: dict[str, int]
-    unigram_entropy_nats: float  # of the training tokens: the loss of the best context-free model
-    meta: dict[str, Any] = dataclasses.field(repr=False, compare=False)
-
-    def files(self, split: str) -> list[str]:
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        return [os.path.join(self.data_dir, f) for f in self.meta["splits"][split]["files"]]
-
-    @property
-    def tokenizer_path(self) -> str:
-        return os.path.join(self.data_dir, self.meta["tokenizer"]["file"])
-
-    @property
-    def tokenizer(self) -> Tokenizer:
-        return Tokenizer(self.tokenizer_path)
-
-    @property
-    def identity(self) -> str:
-        """A short hash of what makes the batches of step k what they are: tokenizer, chunking and the
-        documents of every split (not the directory's path)."""
-        m = self.meta
-        key = {"tokenizer": m.get("tokenizer", {}).get("sha256"), "chunk_size": m.get("chunk_size"),
-               "dtype": m.get("dtype"), "splits": {s: {k: v.get(k) for k in ("n_tokens", "n_chunks", "documents")}
-                                                   for s, v in m.get("splits", {}).items()}}
-        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-
-    @classmethod
-    def from_meta(cls, data_dir: str | os.PathLike, meta: dict[str, Any]) -> "DatasetInfo":
-        splits = meta["splits"]
-        return cls(
-            data_dir=os.path.abspath(data_dir),
-            corpus=str(meta["corpus"]),
-            vocab_size=int(meta["vocab_size"]),
-            bos_id=int(meta["bos_id"]),
-            eos_id=int(meta["eos_id"]),
-            dtype=str(np.dtype(meta["dtype"])),
-            chunk_size=int(meta["chunk_size"]),
-            n_tokens={s: int(splits[s]["n_tokens"]) for s in SPLITS},
-            n_docs={s: int(splits[s]["n_docs"]) for s in SPLITS},
-            unigram_entropy_nats=float(meta["unigram_entropy_nats"]),
-            meta=meta,
-        )
-
-
-def load_info(data_dir: str | os.PathLike) -> DatasetInfo:
-    """Reads a complete prepared data dir; ValueError (saying how to prepare it) if missing or corrupt."""
-    path = pathlib.Path(data_dir)
-    if not path.is_dir():
-        raise ValueError(f"no prepared data dir at {path}: {_prepare_hint(path)}")
-    meta_path = path / META
-    if not meta_path.is_file() and (path / "config.json").is_file() and (path / "checkpoints").is_dir():
-        try:
-            data_dir = json.loads((path / "config.json").read_text())["data"]["dir"]
-        except (ValueError, KeyError, TypeError):
-            data_dir = "the data.dir in its config.json"
-        raise ValueError(f"{path} is a training run's workdir, not a prepared data dir; its data is {data_dir}")
-    if not meta_path.is_file():
-        raise ValueError(
-            f"{path} is not a complete prepared data dir (no {META}: its preparation never finished). "
-            f"Delete it and {_prepare_hint(path)}")
-    try:
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
-        info = DatasetInfo.from_meta(path, meta)
-        missing = [f for s in SPLITS for f in info.files(s) if not os.path.isfile(f)]
-        if not os.path.isfile(info.tokenizer_path):
-            missing.append(info.tokenizer_path)
-        if missing:
-            raise ValueError(f"missing files {missing}")
-    except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
-        raise ValueError(f"corrupt prepared data dir {path} ({e}). Delete it and {_prepare_hint(path)}") from e
-    return info
-
-
-def split_documents(docs: Sequence[corpus_lib.Document], eval_fraction: float):
-    """Whole documents for eval: in order of sha256(name), each one that brings the held-out share of
-    characters closer to eval_fraction (always at least one; at least one stays for training)."""
-    if not 0.0 < eval_fraction < 1.0:
-        raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
-    if len(docs) < 2:
-        raise ValueError(
-            f"the corpus has {len(docs)} document(s); holding out whole documents for evaluation needs at "
-            "least 2 (use a directory of several .txt files, or separate documents with <|endoftext|> lines)")
-    names = [d.name for d in docs]
-    if len(set(names)) != len(names):
-        raise ValueError("document names must be unique")
-    target = eval_fraction * sum(len(d.text) for d in docs)
-    held_out, size = set(), 0
-    for d in sorted(docs, key=lambda d: hashlib.sha256(d.name.encode()).hexdigest()):
-        if size >= target or len(held_out) == len(docs) - 1:
-            break
-        if held_out and abs(size + len(d.text) - target) >= target - size:
-            continue  # taking it would land further from the target than stopping here; try the next one
-        held_out.add(d.name)
-        size += len(d.text)
-    return [d for d in docs if d.name not in held_out], [d for d in docs if d.name in held_out]
-
-
-class _ChunkWriter:
-    """Writes a token stream as ArrayRecord records of chunk_size tokens."""
-
-    def __init__(self, path: pathlib.Path, chunk_size: int, dtype: np.dtype):
-        self._writer = ArrayRecordWriter(str(path), _WRITER_OPTIONS)
-        self._buf = np.empty(chunk_size, dtype)
-        self._fill = 0
-        self.n_tokens = 0
-        self.n_chunks = 0
-
-    def write(self, ids: np.ndarray) -> None:
-        self.n_tokens += len(ids)
-        while len(ids):
-            take = min(len(self._buf) - self._fill, len(ids))
-            self._buf[self._fill:self._fill + take] = ids[:take]
-            self._fill += take
-            ids = ids[take:]
-            if self._fill == len(self._buf):
-                self._flush()
-
-    def _flush(self) -> None:
-        self._writer.write(self._buf[:self._fill].tobytes())
-        self.n_chunks += 1
-        self._fill = 0
-
-    def close(self) -> None:
-        if self._fill:
-            self._flush()
-        self._writer.close()
-
-
-def _write_split(tok: Tokenizer, docs, path: pathlib.Path, chunk_size: int, dtype, vocab_size: int,
-                 desc: str, verbose: bool):
-    writer = _ChunkWriter(path, chunk_size, dtype)
-    counts = np.zeros(vocab_size, np.int64)
-    bos = np.array([tok.bos_id], dtype)
-    with tqdm(total=sum(len(d.text) for d in docs), unit="char", unit_scale=True, desc=desc,
-              disable=not verbose) as bar:
-        for start in range(0, len(docs), 16):  # a few documents at a time, encoded on several threads
-            batch = docs[start:start + 16]
-            for d, ids in zip(batch, tok.encode_batch([d.text for d in batch])):
-                ids = np.concatenate([bos, np.asarray(ids, dtype)])
-                writer.write(ids)
-                counts += np.bincount(ids, minlength=vocab_size)
-                bar.update(len(d.text))
-    writer.close()
-    return writer, counts
+def _sha256(path) -> str:
+    return shards.sha256_file(os.fspath(path))
 
 
 def _entropy_nats(counts: np.ndarray) -> float:
@@ -215,8 +63,221 @@ def _entropy_nats(counts: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def _sha256(path) -> str:
-    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+SMALL_CORPUS_BYTES = 256 * 2**20
+SMALL_CORPUS_DOCS = 1000
+
+
+def _held_out_by_size(sizes: dict[str, int], eval_fraction: float) -> set[str]:
+    """Whole documents in order of their hash, each one that brings the held-out share of characters closer
+    to eval_fraction (always at least one; at least one stays for training)."""
+    target = eval_fraction * sum(sizes.values())
+    held, size = set(), 0
+    for doc_id in sorted(sizes, key=lambda i: hashlib.sha256(i.encode()).hexdigest()):
+        if size >= target or len(held) == len(sizes) - 1:
+            break
+        if held and abs(size + sizes[doc_id] - target) >= target - size:
+            continue  # taking it would land further from the target than stopping here; try the next one
+        held.add(doc_id)
+        size += sizes[doc_id]
+    return held
+
+
+def flipped_documents(units, text_key: str, eval_fraction: float, on_error: str) -> tuple[str, ...]:
+    """The documents on the other side of the hash rule (``data.shards.held_out``), from one scan of a corpus
+    of at most SMALL_CORPUS_BYTES; larger corpora are not scanned and keep the hash rule as it is.
+
+    With at most SMALL_CORPUS_DOCS documents the held-out set is ``_held_out_by_size``'s, which hits
+    eval_fraction of the characters as closely as whole documents allow (a few documents would otherwise
+    give a share far from it, or none); with more, the hash rule stands, except that the document with the
+    smallest hash is held out if it holds out none (the largest stays for training if it holds out all).
+    """
+    if sum(u.size for u in units) > SMALL_CORPUS_BYTES:
+        return ()
+    quiet = corpus_lib.Problems(on_error, verbose=False)  # the tokenizing pass counts skipped input
+    sizes = {doc.name: len(doc.text) for u in units for doc, _ in corpus_lib.read_documents(u, text_key, quiet)}
+    if len(sizes) < 2:
+        raise ValueError(
+            f"the corpus has {len(sizes)} non-empty document(s); holding out whole documents for evaluation needs "
+            "at least 2 (use a directory of several .txt files, separate documents with <|endoftext|> lines, or "
+            "give jsonl/parquet records)")
+    by_hash = {i for i in sizes if shards.held_out(i, eval_fraction)}
+    if len(sizes) <= SMALL_CORPUS_DOCS:
+        return tuple(sorted(_held_out_by_size(sizes, eval_fraction) ^ by_hash))
+    if not by_hash:
+        return (min(sizes, key=shards.doc_hash),)
+    if len(by_hash) == len(sizes):
+        return (max(sizes, key=shards.doc_hash),)
+    return ()
+
+
+def tokenizer_sample(units, text_key: str, eval_fraction: float, sample_chars: int, seed: int,
+                     flipped: tuple[str, ...] = (), on_error: str = "skip"):
+    """Training-document texts for the tokenizer: units in a seeded random order, up to sample_chars."""
+    problems = corpus_lib.Problems(on_error, verbose=False)  # the tokenizing pass counts skipped input
+    total = 0
+    for i in np.random.default_rng(seed).permutation(len(units)):
+        for doc, _ in corpus_lib.read_documents(units[i], text_key, problems):
+            if not shards.held_out(doc.name, eval_fraction, flipped):
+                yield doc.text[:sample_chars - total]
+                total += len(doc.text)
+                if total >= sample_chars:
+                    return
+
+
+def _tokenizer(tmp: pathlib.Path, tokenizer, vocab_size, units, text_key, on_error, eval_fraction, flipped,
+               sample_chars, verbose) -> dict:
+    """Puts tokenizer.model into tmp (copied, trained, or kept from an interrupted run); its meta entry."""
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, tmp / TOKENIZER)
+        if Tokenizer(tmp / TOKENIZER).bos_id < 0:
+            raise ValueError(f"tokenizer {tokenizer} defines no BOS id; train it with bos_id >= 0")
+        return {"file": TOKENIZER, "source": os.path.abspath(tokenizer), "sha256": _sha256(tokenizer)}
+    if vocab_size is None:
+        raise ValueError("give vocab_size (to train a tokenizer) or tokenizer (a .model file)")
+    settings = {**TRAINER_SETTINGS, "vocab_size": vocab_size, "seed": TRAINER_SEED, "sample_chars": sample_chars}
+    if not (tmp / TOKENIZER).is_file():
+        if verbose:
+            print(f"training a {vocab_size}-token BPE tokenizer on up to {sample_chars:,} characters of training "
+                  "documents ...", flush=True)
+        Tokenizer.train(tokenizer_sample(units, text_key, eval_fraction, sample_chars, TRAINER_SEED, flipped,
+                                         on_error), tmp / TOKENIZER, vocab_size)
+    return {"file": TOKENIZER, "source": "trained", "sha256": _sha256(tmp / TOKENIZER), "settings": settings}
+
+
+_progress_counter = None
+
+
+def _init_worker(counter) -> None:
+    global _progress_counter
+    _progress_counter = counter
+
+
+def _add_progress(n: int) -> None:
+    with _progress_counter.get_lock():
+        _progress_counter.value += n
+
+
+def _worker_prepare(job, unit):
+    return shards.prepare_unit(job, unit, _add_progress)
+
+
+def run_local(job: shards.UnitJob, units: Sequence[corpus_lib.Unit], workers: int, verbose: bool) -> int:
+    """Prepares ``units``, largest first, in a pool of up to ``workers`` processes, or in this process when
+    one would do (workers=1, or a single unit); returns the number of processes that tokenized."""
+    todo = sorted(units, key=lambda u: -u.size)
+    workers = min(workers, len(todo)) if len(todo) > 1 else 1
+    with tqdm(total=sum(u.size for u in todo), unit="B", unit_scale=True, desc=f"tokenizing ({workers} workers)",
+              disable=not verbose, smoothing=0.1) as bar:
+        if workers == 1:
+            for unit in todo:
+                shards.prepare_unit(job, unit, bar.update)
+            return 1
+        ctx = multiprocessing.get_context("spawn")  # fork is unsafe once jax or grain threads run
+        counter = ctx.Value("q", 0)
+        with ctx.Pool(workers, initializer=_init_worker, initargs=(counter,)) as pool:
+            results = pool.imap_unordered(functools.partial(_worker_prepare, job), todo)
+            while True:
+                try:
+                    results.next(timeout=0.5)
+                except multiprocessing.TimeoutError:
+                    pass
+                except StopIteration:
+                    break
+                finally:
+                    bar.update(counter.value - bar.n)
+    return workers
+
+
+def _plan(corpus, files, tokenizer, vocab_size, eval_fraction, chunk_size, shard_tokens, text_key, on_error,
+          sample_chars) -> dict:
+    """Everything the output depends on; a partial preparation resumes only under the same plan."""
+    return {"format_version": FORMAT_VERSION, "corpus": corpus_lib.canonical_corpus(corpus),
+            "inputs": [[f.name, f.size] for f in files], "eval_fraction": eval_fraction, "chunk_size": chunk_size,
+            "shard_tokens": shard_tokens, "text_key": text_key, "on_error": on_error,
+            "tokenizer": _sha256(tokenizer) if tokenizer is not None else
+            {"vocab_size": vocab_size, "sample_chars": sample_chars}}
+
+
+def _partial_dir(out: pathlib.Path, plan: dict, verbose: bool) -> pathlib.Path:
+    """``.<name>.partial`` next to out, holding plan.json; an existing one is kept if its plan matches."""
+    partial = out.parent / f".{out.name}.partial"
+    if partial.is_dir():
+        try:
+            same = json.loads((partial / PLAN).read_text()) == plan
+        except (OSError, ValueError):
+            same = False
+        if same:
+            if verbose:
+                print(f"resuming the interrupted preparation in {partial}", flush=True)
+            return partial
+        if verbose:
+            print(f"discarding {partial}: an interrupted preparation with other settings", flush=True)
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    write_atomic(partial / PLAN, json.dumps(plan, indent=1).encode())
+    return partial
+
+
+def _assemble_meta(partial: pathlib.Path, units, tok_meta, plan, stats) -> dict:
+    """meta.json from the units' manifests (in unit order) and their token counts."""
+    tok = Tokenizer(partial / TOKENIZER)
+    manifests = [shards.read_manifest(str(partial), u.index) for u in units]
+    counts = sum(np.load(shards.counts_path(str(partial), u.index)) for u in units)
+    splits = {}
+    for s in SPLITS:
+        parts = [p for m in manifests for p in m["splits"][s]["parts"]]
+        splits[s] = {"files": parts, "n_tokens": sum(p["n_tokens"] for p in parts),
+                     "n_chunks": sum(p["n_chunks"] for p in parts),
+                     "n_docs": sum(m["splits"][s]["n_docs"] for m in manifests),
+                     "n_chars": sum(m["splits"][s]["n_chars"] for m in manifests),
+                     "ids_sha256": hashlib.sha256("".join(m["splits"][s]["ids_sha256"] for m in manifests)
+                                                  .encode()).hexdigest()}
+    problems = corpus_lib.Problems("skip", verbose=False)
+    for m in manifests:
+        problems.merge(m["problems"]["count"], m["problems"]["examples"])
+    if splits["train"]["n_docs"] == 0 or splits["eval"]["n_docs"] == 0:
+        empty = "train" if splits["train"]["n_docs"] == 0 else "eval"
+        raise ValueError(
+            f"the corpus's {splits['train']['n_docs'] + splits['eval']['n_docs']} document(s) left the {empty} "
+            f"split empty (a document is held out when a hash of its id falls below eval_fraction="
+            f"{plan['eval_fraction']}); use more documents (a directory of several .txt files, documents "
+            "separated by <|endoftext|> lines, or jsonl/parquet records) or another --eval_fraction")
+    return {
+        "format_version": FORMAT_VERSION,
+        "corpus": plan["corpus"],
+        "inputs": {"files": len(plan["inputs"]), "bytes": sum(s for _, s in plan["inputs"]), "units": len(units),
+                   "text_key": plan["text_key"]},
+        "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id, "unk_id": tok.unk_id,
+        "dtype": shards.token_dtype(tok.vocab_size).name,
+        "chunk_size": plan["chunk_size"], "shard_tokens": plan["shard_tokens"], "eval_fraction": plan["eval_fraction"],
+        "layout": "each split: its documents as [BOS]+tokens, concatenated, stored in the listed shards in order; "
+                  "record i of a shard = its tokens [i*chunk_size, (i+1)*chunk_size) as raw little-endian dtype",
+        "splits": splits,
+        "tokenizer": tok_meta,
+        "unigram_entropy_nats": _entropy_nats(counts),
+        "empty_documents": sum(m["empty_documents"] for m in manifests),
+        "problems": {"on_error": plan["on_error"], "count": problems.count, "examples": problems.examples},
+        "prepare": stats,
+        "created_unix": int(time.time()),
+    }
+
+
+def _run_stats(partial, units, engine, workers, seconds) -> dict:
+    """Throughput and memory of this run's tokenizing step (units done before a resume are not counted)."""
+    manifests = [shards.read_manifest(str(partial), u.index) for u in units]
+    n_bytes = sum(m["input_bytes"] for m in manifests)
+    n_tokens = sum(m["splits"][s]["n_tokens"] for m in manifests for s in SPLITS)
+    busy = sum(m["seconds"] for m in manifests)
+    main_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    worker_rss = max((m["peak_rss_mib"] for m in manifests), default=0.0)
+    return {"engine": engine, "workers": workers, "units": len(units), "seconds": round(seconds, 2),
+            "input_mb": round(n_bytes / 1e6, 1), "tokens": n_tokens,
+            "input_mb_per_s": round(n_bytes / 1e6 / max(seconds, 1e-9), 2),
+            "tokens_per_s": round(n_tokens / max(seconds, 1e-9)),
+            "input_mb_per_s_per_worker": round(n_bytes / 1e6 / max(busy, 1e-9), 2),
+            "peak_rss_mib": {"main": round(main_rss, 1), "largest_worker": worker_rss,
+                             "bound": round(main_rss + (workers if engine == "local" and workers > 1 else 0)
+                                            * worker_rss, 1)}}
 
 
 def prepare_corpus(
@@ -227,97 +288,103 @@ def prepare_corpus(
     tokenizer: str | os.PathLike | None = None,
     eval_fraction: float = 0.05,
     chunk_size: int = 4096,
+    shard_mb: float = 256,
+    text_key: str = "text",
+    on_error: str = "stop",
+    tokenizer_sample_chars: int = 100_000_000,
+    workers: int | None = None,
+    engine: str = "local",
+    beam_args: Sequence[str] = (),
     cache_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
     verbose: bool = True,
 ) -> DatasetInfo:
     """Prepares ``corpus`` into ``data_dir`` (see the module docstring) and returns its info.
 
-    Trains a ``vocab_size`` BPE tokenizer on the training documents, or uses the sentencepiece model file
-    ``tokenizer`` (whose size then defines the vocabulary; ``vocab_size`` is ignored). An existing complete ``data_dir``
-    is an error unless ``overwrite``; prefer ``ensure_prepared``, which reuses it and locks.
+    ``shard_mb`` bounds each output shard (about that many MB of tokens), ``workers`` (default: the cores
+    available) the local processes. An existing complete ``data_dir`` is an error unless ``overwrite``;
+    prefer ``ensure_prepared``, which reuses it and locks.
     """
-    t0 = time.time()
     out = pathlib.Path(data_dir).absolute()
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    workers = default_workers() if workers is None else workers
+    for name, value in (("chunk_size", chunk_size), ("shard_mb", shard_mb), ("workers", workers),
+                        ("tokenizer_sample_chars", tokenizer_sample_chars)):
+        if not value > 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+    if not 0.0 < eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    corpus_lib.Problems(on_error)  # checks the value
     if (out / META).exists() and not overwrite:
         raise ValueError(f"{out} is already prepared; use ensure_prepared() (or --force to redo it)")
     if out.exists() and not (out / META).exists():
         _check_removable(out)
-    docs = corpus_lib.load_documents(corpus, cache_dir)
-    train_docs, eval_docs = split_documents(docs, eval_fraction)
-
+    files = corpus_lib.input_files(corpus, cache_dir)
+    units = corpus_lib.plan_units(files)
+    if tokenizer is not None and not os.path.isfile(tokenizer):
+        raise ValueError(f"tokenizer {tokenizer} does not exist; give a sentencepiece .model file")
+    probe_vocab = Tokenizer(tokenizer).vocab_size if tokenizer is not None else vocab_size
+    shard_tokens = max(chunk_size, int(shard_mb * 1e6) // shards.token_dtype(probe_vocab or 1).itemsize)
+    plan = _plan(corpus, files, tokenizer, vocab_size, eval_fraction, chunk_size, shard_tokens, text_key, on_error,
+                 tokenizer_sample_chars)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    flipped = flipped_documents(units, text_key, eval_fraction, on_error)
+    partial = _partial_dir(out, plan, verbose)
     try:
-        if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp / TOKENIZER)
-            tok = Tokenizer(tmp / TOKENIZER)
-            if tok.bos_id < 0:
-                raise ValueError(f"tokenizer {tokenizer} defines no BOS id; train it with bos_id >= 0")
-            tok_meta = {"file": TOKENIZER, "source": os.path.abspath(tokenizer), "sha256": _sha256(tokenizer)}
-        else:
-            if vocab_size is None:
-                raise ValueError("give vocab_size (to train a tokenizer) or tokenizer (a .model file)")
-            if verbose:
-                print(f"training a {vocab_size}-token BPE tokenizer on {len(train_docs)} documents ...", flush=True)
-            tok = Tokenizer.train((d.text for d in train_docs), tmp / TOKENIZER, vocab_size)
-            tok_meta = {"file": TOKENIZER, "source": "trained", "sha256": _sha256(tmp / TOKENIZER),
-                        "settings": {**TRAINER_SETTINGS, "vocab_size": vocab_size, "seed": TRAINER_SEED}}
-        vocab = tok.vocab_size
-        dtype = np.dtype(np.uint16 if vocab <= 2**16 else np.uint32)
-
-        splits, counts = {}, {}
-        for split, split_docs in (("train", train_docs), ("eval", eval_docs)):
-            fname = f"{split}.array_record"
-            writer, counts[split] = _write_split(tok, split_docs, tmp / fname, chunk_size, dtype, vocab,
-                                                 f"tokenizing {split}", verbose)
-            splits[split] = {"files": [fname], "n_tokens": writer.n_tokens, "n_chunks": writer.n_chunks,
-                             "n_docs": len(split_docs), "n_chars": sum(len(d.text) for d in split_docs),
-                             "documents": [d.name for d in split_docs]}
-        assert not set(splits["train"]["documents"]) & set(splits["eval"]["documents"])
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "corpus": corpus_lib.canonical_corpus(corpus),
-            "vocab_size": vocab,
-            "bos_id": tok.bos_id,
-            "eos_id": tok.eos_id,
-            "unk_id": tok.unk_id,
-            "dtype": dtype.name,
-            "chunk_size": chunk_size,
-            "eval_fraction": eval_fraction,
-            "layout": "each split: documents as [BOS]+tokens, concatenated; record i = tokens "
-                      "[i*chunk_size, (i+1)*chunk_size) as raw little-endian dtype",
-            "splits": splits,
-            "tokenizer": tok_meta,
-            "unigram_entropy_nats": _entropy_nats(counts["train"]),
-            "prepare_seconds": round(time.time() - t0, 2),
-            "created_unix": int(time.time()),
-        }
-        (tmp / META).write_text(json.dumps(meta, indent=1))
-        _install(tmp, out, overwrite)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
+        tok_meta = _tokenizer(partial, tokenizer, vocab_size, units, text_key, on_error, eval_fraction, flipped,
+                              tokenizer_sample_chars, verbose)
+    except ValueError:
+        if not (partial / shards.UNITS_DIR).exists():  # nothing worth resuming
+            shutil.rmtree(partial)
+        raise
+    job = shards.UnitJob(str(partial), str(partial / TOKENIZER), eval_fraction, chunk_size, shard_tokens, text_key,
+                         on_error, flipped)
+    todo = [u for u in units if shards.read_manifest(str(partial), u.index) is None]
+    if verbose and len(todo) < len(units):
+        print(f"{len(units) - len(todo)} of {len(units)} units were already done", flush=True)
+    t0 = time.perf_counter()
+    if engine == "beam":
+        from data import beam  # the optional "beam" extra
+        beam.run_units(job, todo, beam_args)
+    else:
+        workers = run_local(job, todo, workers, verbose)
+    stats = _run_stats(partial, todo, engine, workers, time.perf_counter() - t0)
+    meta = {**_assemble_meta(partial, units, tok_meta, plan, stats), "flipped_documents": list(flipped)}
+    shutil.rmtree(partial / shards.UNITS_DIR)
+    (partial / PLAN).unlink()
+    write_atomic(partial / META, json.dumps(meta, indent=1).encode())
+    _install(partial, out, overwrite)
     info = load_info(out)
     if verbose:
-        _print_summary(info)
+        print_summary(info)
     return info
 
 
-def _print_summary(info: DatasetInfo) -> None:
+def print_summary(info: DatasetInfo) -> None:
     m = info.meta
-    print(f"prepared {info.corpus} into {info.data_dir} in {m['prepare_seconds']:.1f} s: vocab {info.vocab_size} "
-          f"({'trained BPE' if m['tokenizer']['source'] == 'trained' else m['tokenizer']['source']}), "
-          f"{info.dtype}, {info.chunk_size} tokens per record")
+    source = m["tokenizer"]["source"]
+    print(f"prepared {info.corpus} into {info.data_dir}: vocab {info.vocab_size} "
+          f"({'trained BPE' if source == 'trained' else source}), {info.dtype}, {info.chunk_size} tokens per record")
     for s in SPLITS:
         sm = m["splits"][s]
-        print(f"  {s:5s}: {sm['n_docs']:6d} docs, {sm['n_chars']:12,d} chars, {sm['n_tokens']:12,d} tokens "
-              f"({sm['n_chars'] / max(sm['n_tokens'], 1):.2f} chars/token)")
+        print(f"  {s:5s}: {sm['n_docs']:8,d} docs, {sm['n_chars']:14,d} chars, {sm['n_tokens']:14,d} tokens "
+              f"({sm['n_chars'] / max(sm['n_tokens'], 1):.2f} chars/token), {len(info.files(s))} shard(s)")
     print(f"  unigram entropy of the training tokens: {info.unigram_entropy_nats:.4f} nats "
           f"(the loss of a model that ignores context; uniform would be {math.log(info.vocab_size):.4f})")
+    problems = m.get("problems", {})
+    if problems.get("count"):
+        print(f"  skipped bad input: {problems['count']} (first: {problems['examples'][0]}; all examples in "
+              f"meta.json)")
+    run = m.get("prepare")
+    if run:
+        rss = run["peak_rss_mib"]
+        by = f"{run['workers']} local worker(s)" if run["engine"] == "local" else "Apache Beam"
+        print(f"  last run: {run['seconds']:.1f} s for {run['input_mb']:,.1f} MB in {run['units']} unit(s) with "
+              f"{by}: {run['input_mb_per_s']:.2f} MB/s, "
+              f"{run['tokens_per_s']:,d} tokens/s ({run['input_mb_per_s_per_worker']:.2f} MB/s per busy worker); "
+              f"peak RSS: main {rss['main']:.0f} MiB, largest worker {rss['largest_worker']:.0f} MiB, "
+              f"at most {rss['bound']:.0f} MiB together")
 
 
 def _check_removable(out: pathlib.Path) -> None:
@@ -330,23 +397,23 @@ def _check_removable(out: pathlib.Path) -> None:
                          "empty it or choose another --out")
 
 
-def _install(tmp: pathlib.Path, out: pathlib.Path, overwrite: bool) -> None:
+def _install(partial: pathlib.Path, out: pathlib.Path, overwrite: bool) -> None:
     if (out / META).exists():
         if not overwrite:
             raise ValueError(f"{out} was prepared concurrently by another process; use ensure_prepared()")
         old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         os.rename(out, old)
-        os.rename(tmp, out)
+        os.rename(partial, out)
         shutil.rmtree(old, ignore_errors=True)
     else:
         if out.exists():
             _check_removable(out)
             shutil.rmtree(out)
-        os.rename(tmp, out)
+        os.rename(partial, out)
 
 
 @contextlib.contextmanager
-def _file_lock(path: pathlib.Path, verbose: bool):
+def file_lock(path: pathlib.Path, verbose: bool):
     with open(path, "a") as f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -385,27 +452,25 @@ def ensure_prepared(
     *,
     tokenizer: str | os.PathLike | None = None,
     eval_fraction: float = 0.05,
-    chunk_size: int = 4096,
-    cache_dir: str | os.PathLike | None = None,
     verbose: bool = True,
+    **options,
 ) -> DatasetInfo:
     """Returns the info of ``data_dir``, preparing it first unless it is already complete.
 
     Idempotent. A complete dir must have been prepared with the same corpus, vocab_size (or, when
     ``tokenizer`` is given, the same tokenizer file; vocab_size is then ignored) and eval_fraction, else
-    ValueError. Processes on one machine that call this at once on the
-    same dir serialize on a file lock (``.<name>.lock`` next to it): one prepares, the others wait and
+    ValueError. ``options`` go to ``prepare_corpus``. Processes on one machine that call this at once on
+    the same dir serialize on a file lock (``.<name>.lock`` next to it): one prepares, the others wait and
     then read the result. (Hosts that share no filesystem each prepare their own, identical, copy.)
     """
     out = pathlib.Path(data_dir).absolute()
     if not (out / META).is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
-        with _file_lock(out.parent / f".{out.name}.lock", verbose):
+        with file_lock(out.parent / f".{out.name}.lock", verbose):
             if not (out / META).is_file():
-                for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed preparation
-                    shutil.rmtree(stale, ignore_errors=True)
                 return prepare_corpus(out, corpus, vocab_size, tokenizer=tokenizer, eval_fraction=eval_fraction,
-                                      chunk_size=chunk_size, cache_dir=cache_dir, verbose=verbose)
+                                      verbose=verbose, **options)
     info = load_info(out)
     _check_matches(info, corpus, vocab_size, tokenizer, eval_fraction)
     return info
+

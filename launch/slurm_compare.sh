@@ -18,15 +18,7 @@ submitted="$(dirname "${plan_json}")/submitted.txt"
 touch "${submitted}"
 
 # one line per run to submit: name, then the run's arguments for `python -m train.compare`
-runs=$(python - "${plan_json}" "${submitted}" <<'PY'
-import json, shlex, sys
-plan, done = json.load(open(sys.argv[1])), set(open(sys.argv[2]).read().split())
-for row in plan:
-    if row["status"] in ("pending", "started") and row["name"] not in done:
-        args = shlex.split(row["command"])[3:]  # drop "python -m train.compare"
-        print(row["name"], shlex.join(args))
-PY
-)
+runs=$(python -m launch.compare_runs "${plan_json}" --exclude "${submitted}")
 if [[ -z "${runs}" ]]; then
   echo "nothing to submit: every planned run is done or submitted (see ${submitted})"
   exit 0

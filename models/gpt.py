@@ -167,6 +167,16 @@ class GPT(nnx.Module):
 
     def __call__(self, tokens_BxL, segment_ids_BxL=None, dropout_key=None):
         """Float32 logits [B, L, V] of the next token at every position."""
+        return self.logits(self.hidden(tokens_BxL, segment_ids_BxL, dropout_key))
+
+    def logits(self, x_BxLxD):
+        """Float32 logits [B, L, V] of final hidden states [B, L, D]: the tied head, ``x @ token_embed^T``."""
+        dt = jnp.dtype(self.cfg.compute_dtype)
+        logits_BxLxV = jnp.einsum("bld,vd->blv", x_BxLxD, self.token_embed[...].astype(dt))
+        return constrain(logits_BxLxV, ("batch", "length", "act_vocab")).astype(jnp.float32)
+
+    def hidden(self, tokens_BxL, segment_ids_BxL=None, dropout_key=None):
+        """The final hidden states [B, L, D] (after the last LayerNorm), in the compute dtype."""
         cfg = self.cfg
         B, L = tokens_BxL.shape
         if L > cfg.ctx:
@@ -187,6 +197,4 @@ class GPT(nnx.Module):
                 x_BxLxD = block(x_BxLxD, mask, key)
             else:
                 x_BxLxD = nnx.remat(lambda blk, x, m, k: blk(x, m, k), policy=policy)(block, x_BxLxD, mask, key)
-        x_BxLxD = self.ln_f(x_BxLxD)
-        logits_BxLxV = jnp.einsum("bld,vd->blv", x_BxLxD, self.token_embed[...].astype(dt))
-        return constrain(logits_BxLxV, ("batch", "length", "act_vocab")).astype(jnp.float32)
+        return self.ln_f(x_BxLxD)

@@ -66,7 +66,8 @@ def compilation_cache(tmp_path_factory):
 def data_dir(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("ckpt_data")
     corpus = make_corpus(root / "texts")
-    info = data.ensure_prepared(root / "data", corpus=corpus, vocab_size=400, verbose=False)
+    info = data.ensure_prepared(root / "data", corpus=corpus, vocab_size=400, shard_mb=0.002, verbose=False)
+    assert len(info.files("train")) > 1  # resume tests run on a multi-shard dataset
     return info.data_dir
 
 

@@ -23,7 +23,7 @@ def test_comparison_writes_results_and_is_resumable(tmp_path, shakespeare, capsy
     cfg = small_comparison(tmp_path / "cmp", shakespeare)
     results = Comparison(cfg).execute()
     root = tmp_path / "cmp"
-    for name in ("results.json", "summary.md", "curves.png", "sweep.png"):
+    for name in ("results.json", "summary.md", "curves.png", "curves_wallclock.png", "sweep.png"):
         assert os.path.getsize(root / name) > 0, name
     saved = json.load(open(root / "results.json"))
     for opt in ("adamw", "muon"):
@@ -33,6 +33,9 @@ def test_comparison_writes_results_and_is_resumable(tmp_path, shakespeare, capsy
         assert len(e["seed_losses"]) == 2 and e["tokens"] == 4 * 8 * 32
         assert abs(e["mean"] - sum(e["seed_losses"]) / 2) < 1e-9
     assert results["optimizers"]["adamw"]["speedup_vs_adamw"] in (None, 1.0)
+    adamw = results["optimizers"]["adamw"]
+    if adamw["steps_to_adamw_loss"]:  # AdamW's seed-mean curve reaches its own mean final loss
+        assert adamw["seconds_to_adamw_loss"] > 0 and abs(adamw["wall_speedup_vs_adamw"] - 1.0) < 1e-9
     summary = open(root / "summary.md").read()
     assert "| adamw |" in summary and "| muon |" in summary and "Verdict rule" in summary
     assert saved["optimizers"]["adamw"]["best_lr_at_grid_edge"]  # 2 rates: the best is at an edge
@@ -106,3 +109,19 @@ def test_plan_run_and_report_on_a_half_done_comparison(tmp_path, shakespeare):
     summary = open(tmp_path / "cmp" / "summary.md").read()
     assert "| adamw | – | sweep unfinished |" in summary and "Unfinished runs, not counted (3)" in summary
     assert not os.path.exists(tmp_path / "cmp" / "runs" / "adamw_lr0.001_s0")
+
+
+def test_train_seconds_sum_step_times_and_leave_out_compilation(tmp_path):
+    from infra.metrics import MetricsLogger
+    from train.compare import _seconds_at, _train_seconds
+
+    log = MetricsLogger(str(tmp_path), 10, 0, progress=False)
+    log.write(10, {"loss": 5.0})  # first row after a start: its time includes compilation, no step_time
+    log.write(20, {"loss": 4.0, "step_time": 0.5})
+    log.write(20, {"eval_loss": 4.1})
+    log.write(30, {"loss": 3.0, "step_time": 1.5})
+    log.close()
+    steps, seconds = _train_seconds(str(tmp_path))
+    assert steps == [0, 10, 20, 30]
+    assert seconds == [0.0, 10.0, 15.0, 30.0]  # the first 10 steps at the median step time, 1.0 s
+    assert _seconds_at(str(tmp_path), 25) == 22.5

@@ -11,7 +11,8 @@ import pytest
 
 import data
 from data import DatasetInfo, Tokenizer, ensure_prepared, eval_batches, load_info, prepare_corpus, train_iterator
-from data import pipeline
+from data import corpus as corpus_lib
+from data import pipeline, shards
 
 VOCAB = 400
 CHUNK = 64  # small, so that windows span several records
@@ -47,12 +48,19 @@ def info(corpus_dir, tmp_path_factory):
                          eval_fraction=0.2, chunk_size=CHUNK, verbose=False)
 
 
-def _stream(info: DatasetInfo, corpus_dir, split):
+def _split_docs(info: DatasetInfo, corpus, split):
+  """The documents of a split, chosen again from the raw corpus by the held-out rule."""
+  flipped = tuple(info.meta["flipped_documents"])
+  return [d for d in corpus_lib.all_documents(corpus)
+          if shards.held_out(d.name, info.meta["eval_fraction"], flipped) == (split == "eval")]
+
+
+def _stream(info: DatasetInfo, corpus, split):
   """The token stream of a split, rebuilt from the raw documents with the tokenizer."""
   tok = info.tokenizer
   ids = []
-  for name in info.meta["splits"][split]["documents"]:
-    ids += [info.bos_id] + tok.encode((corpus_dir / name).read_text())
+  for doc in _split_docs(info, corpus, split):
+    ids += [info.bos_id] + tok.encode(doc.text)
   return np.array(ids)
 
 
@@ -77,9 +85,8 @@ def _assert_batches_equal(a, b):
 
 def test_prepare_writes_complete_dir_and_is_idempotent(info, corpus_dir):
   d = pathlib.Path(info.data_dir)
-  assert sorted(p.name for p in d.iterdir()) == ["eval.array_record", "meta.json", "tokenizer.model",
-                                                "train.array_record"]
-  assert not list(d.parent.glob(".data.tmp-*"))
+  assert sorted(p.name for p in d.iterdir()) == ["eval", "meta.json", "tokenizer.model", "train"]
+  assert not list(d.parent.glob(".data.partial"))
   meta = json.loads((d / "meta.json").read_text())
   assert meta["vocab_size"] == VOCAB == info.vocab_size and meta["dtype"] == "uint16"
   assert meta["corpus"] == str(corpus_dir) and meta["chunk_size"] == CHUNK
@@ -98,9 +105,13 @@ def test_prepare_writes_complete_dir_and_is_idempotent(info, corpus_dir):
 def test_prepare_is_deterministic(info, corpus_dir, tmp_path):
   other = prepare_corpus(tmp_path / "again", corpus_dir, VOCAB, eval_fraction=0.2, chunk_size=CHUNK,
                          verbose=False)
-  for f in ("tokenizer.model", "train.array_record", "eval.array_record"):
-    assert (tmp_path / "again" / f).read_bytes() == (pathlib.Path(info.data_dir) / f).read_bytes(), f
-  assert other.n_tokens == info.n_tokens
+  files = sorted(p.relative_to(info.data_dir) for p in pathlib.Path(info.data_dir).rglob("*.*"))
+  assert len(files) >= 4 and files == sorted(p.relative_to(other.data_dir)
+                                             for p in pathlib.Path(other.data_dir).rglob("*.*"))
+  for f in files:
+    if f.name != "meta.json":
+      assert (tmp_path / "again" / f).read_bytes() == (pathlib.Path(info.data_dir) / f).read_bytes(), f
+  assert other.n_tokens == info.n_tokens and other.identity == info.identity
 
 
 def test_half_written_dir_is_not_complete(corpus_dir, tmp_path):
@@ -146,7 +157,7 @@ def test_bad_corpus_inputs(tmp_path):
     prepare_corpus(tmp_path / "out", tmp_path / "missing", VOCAB, verbose=False)
   (tmp_path / "empty").mkdir()
   (tmp_path / "empty" / "blank.txt").write_text("  \n\n")
-  with pytest.raises(ValueError, match="no non-empty documents"):
+  with pytest.raises(ValueError, match="has 0 non-empty document"):
     prepare_corpus(tmp_path / "out", tmp_path / "empty", VOCAB, verbose=False)
   one = _make_corpus(tmp_path / "one", n_docs=1)
   (tmp_path / "line.txt").write_text("a single line\n")
@@ -158,24 +169,24 @@ def test_bad_corpus_inputs(tmp_path):
     prepare_corpus(tmp_path / "out", one, VOCAB, eval_fraction=1.5, verbose=False)
   with pytest.raises(ValueError, match="vocab"):
     prepare_corpus(tmp_path / "out", _make_corpus(tmp_path / "c"), 100_000, verbose=False)
-  assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
+  assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
 
 
 def test_single_file_corpus_documents(tmp_path):
-  from data import corpus as corpus_lib
   f = tmp_path / "all.txt"
   f.write_text("first doc\nline\n<|endoftext|>\nsecond doc\n<|endoftext|>\n\nthird\n")
-  docs = corpus_lib.load_documents(f)
+  docs = corpus_lib.all_documents(f)
   assert [d.text for d in docs] == ["first doc\nline\n", "second doc\n", "\nthird\n"]
   f.write_text("".join(f"para {i}\nmore text {i}\n\n" for i in range(500)))  # no separators: ~100 parts
-  docs = corpus_lib.load_documents(f)
+  docs = corpus_lib.all_documents(f)
   assert 50 <= len(docs) <= 110 and "".join(d.text for d in docs) == f.read_text()
 
 
 def test_train_and_eval_share_no_document(info, corpus_dir):
-  train, held = (set(info.meta["splits"][s]["documents"]) for s in ("train", "eval"))
+  train, held = ({d.name for d in _split_docs(info, corpus_dir, s)} for s in ("train", "eval"))
   assert train and held and not train & held
   assert train | held == {p.name for p in corpus_dir.glob("*.txt")}
+  assert (len(train), len(held)) == (info.n_docs["train"], info.n_docs["eval"])
   # and the streams on disk are exactly those documents
   for split in ("train", "eval"):
     w = pipeline.TokenWindows(info, split, seq_len=8)
@@ -379,9 +390,11 @@ def test_prepare_real_shakespeare(tmp_path):
   assert 4.8e6 < chars < 5.3e6
   assert 1.4e6 < info.n_tokens["train"] < 1.8e6
   assert 0.03 < info.n_tokens["eval"] / (info.n_tokens["train"] + info.n_tokens["eval"]) < 0.08
+  held = {"cymbeline_gut", "lovers_complaint_gut", "merry_wives_of_windsor_gut", "passionate_pilgrim_gut",
+          "phoenix_and_the_turtle_gut"}  # as before sharding (format 1): same tokenizer, same token streams
+  assert info.n_docs["eval"] == 5 and set(info.meta["flipped_documents"]) == held - {"merry_wives_of_windsor_gut"}
   assert info.vocab_size == 4096 and info.dtype == "uint16"
   assert 5.5 < info.unigram_entropy_nats < 7.0
-  assert "hamlet_gut" in splits["train"]["documents"] + splits["eval"]["documents"]
   batch = next(train_iterator(info, seq_len=256, global_batch_size=8, seed=0))
   assert batch["inputs"].shape == (8, 256)
 
@@ -405,4 +418,4 @@ def test_concurrent_ensure_prepared_prepares_once(corpus_dir, tmp_path):
   assert all(p.returncode == 0 for p in procs), outs
   assert sum(o.count("prepared ") for o in outs) == 1, outs  # one prepared, the others read its result
   assert len({o.split("TOKENS")[1] for o in outs}) == 1
-  assert not list(tmp_path.glob(".shared.tmp-*"))
+  assert not list(tmp_path.glob(".shared.partial"))

@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ["launch/slurm.sbatch", "launch/tpu_pod.sh", "launch/slurm_compare.sh"]
+SCRIPTS = ["launch/slurm.sbatch", "launch/tpu_pod.sh", "launch/slurm_compare.sh", "launch/tpu_compare.sh"]
 ARGS = ["--config", "configs/gpt3_xl.py", "--config.workdir=/shared/runs/gpt3 xl"]
 
 
@@ -83,3 +83,57 @@ def test_slurm_compare_submits_each_planned_run_once(tmp_path):
     run(**env)
     new = log.read_text().splitlines()[17:]
     assert [line.split()[0] for line in new] == ["--job-name=adamw_lr0.01_s1", "--job-name=adamw_lr0.01_s2"]
+
+
+def _remote_run(gcloud_line: str) -> tuple[str, str]:
+    """(TPU name, comparison run) of a printed ``gcloud compute tpus tpu-vm ssh`` command."""
+    import shlex
+
+    words = shlex.split(gcloud_line)
+    remote = shlex.split(next(w for w in words if w.startswith("--command="))[len("--command="):])
+    assert remote[3:6] == ["python", "-m", "train.compare"], remote
+    return words[5], remote[remote.index("run") + 1]
+
+
+def test_tpu_compare_spreads_runs_over_slices_and_follows_sweeps_with_seeds(tmp_path):
+    """Dry run: every planned sweep run once, on one of the slices, through tpu_pod.sh. Then, with a
+    stand-in ``gcloud`` on PATH (no TPU here) that records each command and marks its run done the way
+    ``train.compare run`` does, the script works through the sweeps, then the seed runs of the best lr,
+    and ends when nothing is left."""
+    import sys
+
+    workdir = tmp_path / "cmp dir"
+    args = ["--config", os.path.join(REPO, "configs", "compare_cpu.py"), f"--config.workdir={workdir}",
+            "--config.compare.optimizers=adamw,muon", "--config.compare.seeds=2"]
+    script = os.path.join(REPO, "launch/tpu_compare.sh")
+    env = {**os.environ, "TPU_NAMES": "slice-a slice-b", "ZONE": "us-east5-a", "POLL_SECONDS": "0.2",
+           "RETRY_SECONDS": "0"}
+    out = subprocess.run(["bash", script, *args], env={**env, "DRY_RUN": "1"}, capture_output=True, text=True,
+                         check=True).stdout.splitlines()  # (not stripped: a line may end in an escaped space)
+    runs = [_remote_run(line) for line in out]
+    assert len(runs) == 6 and len({name for _, name in runs}) == 6  # adamw and muon, 3 lrs each, seed 0
+    assert all(name.endswith("_s0") for _, name in runs)
+    assert {tpu for tpu, _ in runs} == {"slice-a", "slice-b"}  # both slices get work
+
+    bin_dir, log = tmp_path / "bin", tmp_path / "gcloud.log"
+    bin_dir.mkdir()
+    (bin_dir / "gcloud").write_text(f"""#!{sys.executable}
+import json, os, shlex, sys
+line = shlex.join(["gcloud", *sys.argv[1:]])
+with open({str(log)!r}, "a") as f:
+    f.write(line + "\\n")
+remote = shlex.split(next(a for a in sys.argv if a.startswith("--command="))[len("--command="):])
+name = remote[remote.index("run") + 1]
+lr = float(name.split("_lr")[1].split("_s")[0])
+os.makedirs(os.path.join({str(workdir)!r}, "runs", name), exist_ok=True)
+with open(os.path.join({str(workdir)!r}, "runs", name, "done.json"), "w") as f:
+    json.dump({{"optimizer": "x", "lr": lr, "seed": 0, "final_eval_loss": lr, "tokens": 1, "wall_seconds": 1}}, f)
+""")
+    (bin_dir / "gcloud").chmod(0o755)
+    proc = subprocess.run(["bash", script, *args], env={**env, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    ran = [name for _, name in map(_remote_run, log.read_text().splitlines())]
+    assert len(ran) == len(set(ran)) == 8, ran  # 6 sweep runs, then seed 1 of each optimizer's best lr
+    assert {n for n in ran if n.endswith("_s1")} == {"adamw_lr0.003_s1", "muon_lr0.01_s1"}  # the lowest loss
+    assert proc.stdout.count("no run left") == 2

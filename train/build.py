@@ -121,11 +121,11 @@ class Run:
     def train_step(self):
         return make_train_step(self.layout, self.optimizer.tx, self.optimizer.schedule, self.mesh,
                                microbatches=self.cfg.microbatches, seed=self.cfg.seed,
-                               dropout=self.model_cfg.dropout > 0)
+                               dropout=self.model_cfg.dropout > 0, loss_chunk=self.cfg.loss_chunk)
 
     @cached_property
     def eval_step(self):
-        return make_eval_step(self.layout, self.mesh)
+        return make_eval_step(self.layout, self.mesh, self.cfg.loss_chunk)
 
     @property
     def batch_sharding(self):
@@ -188,4 +188,7 @@ def build_run(cfg, devices=None) -> Run:
     for name in POSITIVE:
         if int(cfg[name]) < 1:
             raise ValueError(f"{name}={cfg[name]} must be a positive integer")
+    if cfg.loss_chunk < 0 or (cfg.loss_chunk and cfg.seq_len % cfg.loss_chunk):
+        raise ValueError(f"loss_chunk={cfg.loss_chunk} must be 0 (no chunking) or a positive divisor of "
+                         f"seq_len={cfg.seq_len}")
     return Run(resolve_config(cfg), devices)

@@ -74,6 +74,29 @@ def _eval_curve(workdir: str) -> list[tuple[int, float]]:
     return [(r["step"], r["eval_loss"]) for r in read_metrics(workdir) if "eval_loss" in r]
 
 
+def _train_seconds(workdir: str) -> tuple[list[int], list[float]]:
+    """(steps, seconds of training up to each): every logged row's ``step_time`` (the mean time per step
+    since the previous row: the optimizer's update included; evaluation, checkpoints and other hook time
+    excluded) times the steps it covers. A row without one (the first after a start or resume, whose time
+    includes compilation) counts at the run's median step time."""
+    from infra.metrics import read_metrics
+
+    rows = [r for r in read_metrics(workdir) if "loss" in r]
+    median = statistics.median([r["step_time"] for r in rows if "step_time" in r] or [0.0])
+    steps, seconds = [0], [0.0]
+    for r in rows:
+        if r["step"] > steps[-1]:
+            seconds.append(seconds[-1] + r.get("step_time", median) * (r["step"] - steps[-1]))
+            steps.append(r["step"])
+    return steps, seconds
+
+
+def _seconds_at(workdir: str, step: float) -> float:
+    import numpy as np
+
+    return float(np.interp(step, *_train_seconds(workdir)))
+
+
 class Stopped(Exception):
     """A run of the comparison stopped early (a signal): the comparison stops too, resumably."""
 
@@ -254,8 +277,9 @@ def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | Non
 
 
 def add_speedups(results: dict, comp: Comparison) -> None:
-    """Steps each optimizer's seed-mean eval curve needs to reach AdamW's mean final eval loss, and the
-    speed-up relative to AdamW's own curve (which reaches it at its last step)."""
+    """Steps each optimizer's seed-mean eval curve needs to reach AdamW's mean final eval loss, the training
+    seconds those steps took (``_train_seconds``, mean over seeds), and the speed-ups in steps and in
+    seconds relative to AdamW's own curve (which reaches it at its last step)."""
     ref = results["optimizers"].get("adamw", {})
     if "mean" not in ref:
         return
@@ -265,11 +289,13 @@ def add_speedups(results: dict, comp: Comparison) -> None:
         curves = [_eval_curve(comp.run_dir(run_name(o, entry["best_lr"], s))) for s in entry["seeds"]]
         n = min(len(c) for c in curves)
         mean_curve = [(curves[0][i][0], statistics.fmean(c[i][1] for c in curves)) for i in range(n)]
-        entry["steps_to_adamw_loss"] = steps_to_reach(mean_curve, ref["mean"] + 1e-9)
-    adamw_steps = ref.get("steps_to_adamw_loss")
-    for entry in results["optimizers"].values():
-        s = entry.get("steps_to_adamw_loss")
-        entry["speedup_vs_adamw"] = adamw_steps / s if s and adamw_steps else None
+        steps = entry["steps_to_adamw_loss"] = steps_to_reach(mean_curve, ref["mean"] + 1e-9)
+        entry["seconds_to_adamw_loss"] = None if steps is None else statistics.fmean(
+            _seconds_at(comp.run_dir(run_name(o, entry["best_lr"], s)), steps) for s in entry["seeds"])
+    for key, ratio in (("steps_to_adamw_loss", "speedup_vs_adamw"), ("seconds_to_adamw_loss", "wall_speedup_vs_adamw")):
+        for entry in results["optimizers"].values():
+            mine, adamw = entry.get(key), ref.get(key)
+            entry[ratio] = adamw / mine if mine and adamw else None
 
 
 def welch_interval(x: list[float], y: list[float], confidence: float = CONFIDENCE):
@@ -310,16 +336,18 @@ def summary_markdown(results: dict) -> str:
     tokens = cfg["steps"] * cfg["batch_size"] * cfg["seq_len"]
     lines = [f"# Optimizer comparison: {cfg['model']['name']}, {tokens:,} tokens per run", "",
              "| optimizer | best lr | eval loss (mean ± std over seeds) | steps to AdamW's final loss | "
-             "speed-up vs AdamW | verdict |", "|---|---|---|---|---|---|"]
+             "speed-up vs AdamW | train seconds to AdamW's final loss | wall-clock speed-up | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
     for o, e in results["optimizers"].items():
         if "mean" not in e:
             state = "sweep unfinished" if e.get("unfinished") else "diverged at every lr"
-            lines.append(f"| {o} | – | {state} | – | – | – |")
+            lines.append(f"| {o} | – | {state} | – | – | – | – | – |")
             continue
         steps = f"{e['steps_to_adamw_loss']:.0f}" if e.get("steps_to_adamw_loss") else "not reached"
-        speed = f"{e['speedup_vs_adamw']:.2f}x" if e.get("speedup_vs_adamw") else "–"
+        seconds = f"{e['seconds_to_adamw_loss']:.1f}" if e.get("seconds_to_adamw_loss") else "not reached"
+        speed, wall = (f"{e[k]:.2f}x" if e.get(k) else "–" for k in ("speedup_vs_adamw", "wall_speedup_vs_adamw"))
         lines.append(f"| {o} | {e['best_lr']:g} | {e['mean']:.4f} ± {e['std']:.4f} (n={len(e['seed_losses'])}) "
-                     f"| {steps} | {speed} | {'reference' if o == 'adamw' else verdict(e, ref)} |")
+                     f"| {steps} | {speed} | {seconds} | {wall} | {'reference' if o == 'adamw' else verdict(e, ref)} |")
     epochs = results.get("epochs")
     seeds = cfg["compare"]["seeds"]
     lines += ["", f"Verdict rule (decides): Welch's t {results['confidence']:.0%} confidence interval of the "
@@ -327,7 +355,9 @@ def summary_markdown(results: dict) -> str:
               f"worse only when the whole interval is on one side of zero. Tokens per run: {tokens:,}"
               + (f" = {epochs:.2f} epochs of the training split" if epochs is not None else "") + ". Final eval loss: "
               f"the whole held-out split after the last step (curves: the periodic evaluations' first "
-              f"{cfg['eval_batches']} batches)."]
+              f"{cfg['eval_batches']} batches). Train seconds: the measured time of the training steps, each "
+              "optimizer's update included, evaluation and checkpoints excluded (so they depend on the machine's "
+              "load when each run ran)."]
     if epochs is not None and epochs > 1:
         lines.append(f"**Warning: each run sees its training data {epochs:.1f} times: the comparison measures "
                      f"memorisation as much as optimisation.**")
@@ -353,22 +383,27 @@ def plot_comparison(comp: Comparison, results: dict) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for o, e in results["optimizers"].items():
-        if e.get("best_lr") is None:
-            continue
-        curves = [_eval_curve(comp.run_dir(run_name(o, e["best_lr"], s))) for s in e["seeds"]]
-        n = min(len(c) for c in curves)
-        steps = [s for s, _ in curves[0][:n]]
-        losses = np.array([[l for _, l in c[:n]] for c in curves])
-        line, = ax.plot(steps, losses.mean(0), marker="o", ms=3, label=f"{o} (lr {e['best_lr']:g})")
-        ax.fill_between(steps, losses.min(0), losses.max(0), color=line.get_color(), alpha=0.2)
-    ax.set(xlabel="step", ylabel="held-out loss (nats/token)", title="eval loss at each optimizer's best lr")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    save_figure(fig, join(comp.root, "curves.png"))
-    plt.close(fig)
+    for against, name in (("step", "curves.png"), ("training seconds", "curves_wallclock.png")):
+        fig, ax = plt.subplots(figsize=(7.5, 4.8))
+        for o, e in results["optimizers"].items():
+            if e.get("best_lr") is None:
+                continue
+            dirs = [comp.run_dir(run_name(o, e["best_lr"], s)) for s in e["seeds"]]
+            curves = [_eval_curve(d) for d in dirs]
+            n = min(len(c) for c in curves)
+            steps = [s for s, _ in curves[0][:n]]
+            x = steps if against == "step" else np.mean([[_seconds_at(d, s) for s in steps] for d in dirs], axis=0)
+            losses = np.array([[l for _, l in c[:n]] for c in curves])
+            line, = ax.plot(x, losses.mean(0), marker="o", ms=3, label=f"{o} (lr {e['best_lr']:g})")
+            ax.fill_between(x, losses.min(0), losses.max(0), color=line.get_color(), alpha=0.2)
+        ax.set(xlabel=against + (" (mean over seeds; updates included, evaluation excluded)" if against !=
+                                 "step" else ""), ylabel="held-out loss (nats/token)",
+               title=f"eval loss against {against} at each optimizer's best lr")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        save_figure(fig, join(comp.root, name))
+        plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for o, e in results["optimizers"].items():
@@ -415,7 +450,7 @@ def plan(comp: Comparison, config_file: str, overrides: dict) -> list[dict]:
                      "command": shlex.join(job),
                      "train_command": shlex.join(train_command(comp, config_file, overrides, o, lr, s))})
     makedirs(comp.root)
-    write_text(join(comp.root, "plan.json"), json.dumps(rows, indent=2))
+    write_text(join(comp.root, "plan.json"), json.dumps(rows, indent=2))  # atomic: launchers read it
     return rows
 
 

@@ -2,7 +2,9 @@
 
 Loss: mean next-token cross-entropy over the tokens whose ``loss_mask`` is 1,
 
-    loss = sum_{b,l} CE(logits[b,l], targets[b,l]) * mask[b,l] / sum_{b,l} mask[b,l].
+    loss = sum_{b,l} CE(logits[b,l], targets[b,l]) * mask[b,l] / sum_{b,l} mask[b,l],
+
+the sum made ``loss_chunk`` positions at a time when that is set (``train.loss``).
 
 With gradient accumulation the batch is split into ``microbatches`` interleaved slices (rows j*M + i),
 which keeps each slice sharded like the batch; the per-slice gradients of the masked *sum* are added up
@@ -16,6 +18,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from train.loss import cross_entropy_sum
 from train.state import Layout, TrainState
 
 
@@ -23,15 +26,14 @@ def batch_sharding(mesh) -> NamedSharding:
     return NamedSharding(mesh, P(("data", "fsdp")))
 
 
-def _loss_sum(graphdef, params, batch, dropout_key):
-    logits = nnx.merge(graphdef, params)(batch["inputs"], batch["segment_ids"], dropout_key)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    return jnp.sum(ce * batch["loss_mask"])
+def _loss_sum(graphdef, params, batch, dropout_key, loss_chunk: int):
+    return cross_entropy_sum(nnx.merge(graphdef, params), batch, dropout_key, loss_chunk)
 
 
-def make_train_step(layout: Layout, tx, schedule, mesh, *, microbatches: int, seed: int, dropout: bool):
+def make_train_step(layout: Layout, tx, schedule, mesh, *, microbatches: int, seed: int, dropout: bool,
+                    loss_chunk: int = 0):
     graphdef = layout.graphdef
-    grad_fn = jax.value_and_grad(lambda p, b, k: _loss_sum(graphdef, p, b, k))
+    grad_fn = jax.value_and_grad(lambda p, b, k: _loss_sum(graphdef, p, b, k, loss_chunk))
 
     def step(state: TrainState, batch):
         n_tokens = jnp.maximum(batch["loss_mask"].sum(), 1.0)
@@ -63,10 +65,10 @@ def make_train_step(layout: Layout, tx, schedule, mesh, *, microbatches: int, se
                    out_shardings=(layout.shardings, replicated), donate_argnums=(0,))
 
 
-def make_eval_step(layout: Layout, mesh):
+def make_eval_step(layout: Layout, mesh, loss_chunk: int = 0):
     """(sum of masked CE, number of masked tokens) for one held-out batch."""
     def step(params, batch):
-        return _loss_sum(layout.graphdef, params, batch, None), batch["loss_mask"].sum()
+        return _loss_sum(layout.graphdef, params, batch, None, loss_chunk), batch["loss_mask"].sum()
 
     replicated = NamedSharding(mesh, P())
     return jax.jit(step, in_shardings=(layout.shardings.params, batch_sharding(mesh)),

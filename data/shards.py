@@ -1,0 +1,203 @@
+"""One work unit of a preparation: documents -> held-out choice -> tokens -> size-bounded ArrayRecord shards.
+
+This is the whole per-unit computation, the same under the local worker pool (``data.prepare``) and
+Apache Beam (``data.beam``), so both write identical files. For unit ``u`` it writes, inside the data dir:
+
+  <split>/u<u:06d>-<p:04d>.array_record   part p of the unit's stream of each split (split: train, eval)
+  units/<u:06d>.counts.npy                 how often each token id occurs in the unit's training tokens
+  units/<u:06d>.json                       the unit's manifest, written last: its presence marks it done
+
+A split's stream within the unit is its documents in input order, each as ``[BOS] + tokens``. A part is
+closed at the first document boundary at or after ``shard_tokens`` tokens (so parts hold about
+``shard_tokens`` tokens, never zero); record ``i`` of a part holds its tokens ``[i * chunk_size, (i + 1) *
+chunk_size)`` as raw little-endian ``uint16``/``uint32``. Every file is written under a temporary name and
+renamed when complete, so a killed unit leaves no file that looks finished; it is redone from scratch.
+
+A document is held out for evaluation when ``sha256(id)``, read as a fraction in [0, 1), is below
+``eval_fraction``: a deterministic choice of whole documents that needs no pass over the corpus (a corpus
+small enough to scan moves some documents across it, see ``data.prepare.flipped_documents``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import resource
+import time
+from typing import Callable
+
+import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
+
+from data import corpus as corpus_lib
+from data.tokenizer import Tokenizer
+from infra.files import write_atomic
+
+SPLITS = ("train", "eval")
+UNITS_DIR = "units"
+_WRITER_OPTIONS = "group_size:1,uncompressed"  # group_size 1: grain's random access reads one record
+_ENCODE_CHARS = 1 << 20  # documents are encoded in batches of about this many characters
+_PROGRESS_BYTES = 4 << 20
+
+
+def doc_hash(doc_id: str) -> float:
+    """The first 64 bits of ``sha256(id)`` as a fraction in [0, 1)."""
+    return int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big") / 2**64
+
+
+def held_out(doc_id: str, eval_fraction: float, flipped: tuple[str, ...] = ()) -> bool:
+    """Whether document ``doc_id`` belongs to the eval split: ``doc_hash(id) < eval_fraction``, except for
+    the ``flipped`` documents (``data.prepare.flipped_documents``, for a corpus small enough to scan)."""
+    return (doc_hash(doc_id) < eval_fraction) != (doc_id in flipped)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitJob:
+    """What every unit of one preparation shares (picklable: it travels to worker processes)."""
+    out: str  # the data dir being written
+    tokenizer: str  # sentencepiece model file
+    eval_fraction: float
+    chunk_size: int
+    shard_tokens: int
+    text_key: str
+    on_error: str
+    flipped: tuple[str, ...] = ()  # documents on the other side of the held-out rule
+
+
+def manifest_path(out: str, index: int) -> str:
+    return os.path.join(out, UNITS_DIR, f"{index:06d}.json")
+
+
+def counts_path(out: str, index: int) -> str:
+    return os.path.join(out, UNITS_DIR, f"{index:06d}.counts.npy")
+
+
+def read_manifest(out: str, index: int) -> dict | None:
+    """The manifest of a finished unit, or None if the unit is not done."""
+    try:
+        with open(manifest_path(out, index)) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class _PartWriter:
+    """The parts of one split of one unit: records of chunk_size tokens, a new part every ~shard_tokens."""
+
+    def __init__(self, out: str, split: str, unit: int, chunk_size: int, shard_tokens: int, dtype: np.dtype):
+        self._out, self._split, self._unit = out, split, unit
+        self._chunk, self._shard_tokens, self._dtype = chunk_size, shard_tokens, dtype
+        self.parts: list[dict] = []
+        self._writer = None
+        self._buf = np.empty(chunk_size, dtype)
+        self._fill = self._part_tokens = self._part_chunks = 0
+
+    def _name(self) -> str:
+        return f"{self._split}/u{self._unit:06d}-{len(self.parts):04d}.array_record"
+
+    def write_document(self, ids: np.ndarray) -> None:
+        if self._writer is None:
+            os.makedirs(os.path.join(self._out, self._split), exist_ok=True)
+            self._writer = ArrayRecordWriter(os.path.join(self._out, self._name()) + ".tmp", _WRITER_OPTIONS)
+        self._part_tokens += len(ids)
+        while len(ids):
+            take = min(self._chunk - self._fill, len(ids))
+            self._buf[self._fill:self._fill + take] = ids[:take]
+            self._fill += take
+            ids = ids[take:]
+            if self._fill == self._chunk:
+                self._flush()
+        if self._part_tokens >= self._shard_tokens:
+            self.close()
+
+    def _flush(self) -> None:
+        self._writer.write(self._buf[:self._fill].tobytes())
+        self._part_chunks += 1
+        self._fill = 0
+
+    def close(self) -> None:
+        if self._writer is None:
+            return
+        if self._fill:
+            self._flush()
+        self._writer.close()
+        name = self._name()
+        final = os.path.join(self._out, name)
+        os.replace(final + ".tmp", final)
+        self.parts.append({"file": name, "n_tokens": self._part_tokens, "n_chunks": self._part_chunks,
+                           "sha256": sha256_file(final)})
+        self._writer, self._part_tokens, self._part_chunks = None, 0, 0
+
+
+def prepare_unit(job: UnitJob, unit: corpus_lib.Unit, progress: Callable[[int], None] | None = None) -> dict:
+    """Writes unit ``unit`` (see the module docstring) and returns its manifest."""
+    t0 = time.perf_counter()
+    tok = Tokenizer(job.tokenizer)
+    dtype = token_dtype(tok.vocab_size)
+    writers = {s: _PartWriter(job.out, s, unit.index, job.chunk_size, job.shard_tokens, dtype) for s in SPLITS}
+    stats = {s: {"n_docs": 0, "n_chars": 0, "ids": hashlib.sha256()} for s in SPLITS}
+    counts = np.zeros(tok.vocab_size, np.int64)
+    problems = corpus_lib.Problems(job.on_error)
+    bos = np.array([tok.bos_id], dtype)
+    pending, pending_chars, reported = [], 0, 0
+
+    def encode_pending():
+        for (doc, split), ids in zip(pending, tok.sp.EncodeAsIds([d.text for d, _ in pending], num_threads=1)):
+            ids = np.concatenate([bos, np.asarray(ids, dtype)])
+            writers[split].write_document(ids)
+            if split == "train":
+                np.add(counts, np.bincount(ids, minlength=tok.vocab_size), out=counts)
+        pending.clear()
+
+    for doc, position in corpus_lib.read_documents(unit, job.text_key, problems):
+        split = "eval" if held_out(doc.name, job.eval_fraction, job.flipped) else "train"
+        s = stats[split]
+        s["n_docs"] += 1
+        s["n_chars"] += len(doc.text)
+        s["ids"].update(doc.name.encode() + b"\n")
+        pending.append((doc, split))
+        pending_chars += len(doc.text)
+        if pending_chars >= _ENCODE_CHARS:
+            encode_pending()
+            pending_chars = 0
+        if progress is not None and position - reported >= _PROGRESS_BYTES:
+            progress(position - reported)
+            reported = position
+    encode_pending()
+    for w in writers.values():
+        w.close()
+    if progress is not None:
+        progress(unit.size - reported)
+
+    manifest = {
+        "unit": unit.index,
+        "inputs": [f.name for f in unit.files],
+        "input_bytes": unit.size,
+        "splits": {s: {"parts": writers[s].parts, "n_tokens": sum(p["n_tokens"] for p in writers[s].parts),
+                       "n_docs": stats[s]["n_docs"], "n_chars": stats[s]["n_chars"],
+                       "ids_sha256": stats[s]["ids"].hexdigest()} for s in SPLITS},
+        "empty_documents": problems.empty_documents,
+        "problems": {"count": problems.count, "examples": problems.examples},
+        "seconds": round(time.perf_counter() - t0, 3),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    os.makedirs(os.path.join(job.out, UNITS_DIR), exist_ok=True)
+    buf = io.BytesIO()
+    np.save(buf, counts)
+    write_atomic(counts_path(job.out, unit.index), buf.getvalue())
+    write_atomic(manifest_path(job.out, unit.index), json.dumps(manifest, indent=1).encode())
+    return manifest
