@@ -244,6 +244,9 @@ class Comparison:
         entry["unfinished"] += [run_name(o, best, s) for s, r in runs.items() if r is None]
         done = {s: r for s, r in runs.items() if r is not None and r["final_eval_loss"] is not None}
         losses = [r["final_eval_loss"] for r in done.values()]
+        sampled = [r.get("final_eval_loss_sampled") for r in done.values()]
+        if None not in sampled:  # the last periodic evaluation: the batches the curves are made of
+            entry["sampled_mean"] = statistics.fmean(sampled)
         entry.update(seeds=sorted(done), seed_losses=losses, mean=statistics.fmean(losses),
                      std=statistics.stdev(losses) if len(losses) > 1 else 0.0, tokens=done[0]["tokens"],
                      wall_seconds=sum(r["wall_seconds"] for r in list(sweep.values()) + list(runs.values())[1:]
@@ -277,7 +280,8 @@ def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | Non
 
 
 def add_speedups(results: dict, comp: Comparison) -> None:
-    """Steps each optimizer's seed-mean eval curve needs to reach AdamW's mean final eval loss, the training
+    """Steps each optimizer's seed-mean eval curve needs to reach AdamW's mean final eval loss (the last
+    periodic evaluation's, which is on the batches the curves are made of, when recorded), the training
     seconds those steps took (``_train_seconds``, mean over seeds), and the speed-ups in steps and in
     seconds relative to AdamW's own curve (which reaches it at its last step)."""
     ref = results["optimizers"].get("adamw", {})
@@ -289,7 +293,8 @@ def add_speedups(results: dict, comp: Comparison) -> None:
         curves = [_eval_curve(comp.run_dir(run_name(o, entry["best_lr"], s))) for s in entry["seeds"]]
         n = min(len(c) for c in curves)
         mean_curve = [(curves[0][i][0], statistics.fmean(c[i][1] for c in curves)) for i in range(n)]
-        steps = entry["steps_to_adamw_loss"] = steps_to_reach(mean_curve, ref["mean"] + 1e-9)
+        target = ref.get("sampled_mean", ref["mean"])  # on the same held-out batches as the curve
+        steps = entry["steps_to_adamw_loss"] = steps_to_reach(mean_curve, target + 1e-9)
         entry["seconds_to_adamw_loss"] = None if steps is None else statistics.fmean(
             _seconds_at(comp.run_dir(run_name(o, entry["best_lr"], s)), steps) for s in entry["seeds"])
     for key, ratio in (("steps_to_adamw_loss", "speedup_vs_adamw"), ("seconds_to_adamw_loss", "wall_speedup_vs_adamw")):
@@ -355,7 +360,8 @@ def summary_markdown(results: dict) -> str:
               f"worse only when the whole interval is on one side of zero. Tokens per run: {tokens:,}"
               + (f" = {epochs:.2f} epochs of the training split" if epochs is not None else "") + ". Final eval loss: "
               f"the whole held-out split after the last step (curves: the periodic evaluations' first "
-              f"{cfg['eval_batches']} batches). Train seconds: the measured time of the training steps, each "
+              f"{cfg['eval_batches']} batches; steps and seconds to AdamW's final loss are read on those curves, "
+              "against AdamW's last periodic evaluation). Train seconds: the measured time of the training steps, each "
               "optimizer's update included, evaluation and checkpoints excluded (so they depend on the machine's "
               "load when each run ran)."]
     if epochs is not None and epochs > 1:
