@@ -54,10 +54,6 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def _sha256(path) -> str:
-    return shards.sha256_file(os.fspath(path))
-
-
 def _entropy_nats(counts: np.ndarray) -> float:
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
@@ -131,7 +127,7 @@ def _tokenizer(tmp: pathlib.Path, tokenizer, vocab_size, units, text_key, on_err
         shutil.copyfile(tokenizer, tmp / TOKENIZER)
         if Tokenizer(tmp / TOKENIZER).bos_id < 0:
             raise ValueError(f"tokenizer {tokenizer} defines no BOS id; train it with bos_id >= 0")
-        return {"file": TOKENIZER, "source": os.path.abspath(tokenizer), "sha256": _sha256(tokenizer)}
+        return {"file": TOKENIZER, "source": os.path.abspath(tokenizer), "sha256": shards.sha256_file(tokenizer)}
     if vocab_size is None:
         raise ValueError("give vocab_size (to train a tokenizer) or tokenizer (a .model file)")
     settings = {**TRAINER_SETTINGS, "vocab_size": vocab_size, "seed": TRAINER_SEED, "sample_chars": sample_chars}
@@ -141,7 +137,7 @@ def _tokenizer(tmp: pathlib.Path, tokenizer, vocab_size, units, text_key, on_err
                   "documents ...", flush=True)
         Tokenizer.train(tokenizer_sample(units, text_key, eval_fraction, sample_chars, TRAINER_SEED, flipped,
                                          on_error), tmp / TOKENIZER, vocab_size)
-    return {"file": TOKENIZER, "source": "trained", "sha256": _sha256(tmp / TOKENIZER), "settings": settings}
+    return {"file": TOKENIZER, "source": "trained", "sha256": shards.sha256_file(tmp / TOKENIZER), "settings": settings}
 
 
 _progress_counter = None
@@ -194,7 +190,7 @@ def _plan(corpus, files, tokenizer, vocab_size, eval_fraction, chunk_size, shard
     return {"format_version": FORMAT_VERSION, "corpus": corpus_lib.canonical_corpus(corpus),
             "inputs": [[f.name, f.size] for f in files], "eval_fraction": eval_fraction, "chunk_size": chunk_size,
             "shard_tokens": shard_tokens, "text_key": text_key, "on_error": on_error,
-            "tokenizer": _sha256(tokenizer) if tokenizer is not None else
+            "tokenizer": shards.sha256_file(tokenizer) if tokenizer is not None else
             {"vocab_size": vocab_size, "sample_chars": sample_chars}}
 
 
@@ -432,7 +428,7 @@ def _check_matches(info: DatasetInfo, corpus, vocab_size, tokenizer, eval_fracti
     if corpus_lib.canonical_corpus(corpus) != info.corpus:
         want["corpus"], have["corpus"] = corpus_lib.canonical_corpus(corpus), info.corpus
     if tokenizer is not None:
-        if _sha256(tokenizer) != info.meta["tokenizer"]["sha256"]:
+        if shards.sha256_file(tokenizer) != info.meta["tokenizer"]["sha256"]:
             want["tokenizer"], have["tokenizer"] = os.path.abspath(tokenizer), info.meta["tokenizer"]["source"]
     elif info.meta["tokenizer"]["source"] != "trained":
         want["tokenizer"], have["tokenizer"] = "trained", info.meta["tokenizer"]["source"]

@@ -87,7 +87,7 @@ def read_manifest(out: str, index: int) -> dict | None:
         return None
 
 
-def sha256_file(path: str) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):

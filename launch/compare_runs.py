@@ -1,6 +1,7 @@
-"""``python -m launch.compare_runs PLAN_JSON [--exclude FILE] [--slice I/N]``: the runs of a comparison's
-plan (``python -m train.compare ... plan``) that a launcher should start now, one per line as
-``NAME ARGS`` (``--first``: only the first), where ARGS are the shell-quoted arguments of ``python -m train.compare`` for that run.
+"""``python -m launch.compare_runs PLAN_JSON [--exclude FILE] [--slice I/N] [--first]``: the runs of a
+comparison's plan (``python -m train.compare ... plan``) that a launcher should start now, one per line as
+``NAME ARGS`` (``--first``: only the first), where ARGS are the shell-quoted arguments of
+``python -m train.compare`` for that run.
 
 A run is listed when it is pending or started (a started one resumes), is not named in ``--exclude``
 (e.g. the runs already submitted to SLURM), and, with ``--slice I/N``, belongs to slice I of N: runs are
