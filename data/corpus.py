@@ -162,14 +162,15 @@ def input_files(corpus: str | os.PathLike, cache_dir: str | os.PathLike | None =
 
 def plan_units(files: list[InputFile], unit_bytes: int = UNIT_BYTES) -> list[Unit]:
     """Each jsonl/parquet/sdist/text file its own unit; runs of consecutive .txt files up to ``unit_bytes``."""
-    units, group = [], []
+    units, group, group_bytes = [], [], 0
     for f in files:
-        if f.kind == "txt" and (not group or sum(g.size for g in group) + f.size <= unit_bytes):
+        if f.kind == "txt" and (not group or group_bytes + f.size <= unit_bytes):
             group.append(f)
+            group_bytes += f.size
             continue
         if group:
             units.append(group)
-        group = [f] if f.kind == "txt" else []
+        group, group_bytes = ([f], f.size) if f.kind == "txt" else ([], 0)
         if f.kind != "txt":
             units.append([f])
     if group:
