@@ -214,10 +214,9 @@ def _partial_dir(out: pathlib.Path, plan: dict, verbose: bool) -> pathlib.Path:
     return partial
 
 
-def _assemble_meta(partial: pathlib.Path, units, tok_meta, plan, stats) -> dict:
+def _assemble_meta(partial: pathlib.Path, units, manifests, tok_meta, plan, stats) -> dict:
     """meta.json from the units' manifests (in unit order) and their token counts."""
     tok = Tokenizer(partial / TOKENIZER)
-    manifests = [shards.read_manifest(str(partial), u.index) for u in units]
     counts = sum(np.load(shards.counts_path(str(partial), u.index)) for u in units)
     splits = {}
     for s in SPLITS:
@@ -258,15 +257,15 @@ def _assemble_meta(partial: pathlib.Path, units, tok_meta, plan, stats) -> dict:
     }
 
 
-def _run_stats(partial, units, engine, workers, seconds) -> dict:
-    """Throughput and memory of this run's tokenizing step (units done before a resume are not counted)."""
-    manifests = [shards.read_manifest(str(partial), u.index) for u in units]
+def _run_stats(manifests, engine, workers, seconds) -> dict:
+    """Throughput and memory of this run's tokenizing step, from the manifests of the units it prepared
+    (units done before a resume are not counted)."""
     n_bytes = sum(m["input_bytes"] for m in manifests)
     n_tokens = sum(m["splits"][s]["n_tokens"] for m in manifests for s in SPLITS)
     busy = sum(m["seconds"] for m in manifests)
     main_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     worker_rss = max((m["peak_rss_mib"] for m in manifests), default=0.0)
-    return {"engine": engine, "workers": workers, "units": len(units), "seconds": round(seconds, 2),
+    return {"engine": engine, "workers": workers, "units": len(manifests), "seconds": round(seconds, 2),
             "input_mb": round(n_bytes / 1e6, 1), "tokens": n_tokens,
             "input_mb_per_s": round(n_bytes / 1e6 / max(seconds, 1e-9), 2),
             "tokens_per_s": round(n_tokens / max(seconds, 1e-9)),
@@ -345,8 +344,10 @@ def prepare_corpus(
         beam.run_units(job, todo, beam_args)
     else:
         workers = run_local(job, todo, workers, verbose)
-    stats = _run_stats(partial, todo, engine, workers, time.perf_counter() - t0)
-    meta = {**_assemble_meta(partial, units, tok_meta, plan, stats), "flipped_documents": list(flipped)}
+    seconds = time.perf_counter() - t0
+    manifests = [shards.read_manifest(str(partial), u.index) for u in units]
+    stats = _run_stats([manifests[u.index] for u in todo], engine, workers, seconds)
+    meta = {**_assemble_meta(partial, units, manifests, tok_meta, plan, stats), "flipped_documents": list(flipped)}
     shutil.rmtree(partial / shards.UNITS_DIR)
     (partial / PLAN).unlink()
     write_atomic(partial / META, json.dumps(meta, indent=1).encode())

@@ -91,10 +91,11 @@ def _train_seconds(workdir: str) -> tuple[list[int], list[float]]:
     return steps, seconds
 
 
-def _seconds_at(workdir: str, step: float) -> float:
+def _seconds_at(workdir: str, steps):
+    """Training seconds at ``steps`` (a step or a sequence of them), interpolated on ``_train_seconds``."""
     import numpy as np
 
-    return float(np.interp(step, *_train_seconds(workdir)))
+    return np.interp(steps, *_train_seconds(workdir))
 
 
 class Stopped(Exception):
@@ -296,7 +297,7 @@ def add_speedups(results: dict, comp: Comparison) -> None:
         target = ref.get("sampled_mean", ref["mean"])  # on the same held-out batches as the curve
         steps = entry["steps_to_adamw_loss"] = steps_to_reach(mean_curve, target + 1e-9)
         entry["seconds_to_adamw_loss"] = None if steps is None else statistics.fmean(
-            _seconds_at(comp.run_dir(run_name(o, entry["best_lr"], s)), steps) for s in entry["seeds"])
+            float(_seconds_at(comp.run_dir(run_name(o, entry["best_lr"], s)), steps)) for s in entry["seeds"])
     for key, ratio in (("steps_to_adamw_loss", "speedup_vs_adamw"), ("seconds_to_adamw_loss", "wall_speedup_vs_adamw")):
         for entry in results["optimizers"].values():
             mine, adamw = entry.get(key), ref.get(key)
@@ -398,7 +399,7 @@ def plot_comparison(comp: Comparison, results: dict) -> None:
             curves = [_eval_curve(d) for d in dirs]
             n = min(len(c) for c in curves)
             steps = [s for s, _ in curves[0][:n]]
-            x = steps if against == "step" else np.mean([[_seconds_at(d, s) for s in steps] for d in dirs], axis=0)
+            x = steps if against == "step" else np.mean([_seconds_at(d, steps) for d in dirs], axis=0)
             losses = np.array([[l for _, l in c[:n]] for c in curves])
             line, = ax.plot(x, losses.mean(0), marker="o", ms=3, label=f"{o} (lr {e['best_lr']:g})")
             ax.fill_between(x, losses.min(0), losses.max(0), color=line.get_color(), alpha=0.2)
