@@ -106,18 +106,6 @@ def _run(preset: str, opt_name: str, args):
     return build_run(cfg)
 
 
-def _abstract_batch(args, mesh):
-    import jax
-    import jax.numpy as jnp
-
-    from train.step import batch_sharding
-
-    sh = batch_sharding(mesh)
-    shape = (args.batch_size, args.seq_len)
-    return {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32, sharding=sh)
-            for k in ("inputs", "targets", "segment_ids", "loss_mask")}
-
-
 def _input_feed(args, mesh):
     """A blocking callable that loads the next training batch of ``args.data`` onto the mesh, or None."""
     import jax
@@ -173,7 +161,7 @@ def bench_preset(preset: str, args, timed: bool) -> dict:
            "model_flops_per_step": run.flops_per_step}
     with jax.set_mesh(run.mesh):
         t = time.perf_counter()
-        compiled = run.train_step.lower(run.layout.abstract, _abstract_batch(args, run.mesh)).compile()
+        compiled = run.train_step.lower(run.layout.abstract, run.abstract_batch()).compile()
         row["compile_seconds"] = time.perf_counter() - t
     mem = compiled.memory_analysis()
     row["compiled_memory_bytes"] = int(mem.argument_size_in_bytes + mem.temp_size_in_bytes)

@@ -80,9 +80,10 @@ def build_model_config(cfg, tokenizer_vocab: int | None):
 
 @dataclasses.dataclass
 class Run:
-    """A run's parts, each built (and checked) on first use. ``cfg`` is the resolved config."""
+    """A run's parts, each built (and checked) on first use. ``cfg`` is the resolved config; ``devices`` the
+    devices to run on (default all; a number: that many devices that are not here, see ``build_mesh``)."""
     cfg: object
-    devices: list | None = None
+    devices: list | int | None = None
 
     @cached_property
     def data(self) -> data.DatasetInfo:
@@ -130,6 +131,13 @@ class Run:
     @property
     def batch_sharding(self):
         return batch_sharding(self.mesh)
+
+    def abstract_batch(self) -> dict:
+        """The shapes, dtypes and shardings of one global training batch (for compiling ahead of time)."""
+        shape = (self.cfg.batch_size, self.cfg.seq_len)
+        return {k: jax.ShapeDtypeStruct(shape, np.float32 if k == "loss_mask" else np.int32,
+                                        sharding=self.batch_sharding)
+                for k in ("inputs", "targets", "segment_ids", "loss_mask")}
 
     @cached_property
     def n_params(self) -> int:

@@ -1,22 +1,44 @@
 """Model FLOPs per token and the peak FLOP/s that MFU is measured against."""
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
 import jax.numpy as jnp
 
-# Dense bfloat16 peak FLOP/s per chip (datasheets).
-PEAK_FLOPS = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "TPU v6": 918e12,
-    "TPU v5p": 459e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v4": 275e12,
-}
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """An accelerator chip from its datasheet: memory and dense bfloat16 peak FLOP/s, per chip."""
+    name: str  # as given on the command line (train.plan --topology v5p:... / --gpu h100)
+    device_kinds: tuple[str, ...]  # jax's device_kind of the chip (TPU: exact; GPU: contained in it)
+    hbm_bytes: float
+    peak_flops: float
+
+
+CHIPS = {c.name: c for c in (
+    Chip("v4", ("TPU v4",), 32 * GiB, 275e12),
+    Chip("v5e", ("TPU v5 lite", "TPU v5e"), 16 * GiB, 197e12),
+    Chip("v5p", ("TPU v5", "TPU v5p"), 95 * GiB, 459e12),
+    Chip("v6e", ("TPU v6 lite", "TPU v6e"), 32 * GiB, 918e12),
+    Chip("a100", ("A100",), 80 * GiB, 312e12),
+    Chip("h100", ("H100",), 80 * GiB, 989e12),
+    Chip("h200", ("H200",), 141e9, 989e12),
+)}
+TPU_CHIPS = ("v4", "v5e", "v5p", "v6e")
+GPU_CHIPS = ("a100", "h100", "h200")
+
+
+def chip_of(device_kind: str) -> Chip | None:
+    """The chip whose device kind this is (TPU kinds match exactly, GPU names are contained), or None."""
+    for chip in CHIPS.values():
+        if device_kind in chip.device_kinds or (device_kind.startswith("NVIDIA")
+                                                and any(k in device_kind for k in chip.device_kinds)):
+            return chip
+    return None
 
 
 def flops_per_token(n_params: int, n_layers: int, d_model: int, ctx: int, seq_len: int) -> float:
@@ -31,11 +53,8 @@ def flops_per_token(n_params: int, n_layers: int, d_model: int, ctx: int, seq_le
 
 def datasheet_peak(device) -> float | None:
     """Peak FLOP/s of one accelerator chip from the table, or None (CPU, unknown chips)."""
-    kind = getattr(device, "device_kind", "")
-    for name, peak in PEAK_FLOPS.items():
-        if name.lower() in kind.lower():
-            return peak
-    return None
+    chip = chip_of(getattr(device, "device_kind", ""))
+    return chip.peak_flops if chip else None
 
 
 def measure_matmul_flops(n: int = 2048, dtype=jnp.float32, repeats: int = 5, device=None) -> float:

@@ -5,7 +5,7 @@ import math
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh
+from jax.sharding import AbstractMesh, AxisType, Mesh
 
 from models import MESH_AXES
 
@@ -30,11 +30,18 @@ def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, int, int]:
     return tuple(sizes)
 
 
-def build_mesh(mesh_cfg, devices=None) -> Mesh:
-    """GSPMD-style mesh (Auto axes) over all devices, process-major so each host's devices are adjacent."""
+def build_mesh(mesh_cfg, devices=None) -> Mesh | AbstractMesh:
+    """GSPMD-style mesh (Auto axes) over all devices, process-major so each host's devices are adjacent.
+
+    ``devices`` may be a number: an ``AbstractMesh`` of that many devices that are not here (shapes and
+    shardings of a run on them can be worked out, nothing can be compiled).
+    """
     devices = jax.devices() if devices is None else devices
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    if isinstance(devices, int):
+        return AbstractMesh(mesh_shape(mesh_cfg, devices), MESH_AXES, axis_types=axis_types)
     shape = mesh_shape(mesh_cfg, len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
 
 
 def check_divisibility(abstract_params, specs, mesh: Mesh) -> None:

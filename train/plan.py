@@ -1,0 +1,324 @@
+"""Plan a run before launching it: does it fit, and what step time should it get?
+
+    python -m train.plan --config configs/gpt3_xl.py --topology v5p:4x4x4 [--json PATH] [--config.* ...]
+    python -m train.plan --config configs/gpt3_xl.py --gpu h100 --gpus 64
+
+``--topology`` compiles the run's real train step (model, optimizer, mesh, batch, remat, dtype, attention,
+loss chunking: all from the config) for a TPU topology on this machine, without a TPU: libtpu describes
+the topology's chips (``jax.experimental.topologies``) and XLA compiles the sharded program for them. The
+compiled program gives, per device, the bytes of its arguments (params, optimizer state, batch) and its
+temporaries, and XLA's cost model gives its FLOPs and an *estimated* time; the projected MFU is
+
+    MFU = model FLOPs per step / (chips * datasheet bf16 peak per chip * XLA's estimated step seconds),
+
+an estimate, not a measurement. Topologies are ``<chip>:<dims>`` (``v5p:4x4x4``, ``v5e:16x16``) or the
+Cloud names ``v5p-128`` / ``v4-32`` (TensorCores: two per chip) and ``v5e-256`` / ``v6e-64`` (chips).
+
+``--gpu`` cannot compile (XLA has no deviceless GPU target here): it states the analytic per-device memory
+of ``train.memory`` (exact state bytes, estimated activations for every remat policy) against the GPU's.
+
+When the run does not fit, the plan names the smallest change that the estimate says would fit (more
+microbatches, then full remat); ``--search`` compiles that candidate (and the next ones) to verify it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+import configs
+from infra.cli import parse_flags_or_exit, user_errors
+
+_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(configs.__file__), "gpt3_xl.py"),
+                                          "Run config (a python file).")
+_TOPOLOGY = flags.DEFINE_string("topology", "", "TPU topology to compile for: v5p:4x4x4, v5e:16x16, v5p-128, ...")
+_GPU = flags.DEFINE_string("gpu", "", "GPU to estimate memory for (analytic): a100, h100 or h200")
+_GPUS = flags.DEFINE_integer("gpus", 8, "number of GPUs of the --gpu run")
+_JSON = flags.DEFINE_string("json", "", "also write the plan to this JSON file")
+_SEARCH = flags.DEFINE_bool("search", False, "when the run does not fit, compile candidates until one fits")
+
+DEFAULT_VOCAB = 50257  # GPT-2's BPE, when the config takes the vocabulary from a corpus (model.vocab_size=0)
+MAX_SEARCH_COMPILES = 3
+REMAT_ORDER = ("none", "dots", "dots_no_batch", "full")  # least to most recomputation
+
+
+def tpu_topology(name: str) -> tuple[str, str, int]:
+    """(chip, libtpu topology name, number of chips) of ``v5p:4x4x4`` or a Cloud name such as ``v5p-128``.
+
+    Cloud names count TensorCores for v4 and v5p (two per chip) and chips for v5e and v6e; the chips are
+    laid out as a torus grown from 2x2x1 (3D chips) or 1x1 (2D) by doubling its last smallest side.
+    """
+    from train.flops import TPU_CHIPS
+
+    m = re.fullmatch(r"(v\d+[a-z]*)(?::(\d+(?:x\d+)+)|-(\d+))", name.strip().lower().replace("litepod", "e"))
+    chip = m.group(1) if m else None
+    if chip not in TPU_CHIPS:
+        raise ValueError(f"--topology {name!r} is not a TPU topology: use <chip>:<dims> or <chip>-<size> with chip "
+                         f"one of {', '.join(TPU_CHIPS)}, e.g. v5p:4x4x4 or v5p-128")
+    if m.group(2):
+        dims = [int(d) for d in m.group(2).split("x")]
+    else:
+        size = int(m.group(3))
+        chips = size // 2 if chip in ("v4", "v5p") else size
+        dims = [2, 2, 1] if chip in ("v4", "v5p") else [1, 1]
+        while math.prod(dims) < chips:
+            smallest = min(dims)
+            dims[max(i for i, d in enumerate(dims) if d == smallest)] *= 2
+        if math.prod(dims) != chips:
+            raise ValueError(f"--topology {name}: {chips} chips is not a slice size; use a power of two "
+                             f"({'8, 16, 32, ...' if chip in ('v4', 'v5p') else '4, 8, 16, ...'})")
+    return chip, f"{chip}:{'x'.join(map(str, dims))}", math.prod(dims)
+
+
+def tpu_devices(topology: str):
+    """The abstract devices of a TPU topology (libtpu needed; no TPU needed)."""
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        raise ValueError("--topology needs libtpu to compile for TPUs: pip install -e '.[tpu]' "
+                         "(or pip install 'jax[tpu]==<the installed jax version>')") from None
+    from jax.experimental import topologies
+
+    # No TPU host here: skip the metadata-server queries that would describe one, and libtpu's log lines
+    for var, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_HOSTNAMES", "localhost"),
+                       ("TPU_HOST_BOUNDS", "1,1,1"), ("TPU_STDERR_LOG_LEVEL", "3"), ("TPU_MIN_LOG_LEVEL", "3")):
+        os.environ.setdefault(var, value)
+    return topologies.get_topology_desc(topology, "tpu").devices
+
+
+def plan_config(cfg):
+    """The config as planned: the vocabulary fixed when it would come from a corpus (nothing is read)."""
+    cfg = cfg.copy_and_resolve_references()
+    notes = []
+    if not cfg.model.vocab_size:
+        cfg.model.vocab_size = DEFAULT_VOCAB
+        notes.append(f"model.vocab_size=0 takes the corpus tokenizer's vocabulary: planned with {DEFAULT_VOCAB} "
+                     f"(GPT-2), padded to a multiple of {cfg.model.vocab_multiple}")
+    return cfg, notes
+
+
+def compile_step(run) -> dict:
+    """Compile ``run``'s train step for its (abstract) devices: per-device bytes, FLOPs, XLA's time estimate."""
+    import jax
+
+    run.check()
+    step = run.train_step  # built outside the mesh context: optimizers may compute constants eagerly
+    t = time.perf_counter()
+    with jax.set_mesh(run.mesh):
+        compiled = step.lower(run.layout.abstract, run.abstract_batch()).compile()
+    seconds = time.perf_counter() - t
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    from train.memory import shard_bytes
+
+    state = {"params": shard_bytes(run.layout.abstract.params),
+             "optimizer_state": shard_bytes(run.layout.abstract.opt_state)}
+    per_device = {**state, "batch": mem.argument_size_in_bytes - sum(state.values()),
+                  "outputs_not_aliased": mem.output_size_in_bytes - mem.alias_size_in_bytes,
+                  "temporary": mem.temp_size_in_bytes, "code": mem.generated_code_size_in_bytes}
+    per_device["total"] = sum(per_device.values())
+    return {"compile_seconds": seconds, "per_device": per_device,
+            "xla_flops_per_device": float(cost.get("flops", 0.0)),
+            "xla_estimated_seconds": float(cost.get("optimal_seconds", 0.0))}
+
+
+def candidates(cfg, n_shards: int):
+    """Changes that lower memory, in order: more microbatches (doubling while the microbatch still divides
+    over the batch shards), then each policy that recomputes more, from the configured microbatches on.
+    Yields (change, the flags that make it)."""
+    for remat in REMAT_ORDER[REMAT_ORDER.index(cfg.model.remat):]:
+        k = cfg.microbatches * (2 if remat == cfg.model.remat else 1)
+        while cfg.batch_size % k == 0 and (cfg.batch_size // k) % n_shards == 0:
+            yield {"microbatches": k, "remat": remat}, f"--config.microbatches={k} --config.model.remat={remat}"
+            k *= 2
+
+
+def _with(cfg, change: dict):
+    cfg = cfg.copy_and_resolve_references()
+    cfg.microbatches = change["microbatches"]
+    cfg.model.remat = change["remat"]
+    return cfg
+
+
+def suggest(run, budget: float, compiled: dict | None, verify: bool) -> dict | None:
+    """The first candidate change whose estimated per-device total fits in ``budget`` bytes, or None.
+
+    The estimate is ``train.memory``'s; with a compiled plan it is the compiled total with the temporaries
+    scaled by the analytic activations' ratio (candidate / planned) and the gradient accumulator added.
+    ``verify`` compiles candidates (at most ``MAX_SEARCH_COMPILES``) until one fits.
+    """
+    from train.build import build_run
+    from train.memory import estimate
+
+    base = estimate(run)
+    compiles = 0
+    for change, flags_text in candidates(run.cfg, run.mesh.shape["data"] * run.mesh.shape["fsdp"]):
+        candidate = build_run(_with(run.cfg, change), run.devices)
+        est = estimate(candidate)
+        total = est["total"]
+        if compiled:
+            scaled = compiled["per_device"]["temporary"] * _activations(est) / max(_activations(base), 1.0)
+            total = (compiled["per_device"]["total"] - compiled["per_device"]["temporary"] + scaled
+                     + est["gradients"] - base["gradients"])
+        if total > budget:
+            continue
+        out = {"change": change, "flags": flags_text, "estimated_total": total}
+        if not verify:
+            return out
+        out["compiled_total"] = compile_step(candidate)["per_device"]["total"]
+        compiles += 1
+        if out["compiled_total"] <= budget:
+            return out
+        if compiles >= MAX_SEARCH_COMPILES:
+            return {**out, "gave_up": f"still over the device's memory after {compiles} compiles"}
+    return None
+
+
+def _activations(est: dict) -> float:
+    return est["layers"] + est["recompute"] + est["logits"]
+
+
+def make_plan(cfg, *, topology: str = "", gpu: str = "", gpus: int = 8, search: bool = False) -> dict:
+    """The plan of ``cfg`` on a TPU topology (compiled) or on ``gpus`` GPUs (analytic); see the module doc."""
+    from train.build import build_run
+    from train.flops import CHIPS, GPU_CHIPS
+    from train.memory import estimate
+
+    if bool(topology) == bool(gpu):
+        raise ValueError("give one target: --topology <TPU topology> (compiled) or --gpu a100|h100|h200 (analytic)")
+    cfg, notes = plan_config(cfg)
+    if topology:
+        chip_name, topology, n_chips = tpu_topology(topology)
+        devices = tpu_devices(topology)
+        target = {"kind": "tpu", "topology": topology}
+    else:
+        if gpu.lower() not in GPU_CHIPS:
+            raise ValueError(f"--gpu {gpu!r} is not one of {', '.join(GPU_CHIPS)}")
+        if gpus < 1:
+            raise ValueError(f"--gpus={gpus} must be a positive number of GPUs")
+        chip_name, n_chips, devices = gpu.lower(), gpus, gpus
+        target = {"kind": "gpu"}
+    chip = CHIPS[chip_name]
+    n_devices = devices if isinstance(devices, int) else len(devices)
+    budget = chip.hbm_bytes * n_chips / n_devices
+    target.update(chip=chip_name, chips=n_chips, devices=n_devices, memory_per_device=budget,
+                  peak_flops_per_chip=chip.peak_flops)
+    run = build_run(cfg, devices)
+    run.check()
+    m = run.model_cfg
+    plan = {"config": {"model": cfg.model.name, "params": run.n_params, "optimizer": cfg.optimizer.name,
+                       "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "tokens_per_step": run.tokens_per_step,
+                       "microbatches": cfg.microbatches, "remat": m.remat, "compute_dtype": m.compute_dtype,
+                       "attention": getattr(m, "attention", "xla"), "document_mask": m.document_mask,
+                       "loss_chunk": cfg.loss_chunk, "vocab_size": m.vocab_size, "mesh": dict(run.mesh.shape)},
+            "target": target, "notes": notes, "model_flops_per_step": run.flops_per_step,
+            "analytic": estimate(run),
+            "analytic_total_per_remat": {r: estimate(run, r)["total"] for r in REMAT_ORDER}}
+    compiled = None
+    if topology:
+        compiled = compile_step(run)
+        plan.update(compiled)
+        seconds = compiled["xla_estimated_seconds"]
+        plan["xla_flops_per_step"] = compiled["xla_flops_per_device"] * n_devices
+        plan["projected_step_seconds"] = seconds
+        plan["projected_mfu"] = run.flops_per_step / (n_chips * chip.peak_flops * seconds) if seconds else None
+        total = compiled["per_device"]["total"]
+    else:
+        total = plan["analytic"]["total"]
+    plan["fits"] = total <= budget
+    if not plan["fits"]:
+        plan["suggestion"] = suggest(run, budget, compiled, search)
+    return plan
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:8.2f} GiB"
+
+
+def format_plan(plan: dict) -> str:
+    """The plan as the command prints it."""
+    c, t, a = plan["config"], plan["target"], plan["analytic"]
+    compiled = plan.get("per_device")
+    where = (f"the program compiled for TPU {t['topology']} ({t['chips']} chips, {t['devices']} devices; "
+             f"deviceless)" if compiled else f"an analytic estimate for {t['chips']} x {t['chip']} (nothing compiled)")
+    lines = [f"plan: {where}",
+             f"  {c['model']} {c['params'] / 1e6:.1f}M params, {c['optimizer']}, batch {c['batch_size']} x "
+             f"{c['seq_len']} = {c['tokens_per_step']:,} tokens, microbatches {c['microbatches']}, remat "
+             f"{c['remat']}, {c['compute_dtype']}, attention {c['attention']}, loss_chunk {c['loss_chunk']}",
+             "  mesh " + " ".join(f"{k}={v}" for k, v in c["mesh"].items())]
+    lines += [f"  note: {n}" for n in plan["notes"]]
+    lines.append(f"per device{'':22}{'compiled (XLA)' if compiled else '':>14}  {'analytic estimate':>17}")
+    rows = [("parameters", "params", "params"), ("optimizer state", "optimizer_state", "optimizer_state"),
+            ("gradients", None, "gradients"), ("batch", "batch", None),
+            ("outputs (not aliased)", "outputs_not_aliased", None), ("program code", "code", None),
+            ("temporaries", "temporary", None), ("  saved activations", None, "layers"),
+            ("  one layer recomputed", None, "recompute"), ("  logits (float32)", None, "logits"),
+            ("total", "total", "total")]
+    for label, ckey, akey in rows:
+        if compiled is None and ckey and not akey:
+            continue
+        cval = _gib(compiled[ckey]) if compiled and ckey else ""
+        lines.append(f"  {label:<30}{cval:>14}  {_gib(a[akey]) if akey else '':>17}")
+    total = compiled["total"] if compiled else a["total"]
+    lines.append(f"  {total / 2**30:.2f} GiB of {t['memory_per_device'] / 2**30:.2f} GiB per device "
+                 f"({100 * total / t['memory_per_device']:.0f}%): {'fits' if plan['fits'] else 'DOES NOT FIT'}")
+    lines.append("  analytic total per remat policy: " + ", ".join(
+        f"{r} {v / 2**30:.1f} GiB" for r, v in plan["analytic_total_per_remat"].items()))
+    if not plan["fits"]:
+        lines.append("  " + _suggestion_text(plan.get("suggestion")))
+    if compiled:
+        ratio = plan["xla_flops_per_step"] / plan["model_flops_per_step"]
+        lines.append(f"compile {plan['compile_seconds']:.1f} s on this machine")
+        lines.append(f"FLOPs per step: XLA {plan['xla_flops_per_step']:.3e} (all devices), model "
+                     f"{plan['model_flops_per_step']:.3e} (6N + attention); XLA / model = {ratio:.2f}")
+        if plan["projected_step_seconds"]:
+            lines.append(f"projected by XLA's cost model (an estimate, not a measurement): step "
+                         f"{plan['projected_step_seconds']:.3f} s, {c['tokens_per_step'] / plan['projected_step_seconds']:,.0f}"
+                         f" tokens/s, MFU {100 * plan['projected_mfu']:.1f}% of {t['chips']} x "
+                         f"{t['peak_flops_per_chip'] / 1e12:.0f} TFLOP/s (datasheet bf16)")
+    else:
+        lines.append(f"model FLOPs per step: {plan['model_flops_per_step']:.3e}; no step time without a compiled "
+                     "program (run train.bench on the GPU)")
+    return "\n".join(lines)
+
+
+def _suggestion_text(s: dict | None) -> str:
+    if s is None:
+        return ("no number of microbatches or remat policy fits: add chips, or tensor parallelism "
+                "(--config.mesh.tensor=N)")
+    text = f"would fit with {s['flags']} (estimate {s['estimated_total'] / 2**30:.2f} GiB per device"
+    if "compiled_total" in s:
+        text += f"; compiled: {s['compiled_total'] / 2**30:.2f} GiB" + (f", {s['gave_up']}" if "gave_up" in s else "")
+    return text + ")" + ("" if "compiled_total" in s else "; --search compiles it to check")
+
+
+def main(argv) -> None:
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    import jax
+
+    # libtpu only describes the TPU; this process computes on the CPU (and must not look for a TPU to run on)
+
+    jax.config.update("jax_platforms", "cpu")
+    with user_errors():
+        cfg = _CONFIG.value
+        if _TOPOLOGY.value:
+            print(f"compiling for {_TOPOLOGY.value} (minutes for billion-parameter models) ...", file=sys.stderr,
+                  flush=True)
+        plan = make_plan(cfg, topology=_TOPOLOGY.value, gpu=_GPU.value, gpus=_GPUS.value, search=_SEARCH.value)
+        print(format_plan(plan))
+        if _JSON.value:
+            with open(_JSON.value, "w") as f:
+                json.dump(plan, f, indent=1)
+            print(f"wrote {_JSON.value}")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags_or_exit)
