@@ -124,9 +124,16 @@ def compile_step(run) -> dict:
                   "outputs_not_aliased": mem.output_size_in_bytes - mem.alias_size_in_bytes,
                   "temporary": mem.temp_size_in_bytes, "code": mem.generated_code_size_in_bytes}
     per_device["total"] = sum(per_device.values())
-    return {"compile_seconds": seconds, "per_device": per_device,
+    return {"compile_seconds": seconds, "per_device": per_device, "host_peak_rss_bytes": _peak_rss(),
             "xla_flops_per_device": float(cost.get("flops", 0.0)),
             "xla_estimated_seconds": float(cost.get("optimal_seconds", 0.0))}
+
+
+def _peak_rss() -> int:
+    """This process's peak resident memory so far (compiling a big model for many chips takes tens of GB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def candidates(cfg, n_shards: int):
@@ -226,9 +233,10 @@ def make_plan(cfg, *, topology: str = "", gpu: str = "", gpus: int = 8, search: 
         compiled = compile_step(run)
         plan.update(compiled)
         seconds = compiled["xla_estimated_seconds"]
+        usable = seconds > 0  # XLA's cost model answers a negative time for some topologies (v5e:16x16)
         plan["xla_flops_per_step"] = compiled["xla_flops_per_device"] * n_devices
-        plan["projected_step_seconds"] = seconds
-        plan["projected_mfu"] = run.flops_per_step / (n_chips * chip.peak_flops * seconds) if seconds else None
+        plan["projected_step_seconds"] = seconds if usable else None
+        plan["projected_mfu"] = run.flops_per_step / (n_chips * chip.peak_flops * seconds) if usable else None
         total = compiled["per_device"]["total"]
     else:
         total = plan["analytic"]["total"]
@@ -275,10 +283,14 @@ def format_plan(plan: dict) -> str:
         lines.append("  " + _suggestion_text(plan.get("suggestion")))
     if compiled:
         ratio = plan["xla_flops_per_step"] / plan["model_flops_per_step"]
-        lines.append(f"compile {plan['compile_seconds']:.1f} s on this machine")
+        lines.append(f"compile {plan['compile_seconds']:.1f} s on this machine, host memory peak "
+                     f"{plan['host_peak_rss_bytes'] / 2**30:.1f} GiB")
         lines.append(f"FLOPs per step: XLA {plan['xla_flops_per_step']:.3e} (all devices), model "
                      f"{plan['model_flops_per_step']:.3e} (6N + attention); XLA / model = {ratio:.2f}")
-        if plan["projected_step_seconds"]:
+        if not plan["projected_step_seconds"]:
+            lines.append(f"XLA's cost model gave no usable step time for this topology "
+                         f"({plan['xla_estimated_seconds']:.3g} s): no projection")
+        else:
             lines.append(f"projected by XLA's cost model (an estimate, not a measurement): step "
                          f"{plan['projected_step_seconds']:.3f} s, {c['tokens_per_step'] / plan['projected_step_seconds']:,.0f}"
                          f" tokens/s, MFU {100 * plan['projected_mfu']:.1f}% of {t['chips']} x "

@@ -1,0 +1,115 @@
+"""The benchmarks file's plan table: ``train.plan`` over presets x optimizers x TPU topologies.
+
+    python -m train.plan_table [--out results/plans] [--only gpt3-xl]
+
+Each row is one ``python -m train.plan --json <out>/<row>.json`` (the real train step compiled for the topology,
+deviceless), in a process of its own; the markdown table goes to ``<out>/table.md`` and stdout. Rows that cannot be built
+(a mesh that does not divide the model) show the reason instead of numbers. Memory is XLA's memory analysis
+of the compiled program; step time and MFU are XLA's cost-model estimates, not measurements.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+from tqdm import tqdm
+
+import configs
+
+# (row name, config module, overrides): the presets at their published batch sizes
+MODELS = (
+    ("gpt2-small", "gpt2_small", {}),
+    ("gpt2-xl", "gpt2_small", {"model.name": "gpt2-xl", "model.remat": "full"}),
+    ("gpt3-xl", "gpt3_xl", {}),
+)
+OPTIMIZERS = ("adamw", "muon", "celo2")
+TOPOLOGIES = ("v5p-8", "v5p-128", "v5e-256")
+# gpt3-xl on v5p-128 side by side: the XLA attention with whole-sequence logits against the fused kernel and
+# the chunked loss (each alone and together)
+VARIANTS = (
+    ("xla attention, whole logits", {"model.attention": "xla", "loss_chunk": 0}),
+    ("xla attention, loss_chunk 256", {"model.attention": "xla", "loss_chunk": 256}),
+    ("splash attention, whole logits", {"model.attention": "splash", "loss_chunk": 0}),
+    ("splash attention, loss_chunk 256", {"model.attention": "splash", "loss_chunk": 256}),
+)
+
+
+def rows(only: str = ""):
+    """(file name, label, config module, overrides, topology) of every row."""
+    for model, module, overrides in MODELS:
+        if only and model != only:
+            continue
+        for opt in OPTIMIZERS:
+            for topo in TOPOLOGIES:
+                yield f"{model}-{opt}-{topo}", f"{model} {opt}", module, {**overrides, "optimizer.name": opt}, topo
+    if not only or only == "gpt2-xl":  # d_model 1600 does not split 256 ways: fsdp=64 within data=4 does
+        for opt in OPTIMIZERS:
+            yield (f"gpt2-xl-{opt}-v5e-256-data4", f"gpt2-xl {opt}, mesh data=4", "gpt2_small",
+                   {**MODELS[1][2], "optimizer.name": opt, "mesh.data": 4}, "v5e-256")
+    if not only or only == "gpt3-xl":
+        for i, (label, overrides) in enumerate(VARIANTS):
+            yield f"gpt3-xl-adamw-v5p-128-variant{i}", f"gpt3-xl adamw, {label}", "gpt3_xl", overrides, "v5p-128"
+
+
+def plan_row(module: str, overrides: dict, topology: str, path: str) -> dict:
+    """``python -m train.plan`` in its own process (a compile's host memory is returned when it exits)."""
+    config = os.path.join(os.path.dirname(configs.__file__), f"{module}.py")
+    cmd = [sys.executable, "-m", "train.plan", "--config", config, "--topology", topology, "--json", path,
+           *(f"--config.{k}={v}" for k, v in overrides.items())]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        errors = [line.removeprefix("error: ") for line in r.stderr.splitlines() if line.startswith("error: ")]
+        return {"error": errors[0] if errors else f"train.plan exited with {r.returncode} "
+                                                  f"(killed, e.g. out of host memory): {r.stderr[-300:]}"}
+    with open(path) as f:
+        return json.load(f)
+
+
+def table_line(label: str, topology: str, plan: dict) -> str:
+    if "error" in plan:
+        return f"| {label} | {topology} | does not build: {plan['error'][:160]} | | | | | |"
+    d, t = plan["per_device"], plan["target"]
+    fits = "yes" if plan["fits"] else "no" + (f" ({plan['suggestion']['flags']})" if plan.get("suggestion") else "")
+    c = plan["config"]
+    seconds = plan["xla_estimated_seconds"]
+    step = f"{seconds:.3f}" if seconds > 0 else f"unusable ({seconds:.0f})"
+    mfu = f"{100 * plan['projected_mfu']:.1f}%" if seconds > 0 else "-"
+    return (f"| {label} | {topology} ({t['chips']} chips) | {c['batch_size']} x {c['seq_len']}, {c['remat']} | "
+            f"{(d['params'] + d['optimizer_state']) / 2**30:.2f} | {d['temporary'] / 2**30:.2f} | "
+            f"{d['total'] / 2**30:.2f} / {t['memory_per_device'] / 2**30:.0f} | {fits} | "
+            f"{step} | {mfu} | {plan['compile_seconds']:.0f} |")
+
+
+HEADER = ("| run | topology | batch x seq, remat | params + opt state GiB/chip | temporaries GiB/chip | "
+          "total / HBM GiB | fits | step s (XLA estimate) | MFU (XLA estimate) | compile s |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="results/plans")
+    p.add_argument("--only", default="", help="one model's rows (gpt2-small, gpt2-xl, gpt3-xl)")
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    lines = []
+    todo = list(rows(args.only))
+    for name, label, module, overrides, topology in tqdm(todo, desc="plans", unit="compile"):
+        path = os.path.join(args.out, f"{name}.json")
+        if os.path.exists(path):  # rerunning continues where a stopped table left off
+            with open(path) as f:
+                plan = json.load(f)
+        else:
+            plan = plan_row(module, overrides, topology, path)  # (errors are not kept: planned again next time)
+        lines.append(table_line(label, topology, plan))
+    table = HEADER + "\n" + "\n".join(lines) + "\n"
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
