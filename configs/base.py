@@ -39,6 +39,9 @@ def base_config() -> ml_collections.ConfigDict:
         remat="none",
         dropout=0.0,
         document_mask=True,
+        attention="auto",  # kernel (models/attention.py): xla | splash (TPU) | pallas_gpu | cudnn (GPU, causal
+        #                    only, bfloat16); auto picks by the devices' platform: TPU -> splash, GPU -> cudnn
+        #                    without document_mask in bfloat16, else pallas_gpu; CPU -> xla
     ))
 
     c.data = ml_collections.ConfigDict(dict(

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.attention import CUDNN_NO_DOCUMENTS, IMPLS, attend
 from models.partitioning import constrain
 
 REMAT_POLICIES = {
@@ -43,6 +44,7 @@ class GPTConfig:
     compute_dtype: str = "float32"  # parameters stay float32 (master weights); activations in this dtype
     remat: str = "none"  # one of REMAT_POLICIES
     document_mask: bool = True  # block attention across document boundaries (segment ids)
+    attention: str = "xla"  # the attention kernel: one of models.attention.IMPLS
     init_std: float = 0.02
     ln_eps: float = 1e-5
 
@@ -55,6 +57,14 @@ class GPTConfig:
             raise ValueError(f"model.compute_dtype={self.compute_dtype!r} must be 'float32' or 'bfloat16'")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
+        if self.attention not in IMPLS:
+            raise ValueError(f"model.attention={self.attention!r} is not one of {list(IMPLS)} ('auto' is resolved "
+                             f"from the devices' platform by train.build.build_model_config)")
+        if self.attention == "cudnn" and self.document_mask:
+            raise ValueError(CUDNN_NO_DOCUMENTS)
+        if self.attention == "cudnn" and self.compute_dtype != "bfloat16":
+            raise ValueError("model.attention='cudnn' takes bfloat16 inputs only: set model.compute_dtype="
+                             "'bfloat16' or use model.attention='pallas_gpu'")
 
     @property
     def head_dim(self) -> int:
@@ -100,16 +110,14 @@ class Attention(nnx.Module):
         self.out_bias = _param(rngs, (D,), ("norm",), None)
         self.cfg = cfg
 
-    def __call__(self, x_BxLxD, mask_Bx1xLxL, dropout_key=None):
+    def __call__(self, x_BxLxD, segment_ids_BxL, dropout_key=None):
+        """Causal self-attention, within documents when ``segment_ids_BxL`` is given (``models.attention``)."""
         cfg, dt = self.cfg, x_BxLxD.dtype
         qkv_bias_3xNxH = self.qkv_bias[...].reshape(3, cfg.n_heads, cfg.head_dim)
         qkv_3xBxLxNxH = jnp.einsum("bld,kndh->kblnh", x_BxLxD, self.qkv_kernel[...].astype(dt))
         qkv_3xBxLxNxH = qkv_3xBxLxNxH + qkv_bias_3xNxH[:, None, None].astype(dt)
         q, k, v = (constrain(t, ("batch", "length", "act_heads", None)) for t in qkv_3xBxLxNxH)
-        if mask_Bx1xLxL is None:
-            y_BxLxNxH = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-        else:
-            y_BxLxNxH = jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xLxL)
+        y_BxLxNxH = attend(q, k, v, segment_ids_BxL, impl=cfg.attention)
         y_BxLxD = jnp.einsum("blnh,nhd->bld", y_BxLxNxH, self.out_kernel[...].astype(dt))
         y_BxLxD = y_BxLxD + self.out_bias[...].astype(dt)
         return _dropout(y_BxLxD, cfg.dropout, dropout_key)
@@ -142,19 +150,11 @@ class Block(nnx.Module):
         self.ln2 = LayerNorm(cfg.d_model, cfg.ln_eps)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x_BxLxD, mask_Bx1xLxL, dropout_key=None):
+    def __call__(self, x_BxLxD, segment_ids_BxL, dropout_key=None):
         k1, k2 = (None, None) if dropout_key is None else jax.random.split(dropout_key)
-        x_BxLxD = x_BxLxD + self.attn(self.ln1(x_BxLxD), mask_Bx1xLxL, k1)
+        x_BxLxD = x_BxLxD + self.attn(self.ln1(x_BxLxD), segment_ids_BxL, k1)
         x_BxLxD = x_BxLxD + self.mlp(self.ln2(x_BxLxD), k2)
         return constrain(x_BxLxD, ("batch", "length", "act_embed"))
-
-
-def attention_mask(segment_ids_BxL):
-    """Causal mask restricted to tokens of the same document: [B, 1, L, L] booleans."""
-    L = segment_ids_BxL.shape[1]
-    causal_LxL = jnp.tril(jnp.ones((L, L), bool))
-    same_doc_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
-    return (causal_LxL & same_doc_BxLxL)[:, None]
 
 
 class GPT(nnx.Module):
@@ -188,13 +188,12 @@ class GPT(nnx.Module):
         pos_LxD = constrain(self.pos_embed[...][:L], (None, None))
         x_BxLxD = (table_VxD[tokens_BxL] + pos_LxD).astype(dt)
         x_BxLxD = constrain(x_BxLxD, ("batch", "length", "act_embed"))
-        use_doc_mask = cfg.document_mask and segment_ids_BxL is not None
-        mask = attention_mask(segment_ids_BxL) if use_doc_mask else None
+        segment_ids_BxL = segment_ids_BxL if cfg.document_mask else None
         keys = [None] * cfg.n_layers if dropout_key is None else jax.random.split(dropout_key, cfg.n_layers)
         policy = REMAT_POLICIES[cfg.remat]
         for block, key in zip(self.blocks, keys):
             if cfg.remat == "none":
-                x_BxLxD = block(x_BxLxD, mask, key)
+                x_BxLxD = block(x_BxLxD, segment_ids_BxL, key)
             else:
-                x_BxLxD = nnx.remat(lambda blk, x, m, k: blk(x, m, k), policy=policy)(block, x_BxLxD, mask, key)
+                x_BxLxD = nnx.remat(lambda blk, *args: blk(*args), policy=policy)(block, x_BxLxD, segment_ids_BxL, key)
         return self.ln_f(x_BxLxD)

@@ -19,7 +19,7 @@ import numpy as np
 
 import data
 from infra.files import resolve
-from models import count_params, model_config
+from models import check_attention_length, count_params, model_config, resolve_attention
 from optim.registry import make_optimizer
 from train import mesh as mesh_lib
 from train.flops import flops_per_token
@@ -62,19 +62,22 @@ def resolve_config(cfg):
     return cfg
 
 
-def build_model_config(cfg, tokenizer_vocab: int | None):
+def build_model_config(cfg, tokenizer_vocab: int | None, platform: str):
     """The model of ``cfg.model``; its vocabulary is ``model.vocab_size`` or the tokenizer's, padded to a
-    multiple of ``model.vocab_multiple``."""
+    multiple of ``model.vocab_multiple``; ``model.attention="auto"`` picks the kernel for ``platform`` (the
+    devices' ``.platform``: "cpu", "gpu" or "tpu"; see ``models.attention.resolve_attention``)."""
     m = cfg.model
     vocab = m.vocab_size or tokenizer_vocab
     if m.vocab_multiple > 1:
         vocab = math.ceil(vocab / m.vocab_multiple) * m.vocab_multiple
     if tokenizer_vocab is not None and vocab < tokenizer_vocab:
         raise ValueError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer_vocab}")
+    attention = resolve_attention(m.attention, platform, m.document_mask, m.compute_dtype)
     model_cfg = model_config(m.name, vocab_size=vocab, compute_dtype=m.compute_dtype, remat=m.remat,
-                             dropout=m.dropout, document_mask=m.document_mask)
+                             dropout=m.dropout, document_mask=m.document_mask, attention=attention)
     if cfg.seq_len > model_cfg.ctx:
         raise ValueError(f"seq_len={cfg.seq_len} exceeds the context of {m.name} ({model_cfg.ctx})")
+    check_attention_length(attention, cfg.seq_len)
     return model_cfg
 
 
@@ -94,7 +97,8 @@ class Run:
     @cached_property
     def model_cfg(self):
         """The model; the dataset is only consulted when ``model.vocab_size`` is 0 (the tokenizer's)."""
-        return build_model_config(self.cfg, None if self.cfg.model.vocab_size else self.data.vocab_size)
+        platform = (jax.devices() if self.devices is None else self.devices)[0].platform
+        return build_model_config(self.cfg, None if self.cfg.model.vocab_size else self.data.vocab_size, platform)
 
     @cached_property
     def mesh(self):
