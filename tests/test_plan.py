@@ -44,7 +44,7 @@ def test_state_bytes_are_exact_shards_of_the_layout():
     AdamW keeps two moments shaped and sharded like the params, and a step count."""
     import jax
 
-    run = build_run(_cfg(), 64)
+    run = build_run(_cfg(), 64, "gpu")
     est = estimate(run)
     expected = sum(4 * p.size // (64 if p.ndim >= 2 else 1) for p in jax.tree.leaves(run.layout.abstract.params))
     assert est["params"] == expected and expected < 4 * run.n_params / 60
@@ -52,11 +52,12 @@ def test_state_bytes_are_exact_shards_of_the_layout():
 
 
 def test_activations_fall_with_remat_chunked_loss_and_microbatches():
-    run = build_run(_cfg(remat="none"), 64)
+    run = build_run(_cfg(remat="none"), 64, "gpu")
     totals = [estimate(run, r)["layers"] + estimate(run, r)["recompute"] for r in ("none", "dots_no_batch", "full")]
     assert totals[0] > totals[1] > totals[2]
-    assert estimate(build_run(_cfg(loss_chunk=256), 64))["logits"] == estimate(run)["logits"] / 8
-    assert estimate(build_run(_cfg(microbatches=4), 64))["layers"] == estimate(build_run(_cfg(), 64))["layers"] / 4
+    assert estimate(build_run(_cfg(loss_chunk=256), 64, "gpu"))["logits"] == estimate(run)["logits"] / 8
+    micro4, whole = (estimate(build_run(_cfg(microbatches=k), 64, "gpu"))["layers"] for k in (4, 1))
+    assert micro4 == whole / 4
 
 
 def test_candidates_double_microbatches_then_recompute_more():

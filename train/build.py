@@ -87,6 +87,7 @@ class Run:
     devices to run on (default all; a number: that many devices that are not here, see ``build_mesh``)."""
     cfg: object
     devices: list | int | None = None
+    platform: str = ""  # of devices given as a number ("gpu", "tpu"); otherwise the devices' own
 
     @cached_property
     def data(self) -> data.DatasetInfo:
@@ -97,7 +98,7 @@ class Run:
     @cached_property
     def model_cfg(self):
         """The model; the dataset is only consulted when ``model.vocab_size`` is 0 (the tokenizer's)."""
-        platform = (jax.devices() if self.devices is None else self.devices)[0].platform
+        platform = self.platform or (jax.devices() if self.devices is None else self.devices)[0].platform
         return build_model_config(self.cfg, None if self.cfg.model.vocab_size else self.data.vocab_size, platform)
 
     @cached_property
@@ -193,8 +194,9 @@ class Run:
             process_count=jax.process_count(), max_batches=max_batches)]
 
 
-def build_run(cfg, devices=None) -> Run:
-    """The run described by ``cfg`` on ``devices`` (default: all). Step counts must be positive."""
+def build_run(cfg, devices=None, platform: str = "") -> Run:
+    """The run described by ``cfg`` on ``devices`` (default: all; a number: that many devices of ``platform``
+    that are not here). Step counts must be positive."""
     if not str(cfg.workdir).strip():
         raise ValueError("workdir is empty: set --config.workdir to the run's directory")
     for name in POSITIVE:
@@ -203,4 +205,6 @@ def build_run(cfg, devices=None) -> Run:
     if cfg.loss_chunk < 0 or (cfg.loss_chunk and cfg.seq_len % cfg.loss_chunk):
         raise ValueError(f"loss_chunk={cfg.loss_chunk} must be 0 (no chunking) or a positive divisor of "
                          f"seq_len={cfg.seq_len}")
-    return Run(resolve_config(cfg), devices)
+    if isinstance(devices, int) and not platform:
+        raise ValueError("devices given as a number need their platform (gpu, tpu)")
+    return Run(resolve_config(cfg), devices, platform)

@@ -26,9 +26,6 @@ import math
 
 import jax
 
-FUSED_ATTENTION = ("splash", "pallas_gpu", "cudnn")
-
-
 def shard_bytes(tree) -> int:
     """Bytes one device holds of an abstract tree whose leaves carry shardings."""
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
@@ -39,8 +36,7 @@ def saved_per_token(model_cfg, tensor: int, seq_len: int, remat: str) -> float:
     D, N, t = model_cfg.d_model, model_cfg.n_heads, tensor
     F = model_cfg.mlp_ratio * D
     e = 4 if model_cfg.compute_dtype == "float32" else 2
-    fused = getattr(model_cfg, "attention", "xla") in FUSED_ATTENTION
-    attention = N / t * 4 if fused else N / t * seq_len * e
+    attention = N / t * seq_len * e if model_cfg.attention == "xla" else N / t * 4  # fused: log-sum-exp
     elements = {"none": 5 * D + (4 * D + 2 * F) / t, "dots": 3 * D + (4 * D + F) / t,
                 "dots_no_batch": 3 * D + (3 * D + F) / t, "full": D}[remat]
     return elements * e + (attention if remat in ("none", "dots") else 0.0)

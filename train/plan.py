@@ -167,7 +167,7 @@ def suggest(run, budget: float, compiled: dict | None, verify: bool) -> dict | N
     base = estimate(run)
     compiles = 0
     for change, flags_text in candidates(run.cfg, run.mesh.shape["data"] * run.mesh.shape["fsdp"]):
-        candidate = build_run(_with(run.cfg, change), run.devices)
+        candidate = build_run(_with(run.cfg, change), run.devices, run.platform)
         est = estimate(candidate)
         total = est["total"]
         if compiled:
@@ -217,13 +217,13 @@ def make_plan(cfg, *, topology: str = "", gpu: str = "", gpus: int = 8, search: 
     budget = chip.hbm_bytes * n_chips / n_devices
     target.update(chip=chip_name, chips=n_chips, devices=n_devices, memory_per_device=budget,
                   peak_flops_per_chip=chip.peak_flops)
-    run = build_run(cfg, devices)
+    run = build_run(cfg, devices, "gpu" if gpu else "")
     run.check()
     m = run.model_cfg
     plan = {"config": {"model": cfg.model.name, "params": run.n_params, "optimizer": cfg.optimizer.name,
                        "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "tokens_per_step": run.tokens_per_step,
                        "microbatches": cfg.microbatches, "remat": m.remat, "compute_dtype": m.compute_dtype,
-                       "attention": getattr(m, "attention", "xla"), "document_mask": m.document_mask,
+                       "attention": m.attention, "document_mask": m.document_mask,
                        "loss_chunk": cfg.loss_chunk, "vocab_size": m.vocab_size, "mesh": dict(run.mesh.shape)},
             "target": target, "notes": notes, "model_flops_per_step": run.flops_per_step,
             "analytic": estimate(run),
