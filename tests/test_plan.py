@@ -136,3 +136,19 @@ def test_gpt2_small_preset_plans_on_v5p_8(tmp_path):
     plan = json.loads(out.read_text())
     assert plan["config"]["params"] > 1.2e8 and plan["per_device"]["temporary"] > 0
     assert 0.95 < plan["xla_flops_per_step"] / plan["model_flops_per_step"] < 1.6
+
+
+@pytest.mark.parametrize("preset", ["default", "cpu_tiny", "gpt2_small", "gpt3_xl", "compare_cpu",
+                                    "compare_gpt2_small", "compare_gpt3_xl"])
+def test_every_preset_plans_for_gpus(preset):
+    """Every shipped run config gets a plan (analytic, on H100s: 8, or as many as its mesh names), with its
+    own model and batch."""
+    import importlib
+
+    import math
+
+    cfg = importlib.import_module(f"configs.{preset}").get_config()
+    sizes = [cfg.mesh[a] for a in ("data", "fsdp", "tensor")]
+    plan = make_plan(cfg, gpu="h100", gpus=8 if -1 in sizes else math.prod(sizes))
+    assert plan["config"]["model"] == cfg.model.name and plan["config"]["batch_size"] == cfg.batch_size
+    assert plan["analytic"]["total"] > plan["analytic"]["params"] > 0

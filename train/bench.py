@@ -40,6 +40,9 @@ def _parse(argv):
     p.add_argument("--vocab_size", type=int, default=4096)
     p.add_argument("--compute_dtype", default="float32")
     p.add_argument("--remat", default="none")
+    p.add_argument("--attention", default="auto", help="auto | xla | splash | pallas_gpu | cudnn (models.attention)")
+    p.add_argument("--document_mask", type=int, default=1, help="1: attention stays within documents; 0: causal")
+    p.add_argument("--loss_chunk", type=int, default=0, help="positions per cross-entropy piece (0: whole sequence)")
     p.add_argument("--mesh", default="1,1,-1", help="data,fsdp,tensor sizes (one may be -1)")
     p.add_argument("--steps", type=int, default=5, help="timed steps after warm-up")
     p.add_argument("--cpu_devices", type=int, default=1, help="simulated CPU devices (0: use the accelerators)")
@@ -99,8 +102,8 @@ def _run(preset: str, opt_name: str, args):
 
     cfg = base_config()
     cfg.model.update(name=preset, vocab_size=args.vocab_size, vocab_multiple=1, compute_dtype=args.compute_dtype,
-                     remat=args.remat)
-    cfg.update(batch_size=args.batch_size, seq_len=args.seq_len, steps=100)
+                     remat=args.remat, attention=args.attention, document_mask=bool(args.document_mask))
+    cfg.update(batch_size=args.batch_size, seq_len=args.seq_len, steps=100, loss_chunk=args.loss_chunk)
     cfg.mesh.update(dict(zip(MESH_AXES, (int(s) for s in args.mesh.split(",")))))
     cfg.optimizer.name = opt_name
     return build_run(cfg)
@@ -158,6 +161,7 @@ def bench_preset(preset: str, args, timed: bool) -> dict:
 
     run = _run(preset, "adamw", args)
     row = {"preset": preset, "params": run.n_params, "tokens_per_step": run.tokens_per_step,
+           "attention": run.model_cfg.attention,
            "model_flops_per_step": run.flops_per_step}
     with jax.set_mesh(run.mesh):
         t = time.perf_counter()
@@ -255,7 +259,8 @@ def bench_optimizers(preset: str, names: list[str], args) -> list[dict]:
 
 
 def _preset_line(preset: str, row: dict) -> str:
-    line = (f"{preset:<12} {row['params'] / 1e6:8.1f}M params  compile {row['compile_seconds']:6.1f}s  "
+    line = (f"{preset:<12} {row['params'] / 1e6:8.1f}M params  attention {row['attention']}  "
+            f"compile {row['compile_seconds']:6.1f}s  "
             f"compiled memory {row['compiled_memory_bytes'] / 2**30:6.2f} GiB")
     if "step_seconds" in row:
         line += (f"  step {row['step_seconds'] * 1e3:8.1f} ms  {row['tokens_per_sec']:9.0f} tok/s  "

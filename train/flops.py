@@ -48,7 +48,13 @@ def flops_per_token(n_params: int, n_layers: int, d_model: int, ctx: int, seq_le
     head; the position table is a lookup and is excluded); the second term is attention's QK^T and AV
     (PaLM appendix B). Rematerialisation is not counted: this is *model* FLOPs.
     """
-    return 6.0 * (n_params - ctx * d_model) + 12.0 * n_layers * d_model * seq_len
+    return 6.0 * (n_params - ctx * d_model) + attention_flops_per_token(n_layers, d_model, seq_len)
+
+
+def attention_flops_per_token(n_layers: int, d_model: int, seq_len: int) -> float:
+    """Training FLOPs per token of attention's QK^T and AV: 12 * n_layers * d_model * seq_len (forward 4LD per
+    layer, backward twice that; the causal half is not subtracted, as in PaLM's MFU)."""
+    return 12.0 * n_layers * d_model * seq_len
 
 
 def datasheet_peak(device) -> float | None:

@@ -9,9 +9,10 @@ the topology's chips (``jax.experimental.topologies``) and XLA compiles the shar
 compiled program gives, per device, the bytes of its arguments (params, optimizer state, batch) and its
 temporaries, and XLA's cost model gives its FLOPs and an *estimated* time; the projected MFU is
 
-    MFU = model FLOPs per step / (chips * datasheet bf16 peak per chip * XLA's estimated step seconds),
+    MFU = model FLOPs per step / (chips * datasheet bf16 peak per chip * projected step seconds),
 
-an estimate, not a measurement. Topologies are ``<chip>:<dims>`` (``v5p:4x4x4``, ``v5e:16x16``) or the
+an estimate, not a measurement. The projected step is XLA's estimate plus, with a fused (Pallas) attention
+kernel, whose inside XLA's cost model cannot see, the kernel's FLOPs at the chips' peak rate. Topologies are ``<chip>:<dims>`` (``v5p:4x4x4``, ``v5e:16x16``) or the
 Cloud names ``v5p-128`` / ``v4-32`` (TensorCores: two per chip) and ``v5e-256`` / ``v6e-64`` (chips).
 
 ``--gpu`` cannot compile (XLA has no deviceless GPU target here): it states the analytic per-device memory
@@ -85,8 +86,10 @@ def tpu_devices(topology: str):
                          "(or pip install 'jax[tpu]==<the installed jax version>')") from None
     from jax.experimental import topologies
 
-    # No TPU host here: skip the metadata-server queries that would describe one, and libtpu's log lines
+    # No TPU host here: skip the metadata-server queries that would describe one, and libtpu's log lines; no
+    # TPU to guard either, so several plans may load libtpu at once (it otherwise holds /tmp/libtpu_lockfile)
     for var, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_HOSTNAMES", "localhost"),
+                       ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"),
                        ("TPU_HOST_BOUNDS", "1,1,1"), ("TPU_STDERR_LOG_LEVEL", "3"), ("TPU_MIN_LOG_LEVEL", "3")):
         os.environ.setdefault(var, value)
     return topologies.get_topology_desc(topology, "tpu").devices
@@ -125,6 +128,7 @@ def compile_step(run) -> dict:
                   "temporary": mem.temp_size_in_bytes, "code": mem.generated_code_size_in_bytes}
     per_device["total"] = sum(per_device.values())
     return {"compile_seconds": seconds, "per_device": per_device, "host_peak_rss_bytes": _peak_rss(),
+            "devices": run.mesh.size,
             "xla_flops_per_device": float(cost.get("flops", 0.0)),
             "xla_estimated_seconds": float(cost.get("optimal_seconds", 0.0))}
 
@@ -192,6 +196,26 @@ def _activations(est: dict) -> float:
     return est["layers"] + est["recompute"] + est["logits"]
 
 
+def _projection(run, compiled: dict, n_chips: int, peak: float) -> dict:
+    """XLA's FLOPs and estimated step time, and the MFU they project.
+
+    XLA's cost model does not see inside a Pallas kernel (a custom call): with a fused attention kernel its
+    FLOPs (the model's attention term, ``train.flops.attention_flops_per_token``) are added, at the chips'
+    peak rate to the time, which makes the kernel's share of the projected time a lower bound.
+    """
+    from train.flops import attention_flops_per_token
+
+    m, seconds = run.model_cfg, compiled["xla_estimated_seconds"]
+    kernel = 0.0 if m.attention == "xla" else (
+        attention_flops_per_token(m.n_layers, m.d_model, run.cfg.seq_len) * run.tokens_per_step)
+    out = {"xla_flops_per_step": compiled["xla_flops_per_device"] * compiled["devices"],
+           "kernel_flops_not_in_xla": kernel, "projected_step_seconds": None, "projected_mfu": None}
+    if seconds > 0:  # XLA's cost model answers a negative time for some topologies (v5e:16x16)
+        step = seconds + kernel / (n_chips * peak)
+        out.update(projected_step_seconds=step, projected_mfu=run.flops_per_step / (n_chips * peak * step))
+    return out
+
+
 def make_plan(cfg, *, topology: str = "", gpu: str = "", gpus: int = 8, search: bool = False) -> dict:
     """The plan of ``cfg`` on a TPU topology (compiled) or on ``gpus`` GPUs (analytic); see the module doc."""
     from train.build import build_run
@@ -232,11 +256,7 @@ def make_plan(cfg, *, topology: str = "", gpu: str = "", gpus: int = 8, search: 
     if topology:
         compiled = compile_step(run)
         plan.update(compiled)
-        seconds = compiled["xla_estimated_seconds"]
-        usable = seconds > 0  # XLA's cost model answers a negative time for some topologies (v5e:16x16)
-        plan["xla_flops_per_step"] = compiled["xla_flops_per_device"] * n_devices
-        plan["projected_step_seconds"] = seconds if usable else None
-        plan["projected_mfu"] = run.flops_per_step / (n_chips * chip.peak_flops * seconds) if usable else None
+        plan.update(_projection(run, compiled, n_chips, chip.peak_flops))
         total = compiled["per_device"]["total"]
     else:
         total = plan["analytic"]["total"]
@@ -282,23 +302,29 @@ def format_plan(plan: dict) -> str:
     if not plan["fits"]:
         lines.append("  " + _suggestion_text(plan.get("suggestion")))
     if compiled:
-        ratio = plan["xla_flops_per_step"] / plan["model_flops_per_step"]
         lines.append(f"compile {plan['compile_seconds']:.1f} s on this machine, host memory peak "
                      f"{plan['host_peak_rss_bytes'] / 2**30:.1f} GiB")
-        lines.append(f"FLOPs per step: XLA {plan['xla_flops_per_step']:.3e} (all devices), model "
-                     f"{plan['model_flops_per_step']:.3e} (6N + attention); XLA / model = {ratio:.2f}")
-        if not plan["projected_step_seconds"]:
-            lines.append(f"XLA's cost model gave no usable step time for this topology "
-                         f"({plan['xla_estimated_seconds']:.3g} s): no projection")
-        else:
-            lines.append(f"projected by XLA's cost model (an estimate, not a measurement): step "
-                         f"{plan['projected_step_seconds']:.3f} s, {c['tokens_per_step'] / plan['projected_step_seconds']:,.0f}"
-                         f" tokens/s, MFU {100 * plan['projected_mfu']:.1f}% of {t['chips']} x "
-                         f"{t['peak_flops_per_chip'] / 1e12:.0f} TFLOP/s (datasheet bf16)")
+        lines += _flops_lines(plan)
     else:
         lines.append(f"model FLOPs per step: {plan['model_flops_per_step']:.3e}; no step time without a compiled "
                      "program (run train.bench on the GPU)")
     return "\n".join(lines)
+
+
+def _flops_lines(plan: dict) -> list[str]:
+    c, t = plan["config"], plan["target"]
+    xla, kernel, model = plan["xla_flops_per_step"], plan["kernel_flops_not_in_xla"], plan["model_flops_per_step"]
+    lines = [f"FLOPs per step: XLA {xla:.3e} (all devices)"
+             + (f" + {kernel:.3e} in the {c['attention']} kernel (XLA cannot see them)" if kernel else "")
+             + f", model {model:.3e} (6N + attention); ratio {(xla + kernel) / model:.2f}"]
+    step = plan["projected_step_seconds"]
+    if not step:
+        return lines + [f"XLA's cost model gave no usable step time for this topology "
+                        f"({plan['xla_estimated_seconds']:.3g} s): no projection"]
+    kernel_note = f"; the {c['attention']} kernel counted at peak, a lower bound on its time" if kernel else ""
+    return lines + [f"projected by XLA's cost model (an estimate, not a measurement{kernel_note}): step {step:.3f} s, "
+                    f"{c['tokens_per_step'] / step:,.0f} tokens/s, MFU {100 * plan['projected_mfu']:.1f}% of "
+                    f"{t['chips']} x {t['peak_flops_per_chip'] / 1e12:.0f} TFLOP/s (datasheet bf16)"]
 
 
 def _suggestion_text(s: dict | None) -> str:

@@ -74,9 +74,9 @@ def table_line(label: str, topology: str, plan: dict) -> str:
     d, t = plan["per_device"], plan["target"]
     fits = "yes" if plan["fits"] else "no" + (f" ({plan['suggestion']['flags']})" if plan.get("suggestion") else "")
     c = plan["config"]
-    seconds = plan["xla_estimated_seconds"]
-    step = f"{seconds:.3f}" if seconds > 0 else f"unusable ({seconds:.0f})"
-    mfu = f"{100 * plan['projected_mfu']:.1f}%" if seconds > 0 else "-"
+    seconds = plan["projected_step_seconds"]
+    step = f"{seconds:.3f}" if seconds else f"unusable ({plan['xla_estimated_seconds']:.0f})"
+    mfu = f"{100 * plan['projected_mfu']:.1f}%" if seconds else "-"
     return (f"| {label} | {topology} ({t['chips']} chips) | {c['batch_size']} x {c['seq_len']}, {c['remat']} | "
             f"{(d['params'] + d['optimizer_state']) / 2**30:.2f} | {d['temporary'] / 2**30:.2f} | "
             f"{d['total'] / 2**30:.2f} / {t['memory_per_device'] / 2**30:.0f} | {fits} | "
