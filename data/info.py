@@ -11,6 +11,11 @@ A split's token stream is the concatenation of its shards in the order meta.json
 holds records of ``chunk_size`` tokens (its last one shorter). meta.json holds per-shard token counts and
 sha256 digests, per-split document counts and a digest of the document ids, never per-document lists.
 Format 1 dirs (one ``<split>.array_record`` per split, made before sharding) are still read.
+
+A data dir may be on object storage (``gs://bucket/path``): meta.json and the tokenizer are read through
+etils.epath, and the shards by ArrayRecord's own GCS client (google-cloud-cpp, built into array_record), which
+finds credentials as Google's client libraries do (application default credentials; an emulator through
+``CLOUD_STORAGE_EMULATOR_ENDPOINT``) and reads every record with its own HTTP request.
 """
 from __future__ import annotations
 
@@ -18,12 +23,12 @@ import dataclasses
 import hashlib
 import json
 import os
-import pathlib
 from typing import Any
 
 import numpy as np
 
 from data.tokenizer import Tokenizer
+from infra.files import epath, is_uri, join, list_objects, read_text, resolve
 
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
@@ -64,8 +69,8 @@ class DatasetInfo:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         s = self.meta["splits"][split]
         if self.meta["format_version"] == 1:
-            return [Shard(os.path.join(self.data_dir, s["files"][0]), int(s["n_tokens"]), int(s["n_chunks"]))]
-        return [Shard(os.path.join(self.data_dir, f["file"]), int(f["n_tokens"]), int(f["n_chunks"]))
+            return [Shard(join(self.data_dir, s["files"][0]), int(s["n_tokens"]), int(s["n_chunks"]))]
+        return [Shard(join(self.data_dir, f["file"]), int(f["n_tokens"]), int(f["n_chunks"]))
                 for f in s["files"]]
 
     def files(self, split: str) -> list[str]:
@@ -73,7 +78,7 @@ class DatasetInfo:
 
     @property
     def tokenizer_path(self) -> str:
-        return os.path.join(self.data_dir, self.meta["tokenizer"]["file"])
+        return join(self.data_dir, self.meta["tokenizer"]["file"])
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -95,7 +100,7 @@ class DatasetInfo:
     def from_meta(cls, data_dir: str | os.PathLike, meta: dict[str, Any]) -> "DatasetInfo":
         splits = meta["splits"]
         return cls(
-            data_dir=os.path.abspath(data_dir),
+            data_dir=resolve(data_dir),
             corpus=str(meta["corpus"]),
             vocab_size=int(meta["vocab_size"]),
             bos_id=int(meta["bos_id"]),
@@ -110,31 +115,40 @@ class DatasetInfo:
 
 
 def load_info(data_dir: str | os.PathLike) -> DatasetInfo:
-    """Reads a complete prepared data dir; ValueError (saying how to prepare it) if missing or corrupt."""
-    path = pathlib.Path(data_dir)
-    if not path.is_dir():
+    """Reads a complete prepared data dir (local or gs://); ValueError (saying how to prepare it) if missing or
+    corrupt."""
+    path = os.fspath(data_dir)
+    if not epath(path).is_dir():
         raise ValueError(f"no prepared data dir at {path}: {prepare_hint(path)}")
-    meta_path = path / META
-    if not meta_path.is_file() and (path / "config.json").is_file() and (path / "checkpoints").is_dir():
+    meta_path = join(path, META)
+    complete = epath(meta_path).is_file()
+    if not complete and epath(join(path, "config.json")).is_file() and epath(join(path, "checkpoints")).is_dir():
         try:
-            data_dir = json.loads((path / "config.json").read_text())["data"]["dir"]
+            data_dir = json.loads(read_text(join(path, "config.json")))["data"]["dir"]
         except (ValueError, KeyError, TypeError):
             data_dir = "the data.dir in its config.json"
         raise ValueError(f"{path} is a training run's workdir, not a prepared data dir; its data is {data_dir}")
-    if not meta_path.is_file():
+    if not complete:
         raise ValueError(
             f"{path} is not a complete prepared data dir (no {META}: its preparation never finished). "
             f"Rerun the preparation (it resumes) or {prepare_hint(path)}")
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(read_text(meta_path))
         if meta.get("format_version") not in READABLE_FORMATS:
             raise ValueError(f"format_version {meta.get('format_version')!r}, expected one of {READABLE_FORMATS}")
         info = DatasetInfo.from_meta(path, meta)
-        missing = [f for s in SPLITS for f in info.files(s) if not os.path.isfile(f)]
-        if not os.path.isfile(info.tokenizer_path):
-            missing.append(info.tokenizer_path)
+        missing = _missing_files(info)
         if missing:
             raise ValueError(f"missing files {missing[:5]}")
     except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:  # JSONDecodeError is a ValueError
         raise ValueError(f"corrupt prepared data dir {path} ({e}). Delete it and {prepare_hint(path)}") from e
     return info
+
+
+def _missing_files(info: DatasetInfo) -> list[str]:
+    """The shards and tokenizer that meta.json names but the data dir lacks (one listing on object storage)."""
+    wanted = [f for s in SPLITS for f in info.files(s)] + [info.tokenizer_path]
+    if is_uri(info.data_dir):
+        present = list_objects(info.data_dir)
+        return [f for f in wanted if f not in present]
+    return [f for f in wanted if not os.path.isfile(f)]

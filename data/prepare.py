@@ -16,6 +16,11 @@ Everything is written into ``.<name>.partial`` next to the data dir, with the se
 ``plan.json``. An interrupted preparation (killed, or stopped by bad input) resumes from there when rerun
 with the same settings: finished units are kept, only unfinished ones are redone. Memory stays bounded
 whatever the corpus size: documents are streamed, and each worker holds one batch of text at a time.
+
+The corpus and the data dir may be on object storage (``gs://...``, through ``infra.files``): the same files
+are written there as objects, each uploaded whole; the finished directory's objects are moved into place
+(copied on the server, then deleted) and meta.json is written after them, so a data dir never looks complete
+with files missing.
 """
 from __future__ import annotations
 
@@ -23,11 +28,12 @@ import contextlib
 import fcntl
 import functools
 import hashlib
+import io
+import itertools
 import json
 import math
 import multiprocessing
 import os
-import pathlib
 import resource
 import shutil
 import time
@@ -41,10 +47,13 @@ from data import corpus as corpus_lib
 from data import shards
 from data.info import FORMAT_VERSION, META, SPLITS, TOKENIZER, DatasetInfo, load_info
 from data.tokenizer import TRAINER_SEED, TRAINER_SETTINGS, Tokenizer
-from infra.files import write_atomic
+from infra.files import (epath, exists, is_uri, join, list_objects, makedirs, move_tree, read_bytes, read_text,
+                         resolve, write_atomic)
+from infra.lease import LeaseError, WorkdirLease
 
 PLAN = "plan.json"
 ENGINES = ("local", "beam")
+_LEASE_POLL_S = 5.0  # how often a preparation waiting for another one's lease on gs:// tries again
 _OUR_FILES = {META, TOKENIZER, PLAN, *(f"{s}.array_record" for s in SPLITS), *SPLITS, shards.UNITS_DIR}
 
 
@@ -120,24 +129,25 @@ def tokenizer_sample(units, text_key: str, eval_fraction: float, sample_chars: i
                     return
 
 
-def _tokenizer(tmp: pathlib.Path, tokenizer, vocab_size, units, text_key, on_error, eval_fraction, flipped,
-               sample_chars, verbose) -> dict:
+def _tokenizer(tmp: str, tokenizer, vocab_size, units, text_key, on_error, eval_fraction, flipped, sample_chars,
+               verbose) -> dict:
     """Puts tokenizer.model into tmp (copied, trained, or kept from an interrupted run); its meta entry."""
+    model = join(tmp, TOKENIZER)
     if tokenizer is not None:
-        shutil.copyfile(tokenizer, tmp / TOKENIZER)
-        if Tokenizer(tmp / TOKENIZER).bos_id < 0:
+        write_atomic(model, read_bytes(tokenizer))
+        if Tokenizer(model).bos_id < 0:
             raise ValueError(f"tokenizer {tokenizer} defines no BOS id; train it with bos_id >= 0")
-        return {"file": TOKENIZER, "source": os.path.abspath(tokenizer), "sha256": shards.sha256_file(tokenizer)}
+        return {"file": TOKENIZER, "source": resolve(tokenizer), "sha256": shards.sha256_file(tokenizer)}
     if vocab_size is None:
         raise ValueError("give vocab_size (to train a tokenizer) or tokenizer (a .model file)")
     settings = {**TRAINER_SETTINGS, "vocab_size": vocab_size, "seed": TRAINER_SEED, "sample_chars": sample_chars}
-    if not (tmp / TOKENIZER).is_file():
+    if not exists(model):
         if verbose:
             print(f"training a {vocab_size}-token BPE tokenizer on up to {sample_chars:,} characters of training "
                   "documents ...", flush=True)
         Tokenizer.train(tokenizer_sample(units, text_key, eval_fraction, sample_chars, TRAINER_SEED, flipped,
-                                         on_error), tmp / TOKENIZER, vocab_size)
-    return {"file": TOKENIZER, "source": "trained", "sha256": shards.sha256_file(tmp / TOKENIZER), "settings": settings}
+                                         on_error), model, vocab_size)
+    return {"file": TOKENIZER, "source": "trained", "sha256": shards.sha256_file(model), "settings": settings}
 
 
 _progress_counter = None
@@ -194,12 +204,18 @@ def _plan(corpus, files, tokenizer, vocab_size, eval_fraction, chunk_size, shard
             {"vocab_size": vocab_size, "sample_chars": sample_chars}}
 
 
-def _partial_dir(out: pathlib.Path, plan: dict, verbose: bool) -> pathlib.Path:
+def _beside(out: str, suffix: str) -> str:
+    """``.<name><suffix>`` next to the data dir ``out``."""
+    parent, name = os.path.split(out)
+    return join(parent, f".{name}{suffix}")
+
+
+def _partial_dir(out: str, plan: dict, verbose: bool) -> str:
     """``.<name>.partial`` next to out, holding plan.json; an existing one is kept if its plan matches."""
-    partial = out.parent / f".{out.name}.partial"
-    if partial.is_dir():
+    partial = _beside(out, ".partial")
+    if epath(partial).is_dir():
         try:
-            same = json.loads((partial / PLAN).read_text()) == plan
+            same = json.loads(read_text(join(partial, PLAN))) == plan
         except (OSError, ValueError):
             same = False
         if same:
@@ -208,16 +224,16 @@ def _partial_dir(out: pathlib.Path, plan: dict, verbose: bool) -> pathlib.Path:
             return partial
         if verbose:
             print(f"discarding {partial}: an interrupted preparation with other settings", flush=True)
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    write_atomic(partial / PLAN, json.dumps(plan, indent=1).encode())
+        epath(partial).rmtree()
+    makedirs(partial)
+    write_atomic(join(partial, PLAN), json.dumps(plan, indent=1).encode())
     return partial
 
 
-def _assemble_meta(partial: pathlib.Path, units, manifests, tok_meta, plan, stats) -> dict:
+def _assemble_meta(partial: str, units, manifests, tok_meta, plan, stats) -> dict:
     """meta.json from the units' manifests (in unit order) and their token counts."""
-    tok = Tokenizer(partial / TOKENIZER)
-    counts = sum(np.load(shards.counts_path(str(partial), u.index)) for u in units)
+    tok = Tokenizer(join(partial, TOKENIZER))
+    counts = sum(np.load(io.BytesIO(read_bytes(shards.counts_path(partial, u.index)))) for u in units)
     splits = {}
     for s in SPLITS:
         parts = [p for m in manifests for p in m["splits"][s]["parts"]]
@@ -300,7 +316,7 @@ def prepare_corpus(
     available) the local processes. An existing complete ``data_dir`` is an error unless ``overwrite``;
     prefer ``ensure_prepared``, which reuses it and locks.
     """
-    out = pathlib.Path(data_dir).absolute()
+    out = resolve(data_dir)
     workers = default_workers() if workers is None else workers
     for name, value in (("chunk_size", chunk_size), ("shard_mb", shard_mb), ("workers", workers),
                         ("tokenizer_sample_chars", tokenizer_sample_chars)):
@@ -311,31 +327,31 @@ def prepare_corpus(
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     corpus_lib.Problems(on_error)  # checks the value
-    if (out / META).exists() and not overwrite:
+    if exists(join(out, META)) and not overwrite:
         raise ValueError(f"{out} is already prepared; use ensure_prepared() (or --force to redo it)")
-    if out.exists() and not (out / META).exists():
+    if exists(out) and not exists(join(out, META)):
         _check_removable(out)
     files = corpus_lib.input_files(corpus, cache_dir)
     units = corpus_lib.plan_units(files)
-    if tokenizer is not None and not os.path.isfile(tokenizer):
+    if tokenizer is not None and not epath(tokenizer).is_file():
         raise ValueError(f"tokenizer {tokenizer} does not exist; give a sentencepiece .model file")
     probe_vocab = Tokenizer(tokenizer).vocab_size if tokenizer is not None else vocab_size
     shard_tokens = max(chunk_size, int(shard_mb * 1e6) // shards.token_dtype(probe_vocab or 1).itemsize)
     plan = _plan(corpus, files, tokenizer, vocab_size, eval_fraction, chunk_size, shard_tokens, text_key, on_error,
                  tokenizer_sample_chars)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    makedirs(os.path.dirname(out))
     flipped = flipped_documents(units, text_key, eval_fraction, on_error)
     partial = _partial_dir(out, plan, verbose)
     try:
         tok_meta = _tokenizer(partial, tokenizer, vocab_size, units, text_key, on_error, eval_fraction, flipped,
                               tokenizer_sample_chars, verbose)
     except ValueError:
-        if not (partial / shards.UNITS_DIR).exists():  # nothing worth resuming
-            shutil.rmtree(partial)
+        if not exists(join(partial, shards.UNITS_DIR)):  # nothing worth resuming
+            epath(partial).rmtree()
         raise
-    job = shards.UnitJob(str(partial), str(partial / TOKENIZER), eval_fraction, chunk_size, shard_tokens, text_key,
+    job = shards.UnitJob(partial, join(partial, TOKENIZER), eval_fraction, chunk_size, shard_tokens, text_key,
                          on_error, flipped)
-    todo = [u for u in units if shards.read_manifest(str(partial), u.index) is None]
+    todo = [u for u in units if shards.read_manifest(partial, u.index) is None]
     if verbose and len(todo) < len(units):
         print(f"{len(units) - len(todo)} of {len(units)} units were already done", flush=True)
     t0 = time.perf_counter()
@@ -345,13 +361,10 @@ def prepare_corpus(
     else:
         workers = run_local(job, todo, workers, verbose)
     seconds = time.perf_counter() - t0
-    manifests = [shards.read_manifest(str(partial), u.index) for u in units]
+    manifests = [shards.read_manifest(partial, u.index) for u in units]
     stats = _run_stats([manifests[u.index] for u in todo], engine, workers, seconds)
     meta = {**_assemble_meta(partial, units, manifests, tok_meta, plan, stats), "flipped_documents": list(flipped)}
-    shutil.rmtree(partial / shards.UNITS_DIR)
-    (partial / PLAN).unlink()
-    write_atomic(partial / META, json.dumps(meta, indent=1).encode())
-    _install(partial, out, overwrite)
+    _install(partial, out, json.dumps(meta, indent=1).encode(), overwrite)
     info = load_info(out)
     if verbose:
         print_summary(info)
@@ -384,33 +397,60 @@ def print_summary(info: DatasetInfo) -> None:
               f"at most {rss['bound']:.0f} MiB together")
 
 
-def _check_removable(out: pathlib.Path) -> None:
+def _check_removable(out: str) -> None:
     """An incomplete dir is replaced only if it holds nothing but files this module writes."""
-    if not out.is_dir():
+    if epath(out).is_file():
         raise ValueError(f"{out} exists and is not a directory; choose another --out")
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in _OUR_FILES)
+    names = {name[len(out) + 1:].split("/")[0] for name in list_objects(out)} if is_uri(out) else os.listdir(out)
+    foreign = sorted(set(names) - _OUR_FILES)
     if foreign:
         raise ValueError(f"{out} is not a complete prepared data dir and holds other files ({foreign[:5]}); "
                          "empty it or choose another --out")
 
 
-def _install(partial: pathlib.Path, out: pathlib.Path, overwrite: bool) -> None:
-    if (out / META).exists():
-        if not overwrite:
-            raise ValueError(f"{out} was prepared concurrently by another process; use ensure_prepared()")
-        old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        os.rename(out, old)
-        os.rename(partial, out)
+def _remove_progress(directory: str) -> None:
+    """The unit manifests and plan.json, which a finished data dir does not keep."""
+    epath(join(directory, shards.UNITS_DIR)).rmtree()
+    epath(join(directory, PLAN)).unlink()
+
+
+def _install(partial: str, out: str, meta: bytes, overwrite: bool) -> None:
+    """Puts the finished preparation in place as ``out``, with ``meta`` as its meta.json, which marks it complete.
+
+    Locally the partial dir gets meta.json and is renamed (atomic; a complete ``out`` that is redone stays
+    readable until it is replaced). Object storage has no rename: ``out`` is emptied (meta.json first), the
+    partial dir's objects are moved (copied, then deleted: until then a rerun resumes from it), meta.json is
+    written, and only then are the unit manifests and plan.json deleted; ``out`` never looks complete with a
+    file missing.
+    """
+    complete = exists(join(out, META))
+    if complete and not overwrite:
+        raise ValueError(f"{out} was prepared concurrently by another process; use ensure_prepared()")
+    if exists(out) and not complete:
+        _check_removable(out)
+    if is_uri(out):
+        if exists(out):
+            epath(join(out, META)).unlink(missing_ok=True)  # first: out never looks complete with files missing
+            epath(out).rmtree()
+        move_tree(partial, out)
+        write_atomic(join(out, META), meta)
+        _remove_progress(out)
+        return
+    _remove_progress(partial)
+    write_atomic(join(partial, META), meta)
+    if complete:
+        old = _beside(out, f".old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        move_tree(out, old)
+        move_tree(partial, out)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        if out.exists():
-            _check_removable(out)
+        if exists(out):
             shutil.rmtree(out)
-        os.rename(partial, out)
+        move_tree(partial, out)
 
 
 @contextlib.contextmanager
-def file_lock(path: pathlib.Path, verbose: bool):
+def file_lock(path: str, verbose: bool):
     with open(path, "a") as f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -424,13 +464,41 @@ def file_lock(path: pathlib.Path, verbose: bool):
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def prepare_lock(out: str, verbose: bool):
+    """Holds the lock of the data dir ``out`` (``.<name>.lock`` next to it), waiting while another process holds
+    it: a ``file_lock`` on a local disk; on gs://, the lease of ``infra.lease`` (an object written with GCS's
+    generation preconditions, kept fresh by a heartbeat and taken over once stale)."""
+    lock = _beside(out, ".lock")
+    if not is_uri(out):
+        makedirs(os.path.dirname(out))
+        with file_lock(lock, verbose):
+            yield
+        return
+    if not out.startswith("gs://"):
+        raise ValueError(f"{out}: a data dir on object storage is implemented for gs:// only")
+    lease = WorkdirLease(lock)
+    for attempt in itertools.count():
+        try:
+            lease.acquire()
+            break
+        except LeaseError:
+            if verbose and attempt == 0:
+                print(f"waiting for another process to finish preparing (lease {lease.path}) ...", flush=True)
+            time.sleep(_LEASE_POLL_S)
+    try:
+        yield
+    finally:
+        lease.release()
+
+
 def _check_matches(info: DatasetInfo, corpus, vocab_size, tokenizer, eval_fraction) -> None:
     want, have = {}, {}
     if corpus_lib.canonical_corpus(corpus) != info.corpus:
         want["corpus"], have["corpus"] = corpus_lib.canonical_corpus(corpus), info.corpus
     if tokenizer is not None:
         if shards.sha256_file(tokenizer) != info.meta["tokenizer"]["sha256"]:
-            want["tokenizer"], have["tokenizer"] = os.path.abspath(tokenizer), info.meta["tokenizer"]["source"]
+            want["tokenizer"], have["tokenizer"] = resolve(tokenizer), info.meta["tokenizer"]["source"]
     elif info.meta["tokenizer"]["source"] != "trained":
         want["tokenizer"], have["tokenizer"] = "trained", info.meta["tokenizer"]["source"]
     elif vocab_size is not None and vocab_size != info.vocab_size:
@@ -456,15 +524,15 @@ def ensure_prepared(
 
     Idempotent. A complete dir must have been prepared with the same corpus, vocab_size (or, when
     ``tokenizer`` is given, the same tokenizer file; vocab_size is then ignored) and eval_fraction, else
-    ValueError. ``options`` go to ``prepare_corpus``. Processes on one machine that call this at once on
-    the same dir serialize on a file lock (``.<name>.lock`` next to it): one prepares, the others wait and
-    then read the result. (Hosts that share no filesystem each prepare their own, identical, copy.)
+    ValueError. ``options`` go to ``prepare_corpus``. Processes that call this at once on the same dir
+    serialize on its lock (``prepare_lock``: a file lock on one machine, a lease object on gs:// across
+    machines): one prepares, the others wait and then read the result. (Hosts that share no filesystem and
+    use local dirs each prepare their own, identical, copy.)
     """
-    out = pathlib.Path(data_dir).absolute()
-    if not (out / META).is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with file_lock(out.parent / f".{out.name}.lock", verbose):
-            if not (out / META).is_file():
+    out = resolve(data_dir)
+    if not exists(join(out, META)):
+        with prepare_lock(out, verbose):
+            if not exists(join(out, META)):
                 return prepare_corpus(out, corpus, vocab_size, tokenizer=tokenizer, eval_fraction=eval_fraction,
                                       verbose=verbose, **options)
     info = load_info(out)

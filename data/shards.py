@@ -11,7 +11,10 @@ A split's stream within the unit is its documents in input order, each as ``[BOS
 closed at the first document boundary at or after ``shard_tokens`` tokens (so parts hold about
 ``shard_tokens`` tokens, never zero); record ``i`` of a part holds its tokens ``[i * chunk_size, (i + 1) *
 chunk_size)`` as raw little-endian ``uint16``/``uint32``. Every file is written under a temporary name and
-renamed when complete, so a killed unit leaves no file that looks finished; it is redone from scratch.
+renamed when complete, so a killed unit leaves no file that looks finished; it is redone from scratch. A data
+dir on object storage (``gs://...``) gets the same objects: a part is written to a local temporary file (the
+ArrayRecord writer needs one; in ``$TMPDIR``) and uploaded as one object when complete, which appears whole or
+not at all, and the other files are uploaded whole (``infra.files``).
 
 A document is held out for evaluation when ``sha256(id)``, read as a fraction in [0, 1), is below
 ``eval_fraction``: a deterministic choice of whole documents that needs no pass over the corpus (a corpus
@@ -25,6 +28,7 @@ import io
 import json
 import os
 import resource
+import tempfile
 import time
 from typing import Callable
 
@@ -33,7 +37,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 
 from data import corpus as corpus_lib
 from data.tokenizer import Tokenizer
-from infra.files import write_atomic
+from infra.files import is_uri, join, makedirs, open_binary, read_text, upload, write_atomic
 
 SPLITS = ("train", "eval")
 UNITS_DIR = "units"
@@ -60,8 +64,8 @@ def token_dtype(vocab_size: int) -> np.dtype:
 @dataclasses.dataclass(frozen=True)
 class UnitJob:
     """What every unit of one preparation shares (picklable: it travels to worker processes)."""
-    out: str  # the data dir being written
-    tokenizer: str  # sentencepiece model file
+    out: str  # the data dir being written (a local path or a URI)
+    tokenizer: str  # sentencepiece model file (a local path or a URI)
     eval_fraction: float
     chunk_size: int
     shard_tokens: int
@@ -71,25 +75,24 @@ class UnitJob:
 
 
 def manifest_path(out: str, index: int) -> str:
-    return os.path.join(out, UNITS_DIR, f"{index:06d}.json")
+    return join(out, UNITS_DIR, f"{index:06d}.json")
 
 
 def counts_path(out: str, index: int) -> str:
-    return os.path.join(out, UNITS_DIR, f"{index:06d}.counts.npy")
+    return join(out, UNITS_DIR, f"{index:06d}.counts.npy")
 
 
 def read_manifest(out: str, index: int) -> dict | None:
     """The manifest of a finished unit, or None if the unit is not done."""
     try:
-        with open(manifest_path(out, index)) as f:
-            return json.load(f)
+        return json.loads(read_text(manifest_path(out, index)))
     except FileNotFoundError:
         return None
 
 
 def sha256_file(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_binary(path) as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
@@ -103,16 +106,27 @@ class _PartWriter:
         self._chunk, self._shard_tokens, self._dtype = chunk_size, shard_tokens, dtype
         self.parts: list[dict] = []
         self._writer = None
+        self._tmp = None  # the file the current part is written to until it is complete
         self._buf = np.empty(chunk_size, dtype)
         self._fill = self._part_tokens = self._part_chunks = 0
 
     def _name(self) -> str:
         return f"{self._split}/u{self._unit:06d}-{len(self.parts):04d}.array_record"
 
+    def _temporary(self) -> str:
+        """Where the current part is written until it is complete: next to it on a local disk (then renamed),
+        a local temporary file for a data dir on object storage (then uploaded)."""
+        if is_uri(self._out):
+            fd, path = tempfile.mkstemp(prefix=f"celo2-{self._split}-u{self._unit:06d}-", suffix=".array_record")
+            os.close(fd)
+            return path
+        os.makedirs(os.path.join(self._out, self._split), exist_ok=True)
+        return os.path.join(self._out, self._name()) + ".tmp"
+
     def write_document(self, ids: np.ndarray) -> None:
         if self._writer is None:
-            os.makedirs(os.path.join(self._out, self._split), exist_ok=True)
-            self._writer = ArrayRecordWriter(os.path.join(self._out, self._name()) + ".tmp", _WRITER_OPTIONS)
+            self._tmp = self._temporary()
+            self._writer = ArrayRecordWriter(self._tmp, _WRITER_OPTIONS)
         self._part_tokens += len(ids)
         while len(ids):
             take = min(self._chunk - self._fill, len(ids))
@@ -135,12 +149,25 @@ class _PartWriter:
         if self._fill:
             self._flush()
         self._writer.close()
+        self._writer = None
         name = self._name()
-        final = os.path.join(self._out, name)
-        os.replace(final + ".tmp", final)
+        final, digest = join(self._out, name), sha256_file(self._tmp)
+        if is_uri(final):
+            upload(self._tmp, final)  # one object, complete or absent
+            os.remove(self._tmp)
+        else:
+            os.replace(self._tmp, final)
         self.parts.append({"file": name, "n_tokens": self._part_tokens, "n_chunks": self._part_chunks,
-                           "sha256": sha256_file(final)})
-        self._writer, self._part_tokens, self._part_chunks = None, 0, 0
+                           "sha256": digest})
+        self._part_tokens, self._part_chunks = 0, 0
+
+    def discard(self) -> None:
+        """Drops the part being written, if any (the unit failed): its temporary file is removed."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._tmp is not None and os.path.exists(self._tmp):
+            os.remove(self._tmp)
 
 
 def prepare_unit(job: UnitJob, unit: corpus_lib.Unit, progress: Callable[[int], None] | None = None) -> dict:
@@ -163,23 +190,27 @@ def prepare_unit(job: UnitJob, unit: corpus_lib.Unit, progress: Callable[[int], 
                 np.add(counts, np.bincount(ids, minlength=tok.vocab_size), out=counts)
         pending.clear()
 
-    for doc, position in corpus_lib.read_documents(unit, job.text_key, problems):
-        split = "eval" if held_out(doc.name, job.eval_fraction, job.flipped) else "train"
-        s = stats[split]
-        s["n_docs"] += 1
-        s["n_chars"] += len(doc.text)
-        s["ids"].update(doc.name.encode() + b"\n")
-        pending.append((doc, split))
-        pending_chars += len(doc.text)
-        if pending_chars >= _ENCODE_CHARS:
-            encode_pending()
-            pending_chars = 0
-        if progress is not None and position - reported >= _PROGRESS_BYTES:
-            progress(position - reported)
-            reported = position
-    encode_pending()
-    for w in writers.values():
-        w.close()
+    try:
+        for doc, position in corpus_lib.read_documents(unit, job.text_key, problems):
+            split = "eval" if held_out(doc.name, job.eval_fraction, job.flipped) else "train"
+            s = stats[split]
+            s["n_docs"] += 1
+            s["n_chars"] += len(doc.text)
+            s["ids"].update(doc.name.encode() + b"\n")
+            pending.append((doc, split))
+            pending_chars += len(doc.text)
+            if pending_chars >= _ENCODE_CHARS:
+                encode_pending()
+                pending_chars = 0
+            if progress is not None and position - reported >= _PROGRESS_BYTES:
+                progress(position - reported)
+                reported = position
+        encode_pending()
+        for w in writers.values():
+            w.close()
+    finally:
+        for w in writers.values():
+            w.discard()  # (after an error: no temporary file is left behind)
     if progress is not None:
         progress(unit.size - reported)
 
@@ -195,7 +226,7 @@ def prepare_unit(job: UnitJob, unit: corpus_lib.Unit, progress: Callable[[int], 
         "seconds": round(time.perf_counter() - t0, 3),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
-    os.makedirs(os.path.join(job.out, UNITS_DIR), exist_ok=True)
+    makedirs(join(job.out, UNITS_DIR))
     buf = io.BytesIO()
     np.save(buf, counts)
     write_atomic(counts_path(job.out, unit.index), buf.getvalue())

@@ -16,6 +16,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from infra.files import epath, is_uri, read_bytes, write_atomic
+
 # Settings passed to SentencePieceTrainer.train (recorded in meta.json).
 TRAINER_SETTINGS = dict(
     model_type="bpe",
@@ -41,7 +43,8 @@ _MAX_LINE_CHARS = 4096
 
 
 class Tokenizer:
-    """A sentencepiece model file, loaded on first use (the processor itself is never pickled)."""
+    """A sentencepiece model file (a local path or a URI such as ``gs://...``), loaded on first use (the processor
+    itself is never pickled)."""
 
     def __init__(self, model_path: str | os.PathLike):
         self.model_path = os.fspath(model_path)
@@ -53,11 +56,14 @@ class Tokenizer:
         if self._sp is None:
             with self._lock:
                 if self._sp is None:
-                    if not os.path.isfile(self.model_path):
+                    if not epath(self.model_path).is_file():
                         raise ValueError(f"tokenizer model {self.model_path!r} does not exist")
                     sp = spm.SentencePieceProcessor()
                     try:
-                        sp.Load(self.model_path)
+                        if is_uri(self.model_path):  # (sentencepiece reads local files only)
+                            sp.LoadFromSerializedProto(read_bytes(self.model_path))
+                        else:
+                            sp.Load(self.model_path)
                     except (OSError, RuntimeError) as e:
                         raise ValueError(f"{self.model_path!r} is not a sentencepiece model: {e}") from e
                     self._sp = sp
@@ -99,7 +105,8 @@ class Tokenizer:
 
     @staticmethod
     def train(texts: Iterable[str], model_path: str | os.PathLike, vocab_size: int = 4096) -> "Tokenizer":
-        """Trains a BPE model on the lines of ``texts`` and writes it to ``model_path``."""
+        """Trains a BPE model on the lines of ``texts`` (streamed: they never touch a disk) and writes it to
+        ``model_path`` (a local path or a URI), atomically."""
         if vocab_size < 300:
             raise ValueError(f"vocab_size={vocab_size} is too small: byte fallback alone needs 259 ids; use >= 300")
         spm.set_random_generator_seed(TRAINER_SEED)
@@ -112,10 +119,7 @@ class Tokenizer:
             raise ValueError(
                 f"sentencepiece could not train a {vocab_size}-token vocabulary: {e}. Fix: use a smaller "
                 "--vocab_size (or a larger corpus)") from e
-        tmp = f"{os.fspath(model_path)}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(proto.getvalue())
-        os.replace(tmp, model_path)
+        write_atomic(model_path, proto.getvalue())
         return Tokenizer(model_path)
 
 

@@ -6,9 +6,14 @@ local path, resolved against the current directory (``resolve``) and handled wit
 
 Writes are atomic either way: locally through a temporary file and ``os.replace``; on object storage an
 object is replaced as a whole by one upload (readers see the old object or the new one, never a part).
+
+Listings of object storage (``list_objects``, and ``move_tree`` through it) are fresh requests: the file
+system object that etils.epath uses caches the listings it made (``epath.Path.iterdir`` and ``walk`` answer
+from that cache), which miss what other processes wrote since.
 """
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 
@@ -39,6 +44,15 @@ def epath(path: str | os.PathLike):
     return _epath.Path(path)
 
 
+def _fsspec(uri: str):
+    """The fsspec file system of ``uri``: the very object that etils.epath uses for it (so that the listings it
+    caches see what is written here), unless TensorFlow is installed (epath then uses tf.io.gfile, which caches
+    no listings)."""
+    from etils.epath import backend
+
+    return backend.fsspec_backend.fs(uri)
+
+
 def exists(path: str | os.PathLike) -> bool:
     return epath(path).exists() if is_uri(path) else os.path.exists(path)
 
@@ -51,6 +65,25 @@ def read_text(path: str | os.PathLike) -> str:
         return f.read()
 
 
+def open_binary(path: str | os.PathLike):
+    """A file or object opened for reading bytes (a local file with ``open``)."""
+    return epath(path).open("rb") if is_uri(path) else open(path, "rb")
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """The bytes of a file or object; ``FileNotFoundError`` if there is none."""
+    with open_binary(path) as f:
+        return f.read()
+
+
+def list_objects(uri: str) -> dict[str, int]:
+    """The objects under the object-storage directory ``uri``, or those that match it when it is a glob (``*``,
+    ``?``, ``[...]``; ``**`` for any depth): {URI: size in bytes}, from a fresh listing (empty if none)."""
+    fs, scheme = _fsspec(uri), str(uri).split("://", 1)[0]
+    found = fs.glob(uri, detail=True) if glob.has_magic(uri) else fs.find(str(uri).rstrip("/"), detail=True)
+    return {f"{scheme}://{name}": info["size"] for name, info in sorted(found.items()) if info["type"] == "file"}
+
+
 def makedirs(path: str | os.PathLike) -> None:
     """``os.makedirs(exist_ok=True)``; nothing to do on object storage (no directories there)."""
     if not is_uri(path):
@@ -59,17 +92,22 @@ def makedirs(path: str | os.PathLike) -> None:
 
 def move_tree(src: str, dst: str) -> None:
     """Rename a directory. On object storage (no directories, no rename): a server-side copy of every object
-    under ``src`` to ``dst``, then their deletion."""
+    under ``src`` to ``dst`` (found by a fresh listing: other processes may have written there), then their
+    deletion."""
     if not is_uri(src):
         os.rename(src, dst)
         return
-    # through epath's own file system objects, so that the listings they cache (orbax's too) see the move
-    scheme, bare = str(src).rstrip("/").split("://", 1)
-    for directory, _, names in epath(src).walk():  # (walk gives the directories without the scheme)
-        sub = str(directory).removeprefix(f"{scheme}://").removeprefix(bare).strip("/")
-        for name in names:
-            epath(join(src, sub, name)).copy(join(dst, sub, name))
+    src, dst = str(src).rstrip("/"), str(dst).rstrip("/")
+    fs = _fsspec(src)  # epath's own file system object, so that the listings it caches (orbax's too) see the move
+    for name in list_objects(src):
+        fs.cp_file(name, dst + name[len(src):])
     epath(src).rmtree()
+
+
+def upload(local: str | os.PathLike, uri: str) -> None:
+    """Copies the complete local file ``local`` to the object ``uri``, which appears whole or not at all: one
+    request, or a resumable upload that only its last request completes (one interrupted leaves no object)."""
+    _fsspec(uri).put_file(os.fspath(local), uri)
 
 
 def write_atomic(path: str | os.PathLike, buf: bytes) -> None:

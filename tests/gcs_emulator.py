@@ -1,5 +1,6 @@
 """``python -m tests.gcs_emulator PORT BUCKET``: the gcp-storage-emulator GCS API server (in memory) with one
-bucket, plus the parts of GCS's object-generation API that it lacks and that the harness relies on.
+bucket, plus the parts of GCS's API that it lacks and that the harness relies on: object generations and
+suffix byte ranges.
 
 gcp-storage-emulator (2026.7.19) ignores the generation preconditions ``ifGenerationMatch`` /
 ``ifGenerationNotMatch`` (a conditional upload or delete always succeeds), and its media downloads carry no
@@ -16,11 +17,16 @@ tensorstore/kvstore/gcs_http/gcs_mock.cc, answers the same way):
   ``ifGenerationNotMatch``; media responses carry ``x-goog-generation`` and ``x-goog-metageneration``.
 
 The server handles one request at a time, so a check and the write after it are atomic, as on GCS.
-Everything else is the emulator's own code.
+
+A media download with ``Range: bytes=-N`` gets the object's last N bytes (HTTP 206), as GCS documents
+(https://cloud.google.com/storage/docs/xml-api/reference-headers#range); the emulator ignores such a range
+and sends the whole object. ArrayRecord's reader (google-cloud-cpp) opens a file by asking for its last MiB,
+so without this every shard over 1 MiB reads as corrupt. Everything else is the emulator's own code.
 """
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from http import HTTPStatus
@@ -83,7 +89,22 @@ def _with_preconditions(handler, name_of, read: bool = False):
     return wrapped
 
 
-def add_generation_api() -> None:
+def _with_suffix_ranges(download):
+    """``download`` answering ``Range: bytes=-N`` with the last N bytes: the range is rewritten as the
+    ``bytes=<start>-`` that the emulator understands."""
+    def wrapped(request, response, storage, *args, **kwargs):
+        suffix = re.fullmatch(r"\s*bytes=-(\d+)\s*", request.get_header("range", "") or "")
+        obj = suffix and _live(storage, request.params["bucket_name"], request.params["object_id"])
+        if obj:  # (a missing object: the handler answers 404)
+            start = max(0, int(obj["size"]) - int(suffix[1]))
+            request._request_handler.headers.replace_header("Range", f"bytes={start}-")
+        return download(request, response, storage, *args, **kwargs)
+
+    return wrapped
+
+
+def add_missing_api() -> None:
+    """Generation preconditions and headers, and suffix byte ranges (see the module docstring)."""
     from gcp_storage_emulator import server
     from gcp_storage_emulator.handlers import objects
 
@@ -91,7 +112,7 @@ def add_generation_api() -> None:
     wrap = {objects.insert: _with_preconditions(objects.insert, _upload_name),
             objects.delete: _with_preconditions(objects.delete, object_id),
             objects.get: _with_preconditions(objects.get, object_id, read=True),
-            objects.download: _with_preconditions(objects.download, object_id, read=True)}
+            objects.download: _with_preconditions(_with_suffix_ranges(objects.download), object_id, read=True)}
     objects.download = wrap[objects.download]  # objects.get(alt=media) calls it by this name
     server.HANDLERS = tuple((regex, {m: wrap.get(h, h) for m, h in methods.items()})
                             for regex, methods in server.HANDLERS)
@@ -101,7 +122,7 @@ def main(port: int, bucket: str) -> None:
     from gcp_storage_emulator.server import create_server
 
     logging.basicConfig(level=logging.CRITICAL)  # it logs every 404 (a lookup of a missing object) as an error
-    add_generation_api()
+    add_missing_api()
     srv = create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket)
     srv.start()
     print("ready", flush=True)

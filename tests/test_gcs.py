@@ -1,11 +1,11 @@
 """Workdirs on object storage (gs://) against a real GCS API server: the gcp-storage-emulator package started
-by the fixture (in memory, with GCS's generation preconditions added: see tests/gcs_emulator.py).
+by the fixture (in memory, with GCS's generation preconditions added: see tests/gcs_emulator.py and
+tests/gcs_bucket.py).
 
 Orbax/tensorstore reach it through ``TENSORSTORE_GCS_HTTP_URL`` (+ ``GOOGLE_AUTH_TOKEN_FOR_TESTING``), the file
 layer (etils.epath -> gcsfs) and the google-cloud-storage client (lease, TensorBoard) through
 ``STORAGE_EMULATOR_HOST``. Training runs in ``python -m train`` subprocesses (kill -9) and in this process.
 """
-import importlib.util
 import json
 import os
 import signal
@@ -16,66 +16,12 @@ import time
 
 import pytest
 
-for _package in ("gcp_storage_emulator", "gcsfs", "google.cloud.storage"):
-    if importlib.util.find_spec(_package) is None:  # (importing gcsfs here would be too early: see gcs())
-        pytest.skip(f"the gs:// tests need {_package}: pip install -e '.[test]'", allow_module_level=True)
-
+from tests.gcs_bucket import blob as _blob, gcs, names as _names  # noqa: F401  (skips without the gs:// libraries)
 from infra.files import is_uri, join, resolve  # noqa: E402
 from infra.lease import LEASE, GcsWorkdirLease, LeaseError, WorkdirLease  # noqa: E402
 from tests.test_checkpoint import (ROOT, STEPS, cli_args, compilation_cache, data_dir, losses,  # noqa: E402,F401
                                    make_config, reference)
 from train.loop import train  # noqa: E402
-
-BUCKET = "harness-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def gcs(tmp_path_factory):
-    """The emulator on a free port with an empty bucket; the endpoint settings in os.environ (inherited by
-    subprocesses) while the module runs. Yields the bucket's URI."""
-    port = _free_port()
-    log = tmp_path_factory.mktemp("gcs") / "emulator.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "tests.gcs_emulator", str(port), BUCKET], cwd=ROOT,
-                                stdout=f, stderr=subprocess.STDOUT)
-    deadline = time.time() + 60
-    while "ready" not in log.read_text() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert "ready" in log.read_text(), log.read_text()
-    url = f"http://127.0.0.1:{port}"
-    env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test",
-           # gcsfs would ask the Storage Control API (gRPC, not emulated) for each bucket's layout
-           "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "GOOGLE_CLOUD_PROJECT": "test"}
-    before = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield f"gs://{BUCKET}"
-    for k, v in before.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    proc.kill()
-    proc.wait()
-
-
-def _blob(uri: str):
-    from google.cloud import storage
-
-    bucket, _, name = uri[len("gs://"):].partition("/")
-    return storage.Client().bucket(bucket).blob(name)
-
-
-def _names(uri: str) -> list[str]:
-    from google.cloud import storage
-
-    bucket, _, prefix = uri[len("gs://"):].partition("/")
-    return sorted(b.name[len(prefix) + 1:] for b in storage.Client().list_blobs(bucket, prefix=prefix + "/"))
 
 
 def test_uris_stay_uris(data_dir):

@@ -56,7 +56,7 @@ def resolve_config(cfg):
     cfg = cfg.copy_and_resolve_references()
     with cfg.unlocked():
         cfg.workdir = resolve(cfg.workdir)
-        cfg.data.dir = os.path.abspath(cfg.data.dir)
+        cfg.data.dir = resolve(cfg.data.dir)
         if cfg.init_from:
             cfg.init_from = resolve(cfg.init_from)
     return cfg
