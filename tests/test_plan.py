@@ -127,6 +127,22 @@ def test_small_model_compiles_for_a_tpu_topology(tmp_path):
     assert 0 < plan["projected_mfu"] < 1 and "not a measurement" in r.stdout
 
 
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install -e '.[tpu]')")
+def test_a_run_over_the_chips_hbm_gets_a_change_that_compiles_within_it(tmp_path):
+    """XLA's TPU compiler refuses a program over HBM (1024 rows of 50304 float32 logits per v5e chip); the plan
+    reports XLA's figures, and --search compiles the suggested change, which fits."""
+    out = tmp_path / "plan.json"
+    r = _plan_cli("--config", "configs/cpu_tiny.py", "--topology", "v5e:2x2", "--config.mesh.data=1",
+                  "--config.mesh.fsdp=-1", "--config.mesh.tensor=1", "--config.batch_size=2048",
+                  "--config.seq_len=256", "--search", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(out.read_text())
+    assert not plan["fits"] and plan["out_of_hbm"]["temporary"] > plan["out_of_hbm"]["hbm"]
+    assert "DOES NOT FIT" in r.stdout and "XLA refused the program" in r.stdout
+    s = plan["suggestion"]
+    assert s["change"]["microbatches"] > 1 and s["compiled_total"] <= plan["target"]["memory_per_device"]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install -e '.[tpu]')")
 def test_gpt2_small_preset_plans_on_v5p_8(tmp_path):

@@ -106,29 +106,47 @@ def plan_config(cfg):
     return cfg, notes
 
 
+# XLA's TPU compiler refuses a program that cannot fit: "... the total memory required for HLO temporaries
+# (28.25G) exceeds available HBM (15.75G)"
+_OUT_OF_HBM = re.compile(r"HLO temporaries \(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)")
+
+
 def compile_step(run) -> dict:
-    """Compile ``run``'s train step for its (abstract) devices: per-device bytes, FLOPs, XLA's time estimate."""
+    """Compile ``run``'s train step for its (abstract) devices: per-device bytes, FLOPs, XLA's time estimate.
+
+    A program that does not fit in HBM does not compile for a TPU: then the plan keeps XLA's figures for the
+    temporaries it needed and the HBM it had (``out_of_hbm``), and has no cost analysis.
+    """
     import jax
+
+    from train.memory import shard_bytes
 
     run.check()
     step = run.train_step  # built outside the mesh context: optimizers may compute constants eagerly
+    state = {"params": shard_bytes(run.layout.abstract.params),
+             "optimizer_state": shard_bytes(run.layout.abstract.opt_state)}
+    out = {"host_peak_rss_bytes": 0, "devices": run.mesh.size}
     t = time.perf_counter()
-    with jax.set_mesh(run.mesh):
-        compiled = step.lower(run.layout.abstract, run.abstract_batch()).compile()
+    try:
+        with jax.set_mesh(run.mesh):
+            compiled = step.lower(run.layout.abstract, run.abstract_batch()).compile()
+    except jax.errors.JaxRuntimeError as e:
+        found = _OUT_OF_HBM.search(str(e))
+        if not found:
+            raise
+        temp, hbm = (float(found.group(i)) * 2 ** (10 * "KMGT".index(found.group(i + 1)) + 10) for i in (1, 3))
+        return {**out, "compile_seconds": time.perf_counter() - t, "host_peak_rss_bytes": _peak_rss(),
+                "out_of_hbm": {"temporary": temp, "hbm": hbm, "message": found.group(0)},
+                "per_device": {**state, "temporary": temp, "total": sum(state.values()) + temp}}
     seconds = time.perf_counter() - t
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    from train.memory import shard_bytes
-
-    state = {"params": shard_bytes(run.layout.abstract.params),
-             "optimizer_state": shard_bytes(run.layout.abstract.opt_state)}
     per_device = {**state, "batch": mem.argument_size_in_bytes - sum(state.values()),
                   "outputs_not_aliased": mem.output_size_in_bytes - mem.alias_size_in_bytes,
                   "temporary": mem.temp_size_in_bytes, "code": mem.generated_code_size_in_bytes}
     per_device["total"] = sum(per_device.values())
-    return {"compile_seconds": seconds, "per_device": per_device, "host_peak_rss_bytes": _peak_rss(),
-            "devices": run.mesh.size,
+    return {**out, "compile_seconds": seconds, "per_device": per_device, "host_peak_rss_bytes": _peak_rss(),
             "xla_flops_per_device": float(cost.get("flops", 0.0)),
             "xla_estimated_seconds": float(cost.get("optimal_seconds", 0.0))}
 
@@ -183,9 +201,10 @@ def suggest(run, budget: float, compiled: dict | None, verify: bool) -> dict | N
         out = {"change": change, "flags": flags_text, "estimated_total": total}
         if not verify:
             return out
-        out["compiled_total"] = compile_step(candidate)["per_device"]["total"]
+        result = compile_step(candidate)
+        out["compiled_total"] = result["per_device"]["total"]
         compiles += 1
-        if out["compiled_total"] <= budget:
+        if out["compiled_total"] <= budget and "out_of_hbm" not in result:
             return out
         if compiles >= MAX_SEARCH_COMPILES:
             return {**out, "gave_up": f"still over the device's memory after {compiles} compiles"}
@@ -256,11 +275,12 @@ def make_plan(cfg, *, topology: str = "", gpu: str = "", gpus: int = 8, search: 
     if topology:
         compiled = compile_step(run)
         plan.update(compiled)
-        plan.update(_projection(run, compiled, n_chips, chip.peak_flops))
+        if "out_of_hbm" not in compiled:
+            plan.update(_projection(run, compiled, n_chips, chip.peak_flops))
         total = compiled["per_device"]["total"]
     else:
         total = plan["analytic"]["total"]
-    plan["fits"] = total <= budget
+    plan["fits"] = total <= budget and "out_of_hbm" not in plan
     if not plan["fits"]:
         plan["suggestion"] = suggest(run, budget, compiled, search)
     return plan
@@ -292,10 +312,11 @@ def format_plan(plan: dict) -> str:
     for label, ckey, akey in rows:
         if compiled is None and ckey and not akey:
             continue
-        cval = _gib(compiled[ckey]) if compiled and ckey else ""
+        cval = _gib(compiled[ckey]) if compiled and ckey in compiled else ""
         lines.append(f"  {label:<30}{cval:>14}  {_gib(a[akey]) if akey else '':>17}")
     total = compiled["total"] if compiled else a["total"]
-    lines.append(f"  {total / 2**30:.2f} GiB of {t['memory_per_device'] / 2**30:.2f} GiB per device "
+    lines.append(f"  {total / 2**30:.2f} GiB{'+' if 'out_of_hbm' in plan else ''} of "
+                 f"{t['memory_per_device'] / 2**30:.2f} GiB per device "
                  f"({100 * total / t['memory_per_device']:.0f}%): {'fits' if plan['fits'] else 'DOES NOT FIT'}")
     lines.append("  analytic total per remat policy: " + ", ".join(
         f"{r} {v / 2**30:.1f} GiB" for r, v in plan["analytic_total_per_remat"].items()))
@@ -304,7 +325,10 @@ def format_plan(plan: dict) -> str:
     if compiled:
         lines.append(f"compile {plan['compile_seconds']:.1f} s on this machine, host memory peak "
                      f"{plan['host_peak_rss_bytes'] / 2**30:.1f} GiB")
-        lines += _flops_lines(plan)
+        if "out_of_hbm" in plan:
+            lines.append(f"XLA refused the program: {plan['out_of_hbm']['message']} (no cost analysis)")
+        else:
+            lines += _flops_lines(plan)
     else:
         lines.append(f"model FLOPs per step: {plan['model_flops_per_step']:.3e}; no step time without a compiled "
                      "program (run train.bench on the GPU)")

@@ -72,7 +72,12 @@ def table_line(label: str, topology: str, plan: dict) -> str:
     if "error" in plan:
         return f"| {label} | {topology} | does not build: {plan['error'][:160]} | | | | | |"
     d, t = plan["per_device"], plan["target"]
-    fits = "yes" if plan["fits"] else "no" + (f" ({plan['suggestion']['flags']})" if plan.get("suggestion") else "")
+    if "out_of_hbm" in plan:
+        return (f"| {label} | {topology} ({t['chips']} chips) | {plan['config']['batch_size']} x "
+                f"{plan['config']['seq_len']}, {plan['config']['remat']} | "
+                f"{(d['params'] + d['optimizer_state']) / 2**30:.2f} | {d['temporary'] / 2**30:.2f} (XLA: does not "
+                f"fit) | > {t['memory_per_device'] / 2**30:.0f} | {_fits(plan)} | - | - | {plan['compile_seconds']:.0f} |")
+    fits = _fits(plan)
     c = plan["config"]
     seconds = plan["projected_step_seconds"]
     step = f"{seconds:.3f}" if seconds else f"unusable ({plan['xla_estimated_seconds']:.0f})"
@@ -81,6 +86,10 @@ def table_line(label: str, topology: str, plan: dict) -> str:
             f"{(d['params'] + d['optimizer_state']) / 2**30:.2f} | {d['temporary'] / 2**30:.2f} | "
             f"{d['total'] / 2**30:.2f} / {t['memory_per_device'] / 2**30:.0f} | {fits} | "
             f"{step} | {mfu} | {plan['compile_seconds']:.0f} |")
+
+
+def _fits(plan: dict) -> str:
+    return "yes" if plan["fits"] else "no" + (f" ({plan['suggestion']['flags']})" if plan.get("suggestion") else "")
 
 
 HEADER = ("| run | topology | batch x seq, remat | params + opt state GiB/chip | temporaries GiB/chip | "
