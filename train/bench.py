@@ -17,8 +17,10 @@ Timed callables that are compared are interleaved (a, b, a, b, ...): the optimiz
 that ratios hold on a machine whose load varies, and the step with a matmul whose rate is printed only as
 a load check, not used as MFU's denominator: on a CPU, a matmul right after a train step runs at about half
 its rate (measured for cpu-small: 247 against 506 GFLOP/s on its own; 377 after a 50 ms pause, 503 after
-300 ms), so the interleaved rate is depressed by the very step it would be the yardstick of. ``--aot`` presets are only lowered and compiled against abstract shapes (nothing is allocated):
-the way to check on a CPU that GPT-3 XL's sharded train step compiles, and what it needs in memory.
+300 ms), so the interleaved rate is depressed by the very step it would be the yardstick of. ``--aot``
+presets are only lowered and compiled against abstract shapes (nothing is allocated): the way to check on
+a CPU that GPT-3 XL's sharded train step compiles, and what it needs in memory (for a TPU topology:
+``train.plan``).
 """
 from __future__ import annotations
 

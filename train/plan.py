@@ -12,14 +12,16 @@ temporaries, and XLA's cost model gives its FLOPs and an *estimated* time; the p
     MFU = model FLOPs per step / (chips * datasheet bf16 peak per chip * projected step seconds),
 
 an estimate, not a measurement. The projected step is XLA's estimate plus, with a fused (Pallas) attention
-kernel, whose inside XLA's cost model cannot see, the kernel's FLOPs at the chips' peak rate. Topologies are ``<chip>:<dims>`` (``v5p:4x4x4``, ``v5e:16x16``) or the
-Cloud names ``v5p-128`` / ``v4-32`` (TensorCores: two per chip) and ``v5e-256`` / ``v6e-64`` (chips).
+kernel, whose inside XLA's cost model cannot see, the kernel's FLOPs at the chips' peak rate. A program over
+the chip's HBM does not compile: the plan then keeps XLA's figures. Topologies are ``<chip>:<dims>``
+(``v5p:4x4x4``, ``v5e:16x16``) or the Cloud names ``v5p-128`` / ``v4-32`` (TensorCores: two per chip) and
+``v5e-256`` / ``v6e-64`` (chips).
 
 ``--gpu`` cannot compile (XLA has no deviceless GPU target here): it states the analytic per-device memory
 of ``train.memory`` (exact state bytes, estimated activations for every remat policy) against the GPU's.
 
-When the run does not fit, the plan names the smallest change that the estimate says would fit (more
-microbatches, then full remat); ``--search`` compiles that candidate (and the next ones) to verify it.
+When the run does not fit, the plan names the first change that the estimate says would fit (more
+microbatches, then policies that recompute more); ``--search`` compiles it (and the next ones) to verify.
 """
 from __future__ import annotations
 

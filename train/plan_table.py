@@ -2,10 +2,11 @@
 
     python -m train.plan_table [--out results/plans] [--only gpt3-xl]
 
-Each row is one ``python -m train.plan --json <out>/<row>.json`` (the real train step compiled for the topology,
-deviceless), in a process of its own; the markdown table goes to ``<out>/table.md`` and stdout. Rows that cannot be built
-(a mesh that does not divide the model) show the reason instead of numbers. Memory is XLA's memory analysis
-of the compiled program; step time and MFU are XLA's cost-model estimates, not measurements.
+Each row is one ``python -m train.plan --json <out>/<row>.json`` (the real train step compiled for the
+topology, deviceless), in a process of its own; the markdown table goes to ``<out>/table.md`` and stdout.
+Rows that cannot be built (a mesh that does not divide the model) show the reason instead of numbers.
+Memory is XLA's memory analysis of the compiled program; step time and MFU are XLA's cost-model
+estimates, not measurements.
 """
 from __future__ import annotations
 
@@ -76,7 +77,8 @@ def table_line(label: str, topology: str, plan: dict) -> str:
         return (f"| {label} | {topology} ({t['chips']} chips) | {plan['config']['batch_size']} x "
                 f"{plan['config']['seq_len']}, {plan['config']['remat']} | "
                 f"{(d['params'] + d['optimizer_state']) / 2**30:.2f} | {d['temporary'] / 2**30:.2f} (XLA: does not "
-                f"fit) | > {t['memory_per_device'] / 2**30:.0f} | {_fits(plan)} | - | - | {plan['compile_seconds']:.0f} |")
+                f"fit) | > {t['memory_per_device'] / 2**30:.0f} | {_fits(plan)} | - | - | "
+                f"{plan['compile_seconds']:.0f} |")
     fits = _fits(plan)
     c = plan["config"]
     seconds = plan["projected_step_seconds"]
