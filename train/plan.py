@@ -38,13 +38,17 @@ from ml_collections import config_flags
 import configs
 from infra.cli import parse_flags_or_exit, user_errors
 
-_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(configs.__file__), "gpt3_xl.py"),
-                                          "Run config (a python file).")
-_TOPOLOGY = flags.DEFINE_string("topology", "", "TPU topology to compile for: v5p:4x4x4, v5e:16x16, v5p-128, ...")
-_GPU = flags.DEFINE_string("gpu", "", "GPU to estimate memory for (analytic): a100, h100 or h200")
-_GPUS = flags.DEFINE_integer("gpus", 8, "number of GPUs of the --gpu run")
-_JSON = flags.DEFINE_string("json", "", "also write the plan to this JSON file")
-_SEARCH = flags.DEFINE_bool("search", False, "when the run does not fit, compile candidates until one fits")
+
+def _define_flags() -> None:
+    """The command's flags (defined only when it runs: other modules that tests import define --config too)."""
+    config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(configs.__file__), "gpt3_xl.py"),
+                                    "Run config (a python file).")
+    flags.DEFINE_string("topology", "", "TPU topology to compile for: v5p:4x4x4, v5e:16x16, v5p-128, ...")
+    flags.DEFINE_string("gpu", "", "GPU to estimate memory for (analytic): a100, h100 or h200")
+    flags.DEFINE_integer("gpus", 8, "number of GPUs of the --gpu run")
+    flags.DEFINE_string("json", "", "also write the plan to this JSON file")
+    flags.DEFINE_bool("search", False, "when the run does not fit, compile candidates until one fits")
+
 
 DEFAULT_VOCAB = 50257  # GPT-2's BPE, when the config takes the vocabulary from a corpus (model.vocab_size=0)
 MAX_SEARCH_COMPILES = 3
@@ -369,20 +373,20 @@ def main(argv) -> None:
     import jax
 
     # libtpu only describes the TPU; this process computes on the CPU (and must not look for a TPU to run on)
-
     jax.config.update("jax_platforms", "cpu")
+    f = flags.FLAGS
     with user_errors():
-        cfg = _CONFIG.value
-        if _TOPOLOGY.value:
-            print(f"compiling for {_TOPOLOGY.value} (minutes for billion-parameter models) ...", file=sys.stderr,
+        if f.topology:
+            print(f"compiling for {f.topology} (minutes for billion-parameter models) ...", file=sys.stderr,
                   flush=True)
-        plan = make_plan(cfg, topology=_TOPOLOGY.value, gpu=_GPU.value, gpus=_GPUS.value, search=_SEARCH.value)
+        plan = make_plan(f.config, topology=f.topology, gpu=f.gpu, gpus=f.gpus, search=f.search)
         print(format_plan(plan))
-        if _JSON.value:
-            with open(_JSON.value, "w") as f:
-                json.dump(plan, f, indent=1)
-            print(f"wrote {_JSON.value}")
+        if f.json:
+            with open(f.json, "w") as out:
+                json.dump(plan, out, indent=1)
+            print(f"wrote {f.json}")
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main, flags_parser=parse_flags_or_exit)

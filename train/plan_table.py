@@ -99,6 +99,25 @@ HEADER = ("| run | topology | batch x seq, remat | params + opt state GiB/chip |
           "|---|---|---|---|---|---|---|---|---|---|")
 
 
+def variant_ratios(out: str) -> str:
+    """Each gpt3-xl variant's temporaries and projected step time against the first's (XLA attention, whole
+    logits), as a sentence under the table; empty until all variants are planned."""
+    plans = []
+    for i in range(len(VARIANTS)):
+        path = os.path.join(out, f"gpt3-xl-adamw-v5p-128-variant{i}.json")
+        if not os.path.exists(path):
+            return ""
+        with open(path) as f:
+            plans.append(json.load(f))
+    if any("per_device" not in p or not p.get("projected_step_seconds") for p in plans):
+        return ""
+    base = plans[0]
+    parts = [f"{label}: temporaries x{p['per_device']['temporary'] / base['per_device']['temporary']:.2f}, "
+             f"projected step x{p['projected_step_seconds'] / base['projected_step_seconds']:.2f}"
+             for (label, _), p in zip(VARIANTS[1:], plans[1:])]
+    return f"\ngpt3-xl adamw on v5p-128 against {VARIANTS[0][0]}: " + "; ".join(parts) + ".\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="results/plans")
@@ -115,7 +134,7 @@ def main(argv=None) -> int:
         else:
             plan = plan_row(module, overrides, topology, path)  # (errors are not kept: planned again next time)
         lines.append(table_line(label, topology, plan))
-    table = HEADER + "\n" + "\n".join(lines) + "\n"
+    table = HEADER + "\n" + "\n".join(lines) + "\n" + variant_ratios(args.out)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table)
     print(table)
