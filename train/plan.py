@@ -175,7 +175,8 @@ def candidates(cfg, n_shards: int):
             k *= 2
 
 
-def _with(cfg, change: dict):
+def _changed(cfg, change: dict):
+    """A copy of ``cfg`` with a candidate's microbatches and remat policy."""
     cfg = cfg.copy_and_resolve_references()
     cfg.microbatches = change["microbatches"]
     cfg.model.remat = change["remat"]
@@ -195,7 +196,7 @@ def suggest(run, budget: float, compiled: dict | None, verify: bool) -> dict | N
     base = estimate(run)
     compiles = 0
     for change, flags_text in candidates(run.cfg, run.mesh.shape["data"] * run.mesh.shape["fsdp"]):
-        candidate = build_run(_with(run.cfg, change), run.devices, run.platform)
+        candidate = build_run(_changed(run.cfg, change), run.devices, run.platform)
         est = estimate(candidate)
         total = est["total"]
         if compiled:
