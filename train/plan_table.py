@@ -63,15 +63,15 @@ def plan_row(module: str, overrides: dict, topology: str, path: str) -> dict:
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         errors = [line.removeprefix("error: ") for line in r.stderr.splitlines() if line.startswith("error: ")]
-        return {"error": errors[0] if errors else f"train.plan exited with {r.returncode} "
-                                                  f"(killed, e.g. out of host memory): {r.stderr[-300:]}"}
+        return {"error": f"does not build: {errors[0]}" if errors else
+                f"train.plan exited with {r.returncode} (killed, e.g. out of host memory): {r.stderr[-300:]}"}
     with open(path) as f:
         return json.load(f)
 
 
 def table_line(label: str, topology: str, plan: dict) -> str:
     if "error" in plan:
-        return f"| {label} | {topology} | does not build: {plan['error'][:160]} | | | | | |"
+        return f"| {label} | {topology} | {plan['error'][:160]} | | | | | | | |"
     d, t = plan["per_device"], plan["target"]
     if "out_of_hbm" in plan:
         return (f"| {label} | {topology} ({t['chips']} chips) | {plan['config']['batch_size']} x "
@@ -122,6 +122,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="results/plans")
     p.add_argument("--only", default="", help="one model's rows (gpt2-small, gpt2-xl, gpt3-xl)")
+    p.add_argument("--cached", action="store_true", help="compile nothing: the table of the rows planned so far")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     lines = []
@@ -131,8 +132,13 @@ def main(argv=None) -> int:
         if os.path.exists(path):  # rerunning continues where a stopped table left off
             with open(path) as f:
                 plan = json.load(f)
+        elif args.cached:
+            plan = {"error": "not planned yet (python -m train.plan_table plans it)"}
         else:
-            plan = plan_row(module, overrides, topology, path)  # (errors are not kept: planned again next time)
+            plan = plan_row(module, overrides, topology, path)
+            if plan.get("error", "").startswith("does not build"):  # (a killed compile is planned again next time)
+                with open(path, "w") as f:
+                    json.dump(plan, f)
         lines.append(table_line(label, topology, plan))
     table = HEADER + "\n" + "\n".join(lines) + "\n" + variant_ratios(args.out)
     with open(os.path.join(args.out, "table.md"), "w") as f:
