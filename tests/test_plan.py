@@ -11,6 +11,7 @@ from configs.base import base_config
 from train.build import build_run
 from train.memory import estimate
 from train.plan import candidates, make_plan, tpu_topology
+from train.plan_table import table_line
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 
@@ -125,6 +126,8 @@ def test_small_model_compiles_for_a_tpu_topology(tmp_path):
     assert plan["per_device"]["params"] == plan["analytic"]["params"]
     assert 0.5 < plan["analytic"]["total"] / plan["per_device"]["total"] < 2.0
     assert 0 < plan["projected_mfu"] < 1 and "not a measurement" in r.stdout
+    row = table_line("cpu-small muon", "v5p:2x2x1", plan)  # its row in the benchmarks file's table
+    assert "| yes |" in row and f"{plan['projected_step_seconds']:.3f}" in row
 
 
 @pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install -e '.[tpu]')")
