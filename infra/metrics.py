@@ -9,6 +9,11 @@ file's lines in memory (starting from what an earlier run of the workdir left) a
 to a local temporary directory and each event file is uploaded (as a whole, replacing the previous upload)
 to ``<workdir>/tensorboard/`` after every row and on close.
 
+A row is complete when its newline is written: ``read_metrics`` ignores a last line without one (a row a
+running trainer is writing at that moment, as a report made while runs train may see on a network
+filesystem, or the fragment a kill mid-write left), and a logger that reopens the file drops such a
+fragment before it appends, so that it never runs into the next row.
+
 Used by training (rows keyed by ``step``) and meta-training (keyed by ``iteration``). Only process 0
 writes; every process may call the methods.
 """
@@ -41,7 +46,7 @@ class MetricsLogger:
 
         makedirs(workdir)
         self.path = join(workdir, "metrics.jsonl")
-        self._file = _ObjectAppender(self.path) if is_uri(self.path) else open(self.path, "a")
+        self._file = _ObjectAppender(self.path) if is_uri(self.path) else _open_local_appender(self.path)
         self._tb_dir = join(workdir, "tensorboard")
         self._tb_local = tempfile.mkdtemp(prefix="tensorboard-") if is_uri(workdir) else None
         self._tb = SummaryWriter(self._tb_local or self._tb_dir)
@@ -91,6 +96,20 @@ class MetricsLogger:
                 shutil.rmtree(self._tb_local, ignore_errors=True)
 
 
+def _complete_rows(text: str) -> str:
+    """``text`` up to its last newline: the rows whose writing has finished."""
+    return text[:text.rfind("\n") + 1]
+
+
+def _open_local_appender(path: str):
+    """``path`` opened for appending, an unfinished last row (a kill mid-write) cut off first."""
+    if os.path.exists(path):
+        with open(path, "rb+") as f:
+            data = f.read()
+            f.truncate(data.rfind(b"\n") + 1)
+    return open(path, "a")
+
+
 class _ObjectAppender:
     """A file opened for appending, on object storage: the lines so far in memory, and the whole object
     rewritten (one atomic upload) on every flush."""
@@ -101,7 +120,7 @@ class _ObjectAppender:
             text = read_text(path)
         except FileNotFoundError:
             text = ""
-        self._parts = [text if not text or text.endswith("\n") else text + "\n"]  # the next row starts a line
+        self._parts = [_complete_rows(text)]
 
     def write(self, text: str) -> None:
         self._parts.append(text)
@@ -122,7 +141,7 @@ def read_metrics(workdir: str | os.PathLike, key: str = "step") -> list[dict]:
     except FileNotFoundError:
         return []
     rows = {}
-    for line in text.splitlines():
+    for line in _complete_rows(text).splitlines():
         if line.strip():
             row = json.loads(line)
             for k in row.pop("nonfinite", ()):

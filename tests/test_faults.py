@@ -145,6 +145,19 @@ def test_metrics_file_is_strict_json(tmp_path):
     assert losses(tmp_path)[1] == 2.5
 
 
+def test_metrics_row_being_written_is_not_read_and_a_cut_row_is_dropped(tmp_path):
+    log = MetricsLogger(str(tmp_path), 3, 0, progress=False)
+    log.write(1, {"loss": 2.5})
+    log.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 2, "lo')  # a row caught mid-write (a reader), or cut by a kill (a resumed logger)
+    assert read_metrics(str(tmp_path)) == [{"step": 1, "loss": 2.5}]
+    log = MetricsLogger(str(tmp_path), 3, 1, progress=False)
+    log.write(2, {"loss": 2.0})
+    log.close()
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 2.5}\n{"step": 2, "loss": 2.0}\n'
+
+
 @pytest.mark.parametrize("args,message", [
     (["-m", "train", "--config", "configs/cpu_tiny.py", "--config.optimizer.lrr=1"], 'Did you mean "lr"'),
     (["-m", "train", "--config", "configs/no_such_preset.py"], "no_such_preset.py"),
