@@ -18,6 +18,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from configs.base import base_config
 from models import GPT, MESH_AXES, attend, model_config
+from models import attention as models_attention
 from models import gpt as gpt_module
 from train.build import Run, build_model_config, build_run
 
@@ -65,6 +66,25 @@ def test_fused_kernel_matches_xla_within_documents(impl, dtype):
     np.testing.assert_allclose(y.astype(jnp.float32), y_ref, **TOL[dtype])
     for g, g_ref, name in zip(grads, grads_ref, "qkv"):
         np.testing.assert_allclose(g.astype(jnp.float32), g_ref, **TOL[dtype], err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("documents", [True, False])
+def test_xla_attention_equals_jax_dot_product_attention(documents, dtype):
+    """The einsum formulation against jax.nn.dot_product_attention (the same formula, JAX's code)."""
+    q, k, v = _qkv(2, 128, 4, 16, dtype, seed=2)
+    seg = _segments(2, 128, seed=2) if documents else None
+    mask = dict(mask=models_attention.attention_mask(seg)) if documents else dict(is_causal=True)
+
+    def reference(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, **mask)
+
+    y, grads = _value_and_vjp("xla", q, k, v, seg, interpret=False)
+    y_ref, vjp = jax.vjp(jax.jit(reference), q, k, v)
+    grads_ref = vjp(jax.random.normal(jax.random.key(9), y.shape, jnp.float32).astype(jnp.bfloat16).astype(dtype))
+    assert y.dtype == dtype
+    for got, want in zip((y, *grads), (y_ref, *grads_ref)):
+        np.testing.assert_allclose(got.astype(jnp.float32), want.astype(jnp.float32), **TOL[dtype])
 
 
 @pytest.mark.parametrize("impl", FUSED)

@@ -10,7 +10,10 @@
     the input pipeline: seconds to load and transfer one batch, and the input wait per step: the train
     loop's pattern (dispatch step k, load batch k + 1 while it runs, read step k - 1's metrics) fed by the
     pipeline, minus the same loop on one fixed batch;
-(c) per optimizer: the update alone (jitted ``tx.update`` + apply on the preset's parameters, median),
+(c) with ``--matmuls``, per timed preset: every matmul of its train step timed alone (``train.matmul_ceiling``),
+    their sum (the matmul time: no step with these kernels is faster) and the MFU ceiling it allows, model FLOPs
+    / matmul time / best matmul rate;
+(d) per optimizer: the update alone (jitted ``tx.update`` + apply on the preset's parameters, median),
     its share of the step, optimizer-state bytes per parameter and the update's temporary memory.
 
 Timed callables that are compared are interleaved (a, b, a, b, ...): the optimizers with each other, so
@@ -50,6 +53,8 @@ def _parse(argv):
     p.add_argument("--cpu_devices", type=int, default=1, help="simulated CPU devices (0: use the accelerators)")
     p.add_argument("--data", default="data_cache/shakespeare-bpe4096",
                    help="prepared dataset for the input-pipeline numbers (skipped if the dir does not exist)")
+    p.add_argument("--matmuls", action="store_true",
+                   help="also time every matmul of each timed preset's step alone: the MFU ceiling they allow")
     p.add_argument("--json", default="", help="also write the numbers to this JSON file")
     return p.parse_args(argv)
 
@@ -173,7 +178,30 @@ def bench_preset(preset: str, args, timed: bool) -> dict:
     row["compiled_memory_bytes"] = int(mem.argument_size_in_bytes + mem.temp_size_in_bytes)
     if timed:
         row.update(_time_step(run, compiled, args))
+    if timed and args.matmuls:
+        row["matmuls"] = _time_matmuls(run, args)
     return row
+
+
+def _time_matmuls(run, args) -> list[dict]:
+    from train.matmul_ceiling import step_products, time_products
+
+    if run.mesh.devices.size > 1:
+        raise ValueError(f"--matmuls times the whole step's matmuls on one device, but the mesh has "
+                         f"{run.mesh.devices.size}: pass --mesh 1,1,1 --cpu_devices 1")
+    m = run.model_cfg
+    products = step_products(m.n_layers, m.d_model, m.n_heads, m.vocab_size, args.batch_size, args.seq_len)
+    return [dict(name=p.name, shape=f"{p.batch} x [{p.m}x{p.k}] x [{p.k}x{p.n}]", count=p.count, flops=p.flops,
+                 seconds=p.count * t) for p, t in zip(products, time_products(products, args.compute_dtype))]
+
+
+def _matmul_lines(row: dict) -> list[str]:
+    """Each matmul's time per step and rate, then the sum and the MFU ceiling it allows."""
+    lines = [f"  {m['name']:<18} {m['shape']:<32} x{m['count']:<3} {m['seconds'] * 1e3:8.1f} ms "
+             f"{m['flops'] / m['seconds'] / 1e9:7.1f} GFLOP/s" for m in row["matmuls"]]
+    return lines + [f"  matmuls of the step, each timed alone: {row['matmul_seconds'] * 1e3:.1f} ms "
+                    f"({row['matmul_seconds'] / row['step_seconds']:.0%} of the step); MFU ceiling with nothing "
+                    f"else taking time: {100 * row['mfu_ceiling']:.1f}%"]
 
 
 def _time_step(run, compiled, args) -> dict:
@@ -318,6 +346,11 @@ def main(argv=None) -> int:
             row["mfu_measured"] = row["achieved_flops_per_sec"] / (out["matmul_best_flops_per_sec"]
                                                                    * row["matmul_devices"])
         print(_preset_line(row["preset"], row), flush=True)
+        if "matmuls" in row:
+            row["matmul_seconds"] = sum(m["seconds"] for m in row["matmuls"])
+            row["mfu_ceiling"] = row["model_flops_per_step"] / row["matmul_seconds"] / (
+                out["matmul_best_flops_per_sec"] * row["matmul_devices"])
+            print("\n".join(_matmul_lines(row)), flush=True)
     out["optimizers"] = []
     step_time = {r["preset"]: r.get("step_seconds") for r in out["presets"]}
     names = [o for o in args.optimizers.split(",") if o]
