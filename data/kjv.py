@@ -4,18 +4,18 @@ Debian ships the text as ``bible-kjv-text`` (a compressed data file and its conc
 ``bible`` program, as ``bible-kjv``. On first use both ``.deb`` files are fetched with ``apt-get download``
 (nothing is installed), unpacked with ``dpkg-deb -x`` into a temporary dir, and
 ``bible -p <data dir> gen1:1-rev22:21`` prints the whole text at 80 columns, which is cached as ``kjv.txt``
-(written under a temporary name and renamed). The printout opens every chapter with a line
+(``data.cache``: made in a temporary dir and renamed). The printout opens every chapter with a line
 ``<Book> <chapter>`` followed by a blank line, and every verse with its number; a book, from its chapter 1
 heading to the next book's, is one document (``books``).
 """
 from __future__ import annotations
 
-import glob
 import os
 import pathlib
 import re
 import subprocess
-import tempfile
+
+from data.cache import cached_file
 
 KJV = "kjv"
 TEXT_FILE = "kjv.txt"
@@ -29,23 +29,20 @@ _CHAPTER_ONE = re.compile(r"^(?P<book>(?:[1-3] )?[A-Z][A-Za-z ]*?) 1\n", re.M)
 def kjv_text(cache_dir: pathlib.Path) -> pathlib.Path:
     """Path of the cached ``kjv.txt``, printed from Debian's ``bible-kjv-text`` on first use."""
     text_path = cache_dir / TEXT_FILE
-    if text_path.is_file():
-        return text_path
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".kjv-") as tmp:
+
+    def make(tmp: pathlib.Path) -> pathlib.Path:
         _run(["apt-get", "download", *_PACKAGES], tmp, text_path)
-        root = os.path.join(tmp, "root")
-        for deb in sorted(glob.glob(os.path.join(tmp, "*.deb"))):
-            _run(["dpkg-deb", "-x", deb, root], tmp, text_path)
-        printed = _run([os.path.join(root, "usr/bin/bible"), "-p", os.path.join(root, "usr/lib"), _WHOLE_BIBLE],
-                       tmp, text_path)
+        root = tmp / "root"
+        for deb in sorted(tmp.glob("*.deb")):
+            _run(["dpkg-deb", "-x", str(deb), str(root)], tmp, text_path)
+        printed = _run([str(root / "usr/bin/bible"), "-p", str(root / "usr/lib"), _WHOLE_BIBLE], tmp, text_path)
         if len(books(printed)) != N_BOOKS:
             raise ValueError(f"`bible {_WHOLE_BIBLE}` printed {len(books(printed))} books, not {N_BOOKS}: the "
                              f"Debian packages {', '.join(_PACKAGES)} have changed format; report it")
-        partial = pathlib.Path(tmp) / TEXT_FILE
-        partial.write_text(printed, encoding="utf-8")
-        os.replace(partial, text_path)  # atomic: a concurrent reader never sees half the text
-    return text_path
+        (tmp / TEXT_FILE).write_text(printed, encoding="utf-8")
+        return tmp / TEXT_FILE
+
+    return cached_file(text_path, make)
 
 
 def _run(cmd: list[str], cwd: str, text_path: pathlib.Path) -> str:
