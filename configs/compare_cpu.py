@@ -29,7 +29,7 @@ def get_config():
             "adamw": "3e-4,1e-3,3e-3,1e-2,3e-2",
             "muon": "1e-2,3e-2,1e-1",
             "celo2": "3e-4,1e-3,3e-3,1e-2",
-            "celo2-base": "1e-4,3e-4,1e-3,3e-3",
+            "celo2_base": "1e-4,3e-4,1e-3,3e-3",
             "velo": "0.3,1,3,10,30",
         })
     return c

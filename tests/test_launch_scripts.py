@@ -47,6 +47,12 @@ def test_tpu_script_requires_its_variables():
     assert proc.returncode != 0 and "TPU_NAME" in proc.stderr
 
 
+# the comparisons' grids, fixed here so that the preset's research grids can change: 3 rates each, VeLO's 5
+GRIDS = ["--config.compare.lrs.adamw=3e-3,1e-2,3e-2", "--config.compare.lrs.muon=1e-2,3e-2,1e-1",
+         "--config.compare.lrs.celo2=3e-4,1e-3,3e-3", "--config.compare.lrs.celo2_base=3e-4,1e-3,3e-3",
+         "--config.compare.lrs.velo=0.3,1,3,10,30"]
+
+
 def test_slurm_compare_submits_each_planned_run_once(tmp_path):
     """Dry run: one sbatch per sweep run. Then, with a stand-in ``sbatch`` on PATH (SLURM is not installed
     here) that records its arguments: the first invocation submits the sweeps, a second one nothing new, and
@@ -54,7 +60,7 @@ def test_slurm_compare_submits_each_planned_run_once(tmp_path):
     import json
 
     workdir = tmp_path / "cmp dir"  # a space, to check the quoting
-    args = ["--config", os.path.join(REPO, "configs", "compare_cpu.py"), f"--config.workdir={workdir}"]
+    args = ["--config", os.path.join(REPO, "configs", "compare_cpu.py"), *GRIDS, f"--config.workdir={workdir}"]
     script = os.path.join(REPO, "launch/slurm_compare.sh")
     run = lambda **env: subprocess.run(["bash", script, *args], env={**os.environ, **env}, capture_output=True,
                                        text=True, check=True).stdout.replace(" \n", "\n").strip().splitlines()
@@ -103,7 +109,7 @@ def test_tpu_compare_spreads_runs_over_slices_and_follows_sweeps_with_seeds(tmp_
     import sys
 
     workdir = tmp_path / "cmp dir"
-    args = ["--config", os.path.join(REPO, "configs", "compare_cpu.py"), f"--config.workdir={workdir}",
+    args = ["--config", os.path.join(REPO, "configs", "compare_cpu.py"), f"--config.workdir={workdir}", *GRIDS,
             "--config.compare.optimizers=adamw,muon", "--config.compare.seeds=2"]
     script = os.path.join(REPO, "launch/tpu_compare.sh")
     env = {**os.environ, "TPU_NAMES": "slice-a slice-b", "ZONE": "us-east5-a", "POLL_SECONDS": "0.2",

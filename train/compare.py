@@ -57,9 +57,13 @@ def run_name(opt: str, lr: float, seed: int) -> str:
 
 
 def _lrs(cfg, opt: str) -> list[float]:
-    if opt not in cfg.compare.lrs:
-        raise ValueError(f"compare.lrs has no learning rates for {opt!r}; add --config.compare.lrs.{opt}=...")
-    return [float(x) for x in str(cfg.compare.lrs[opt]).split(",") if x.strip()]
+    """``compare.lrs`` of optimizer ``opt``, keyed by its name with '-' as '_' (``celo2_base``: a key that a
+    ``--config.compare.lrs.<key>=...`` flag can name), or by the name itself."""
+    key = next((k for k in (opt.replace("-", "_"), opt) if k in cfg.compare.lrs), None)
+    if key is None:
+        raise ValueError(f"compare.lrs has no learning rates for {opt!r}; add "
+                         f"--config.compare.lrs.{opt.replace('-', '_')}=...")
+    return [float(x) for x in str(cfg.compare.lrs[key]).split(",") if x.strip()]
 
 
 def _read_done(workdir: str) -> dict | None:
