@@ -45,7 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
     ))
 
     c.data = ml_collections.ConfigDict(dict(
-        corpus="shakespeare",  # or a directory of .txt files
+        corpus="shakespeare",  # a named corpus (shakespeare, kjv, or joined: shakespeare+kjv) or your text
         dir="data_cache/shakespeare-bpe4096",
         vocab_size=4096,  # tokenizer vocabulary trained on the corpus
         num_threads=2,

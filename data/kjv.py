@@ -45,7 +45,7 @@ def kjv_text(cache_dir: pathlib.Path) -> pathlib.Path:
     return cached_file(text_path, make)
 
 
-def _run(cmd: list[str], cwd: str, text_path: pathlib.Path) -> str:
+def _run(cmd: list[str], cwd: pathlib.Path, text_path: pathlib.Path) -> str:
     """stdout of ``cmd``; a ValueError that names the command, its output and the fix if it fails."""
     try:
         proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600,
