@@ -73,10 +73,15 @@ def check_attention_length(impl: str, seq_len: int) -> None:
                          f"kernel's blocks), got {seq_len}: change seq_len or use model.attention='xla'")
 
 
+def _causal(L: int):
+    """[L, L] booleans: key j is allowed for query i when j <= i."""
+    return jnp.tril(jnp.ones((L, L), bool))
+
+
 def attention_mask(segment_ids_BxL):
     """Causal mask restricted to tokens of the same document: [B, 1, L, L] booleans."""
     L = segment_ids_BxL.shape[1]
-    causal_LxL = jnp.tril(jnp.ones((L, L), bool))
+    causal_LxL = _causal(L)
     same_doc_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
     return (causal_LxL & same_doc_BxLxL)[:, None]
 
@@ -90,8 +95,7 @@ def _xla(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, segment_ids_BxL):
     q_BxNxLxH, k_BxNxLxH, v_BxNxLxH = (jnp.swapaxes(x, 1, 2) for x in (q_BxLxNxH, k_BxLxNxH, v_BxLxNxH))
     scores_BxNxLxL = jnp.einsum("bnlh,bnmh->bnlm", q_BxNxLxH, k_BxNxLxH,
                                 preferred_element_type=jnp.float32) / math.sqrt(H)
-    allowed = (jnp.tril(jnp.ones((L, L), bool))[None, None] if segment_ids_BxL is None
-               else attention_mask(segment_ids_BxL))
+    allowed = _causal(L)[None, None] if segment_ids_BxL is None else attention_mask(segment_ids_BxL)
     scores_BxNxLxL = jnp.where(allowed, scores_BxNxLxL, jnp.finfo(jnp.float32).min)
     p_BxNxLxL = jax.nn.softmax(scores_BxNxLxL, axis=-1).astype(v_BxLxNxH.dtype)
     return jnp.swapaxes(jnp.einsum("bnlm,bnmh->bnlh", p_BxNxLxL, v_BxNxLxH), 1, 2)

@@ -45,13 +45,17 @@ def _segments(B, L, seed=0):
     return jnp.asarray(ids)
 
 
-def _value_and_vjp(impl, q, k, v, seg, interpret):
-    """Output and gradients of <attend(q, k, v), ct> w.r.t. q, k, v for a fixed random cotangent ct (values
-    exact in bfloat16, so that both dtypes see the same ct)."""
-    f = jax.jit(lambda q, k, v: attend(q, k, v, seg, impl=impl, interpret=interpret))
-    y, vjp = jax.vjp(f, q, k, v)
+def _value_and_vjp_of(f, q, k, v):
+    """Output and gradients of <f(q, k, v), ct> w.r.t. q, k, v for a fixed random cotangent ct (values exact
+    in bfloat16, so that both dtypes see the same ct)."""
+    y, vjp = jax.vjp(jax.jit(f), q, k, v)
     ct = jax.random.normal(jax.random.key(9), y.shape, jnp.float32).astype(jnp.bfloat16).astype(y.dtype)
     return y, vjp(ct)
+
+
+def _value_and_vjp(impl, q, k, v, seg, interpret):
+    """``_value_and_vjp_of`` attention by ``impl``."""
+    return _value_and_vjp_of(lambda q, k, v: attend(q, k, v, seg, impl=impl, interpret=interpret), q, k, v)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -80,8 +84,7 @@ def test_xla_attention_equals_jax_dot_product_attention(documents, dtype):
         return jax.nn.dot_product_attention(q, k, v, **mask)
 
     y, grads = _value_and_vjp("xla", q, k, v, seg, interpret=False)
-    y_ref, vjp = jax.vjp(jax.jit(reference), q, k, v)
-    grads_ref = vjp(jax.random.normal(jax.random.key(9), y.shape, jnp.float32).astype(jnp.bfloat16).astype(dtype))
+    y_ref, grads_ref = _value_and_vjp_of(reference, q, k, v)
     assert y.dtype == dtype
     for got, want in zip((y, *grads), (y_ref, *grads_ref)):
         np.testing.assert_allclose(got.astype(jnp.float32), want.astype(jnp.float32), **TOL[dtype])

@@ -35,6 +35,9 @@ import sys
 import time
 
 
+_MATMUL_REPEATS = 7  # timed calls of each of the step's matmuls (--matmuls)
+
+
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", default="cpu-small", help="comma list of model presets to run")
@@ -184,15 +187,20 @@ def bench_preset(preset: str, args, timed: bool) -> dict:
 
 
 def _time_matmuls(run, args) -> list[dict]:
-    from train.matmul_ceiling import step_products, time_products
+    """Each matmul of the step (``train.matmul_ceiling``) timed alone, one at a time (so that only its own
+    operands are held): seconds per step = calls per step x the median call."""
+    from train.matmul_ceiling import product_call, step_products
 
     if run.mesh.devices.size > 1:
         raise ValueError(f"--matmuls times the whole step's matmuls on one device, but the mesh has "
                          f"{run.mesh.devices.size}: pass --mesh 1,1,1 --cpu_devices 1")
     m = run.model_cfg
-    products = step_products(m.n_layers, m.d_model, m.n_heads, m.vocab_size, args.batch_size, args.seq_len)
-    return [dict(name=p.name, shape=f"{p.batch} x [{p.m}x{p.k}] x [{p.k}x{p.n}]", count=p.count, flops=p.flops,
-                 seconds=p.count * t) for p, t in zip(products, time_products(products, args.compute_dtype))]
+    rows = []
+    for p in step_products(m.n_layers, m.d_model, m.n_heads, m.vocab_size, args.batch_size, args.seq_len):
+        t = _medians({p.name: product_call(p, args.compute_dtype)}, _MATMUL_REPEATS)[p.name]
+        rows.append(dict(name=p.name, shape=f"{p.batch} x [{p.m}x{p.k}] x [{p.k}x{p.n}]", count=p.count,
+                         flops=p.flops, seconds=p.count * t))
+    return rows
 
 
 def _matmul_lines(row: dict) -> list[str]:

@@ -14,16 +14,13 @@ and once, the tied head [T, D] x [D, V] with its two backward products. Their FL
 FLOPs of ``train.flops`` up to the LayerNorm and bias terms (6(N - L_ctx D) + 12 layers D L per token).
 
 Each product is one jitted dot on random operands of its shape in the compute dtype, on one device, timed
-alone (median of repeats).
-The sum of their times is the step's *matmul time*: the step cannot be faster with these kernels, and
+alone (``train.bench``: median of repeats after a warm-up call). The sum of their times is the step's *matmul time*: the step cannot be faster with these kernels, and
 ``model FLOPs / matmul time / best matmul rate`` is the ceiling on MFU that they allow, before the softmax,
 GELU, LayerNorm, cross-entropy and optimizer (memory-bound elementwise work) take any time at all.
 """
 from __future__ import annotations
 
 import dataclasses
-import statistics
-import time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,22 +57,12 @@ def step_products(n_layers: int, d_model: int, n_heads: int, vocab: int, batch_s
     return products
 
 
-def time_products(products: list[Product], dtype: str = "float32", repeats: int = 7) -> list[float]:
-    """Median seconds of one call of each product, timed alone after two warm-up calls."""
+def product_call(p: Product, dtype: str = "float32"):
+    """A blocking zero-argument call of one product ``p`` on random operands of its shape and ``dtype``."""
     import jax
     import jax.numpy as jnp
 
-    dot = jax.jit(lambda a, b: jnp.matmul(a, b))
-    seconds = []
-    for p in products:
-        a = jax.random.normal(jax.random.key(0), (p.batch, p.m, p.k) if p.batch > 1 else (p.m, p.k), dtype)
-        b = jax.random.normal(jax.random.key(1), (p.batch, p.k, p.n) if p.batch > 1 else (p.k, p.n), dtype)
-        for _ in range(2):
-            dot(a, b).block_until_ready()
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            dot(a, b).block_until_ready()
-            times.append(time.perf_counter() - t)
-        seconds.append(statistics.median(times))
-    return seconds
+    a = jax.random.normal(jax.random.key(0), (p.batch, p.m, p.k) if p.batch > 1 else (p.m, p.k), dtype)
+    b = jax.random.normal(jax.random.key(1), (p.batch, p.k, p.n) if p.batch > 1 else (p.k, p.n), dtype)
+    dot = jax.jit(jnp.matmul)
+    return lambda: dot(a, b).block_until_ready()
