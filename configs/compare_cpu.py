@@ -1,4 +1,4 @@
-"""The CPU optimizer comparison (``python -m train.compare --config configs/compare_cpu.py``): the 2-layer
+"""The CPU optimizer comparison (``python -m tools.compare --config configs/compare_cpu.py``): the 2-layer
 GPT on Shakespeare, 200 steps of 16 x 128 tokens (0.4M tokens) per run on one CPU device, a learning-rate
 sweep per optimizer at seed 0 (3 points, widened where a best rate lay at an edge: Celo2 and Celo2-base 4,
 AdamW 5; VeLO 5), then 3 seeds at each optimizer's best rate (31 runs, about 17 minutes on 2 cores). VeLO's

@@ -1,4 +1,4 @@
-"""The long-horizon CPU optimizer comparison (``python -m train.compare --config configs/compare_cpu_long.py``):
+"""The long-horizon CPU optimizer comparison (``python -m tools.compare --config configs/compare_cpu_long.py``):
 the 2-layer GPT of ``compare_cpu.py`` trained 10x as many steps, 2000 steps of 8 x 128 tokens (2.05M tokens) per
 run, on Shakespeare plus the King James Bible (2.79M training tokens at vocabulary 4096), so every run stays
 within one epoch (0.73) and measures optimisation rather than memorisation. AdamW, Muon, Celo2 and Celo2-base,

@@ -291,6 +291,37 @@ def _run_stats(manifests, engine, workers, seconds) -> dict:
                                             * worker_rss, 1)}}
 
 
+def _check_settings(*, eval_fraction: float, engine: str, on_error: str, tokenizer, **positive) -> None:
+    """ValueError naming the first preparation setting out of its range (or a tokenizer file that is missing)."""
+    for name, value in positive.items():
+        if not value > 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+    if not 0.0 < eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    corpus_lib.Problems(on_error)  # checks the value
+    if tokenizer is not None and not epath(tokenizer).is_file():
+        raise ValueError(f"tokenizer {tokenizer} does not exist; give a sentencepiece .model file")
+
+
+def _tokenize_units(job, units, engine: str, beam_args, workers: int, verbose: bool):
+    """Tokenize the units not done yet (local worker processes or Beam); returns (every unit's manifest, the
+    run's statistics)."""
+    todo = [u for u in units if shards.read_manifest(job.out, u.index) is None]
+    if verbose and len(todo) < len(units):
+        print(f"{len(units) - len(todo)} of {len(units)} units were already done", flush=True)
+    t0 = time.perf_counter()
+    if engine == "beam":
+        from data import beam  # the optional "beam" extra
+        beam.run_units(job, todo, beam_args)
+    else:
+        workers = run_local(job, todo, workers, verbose)
+    seconds = time.perf_counter() - t0
+    manifests = [shards.read_manifest(job.out, u.index) for u in units]
+    return manifests, _run_stats([manifests[u.index] for u in todo], engine, workers, seconds)
+
+
 def prepare_corpus(
     data_dir: str | os.PathLike,
     corpus: str | os.PathLike = corpus_lib.SHAKESPEARE,
@@ -318,23 +349,15 @@ def prepare_corpus(
     """
     out = resolve(data_dir)
     workers = default_workers() if workers is None else workers
-    for name, value in (("chunk_size", chunk_size), ("shard_mb", shard_mb), ("workers", workers),
-                        ("tokenizer_sample_chars", tokenizer_sample_chars)):
-        if not value > 0:
-            raise ValueError(f"{name} must be positive, got {value}")
-    if not 0.0 < eval_fraction < 1.0:
-        raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-    corpus_lib.Problems(on_error)  # checks the value
+    _check_settings(chunk_size=chunk_size, shard_mb=shard_mb, workers=workers,
+                    tokenizer_sample_chars=tokenizer_sample_chars, eval_fraction=eval_fraction, engine=engine,
+                    on_error=on_error, tokenizer=tokenizer)
     if exists(join(out, META)) and not overwrite:
         raise ValueError(f"{out} is already prepared; use ensure_prepared() (or --force to redo it)")
     if exists(out) and not exists(join(out, META)):
         _check_removable(out)
     files = corpus_lib.input_files(corpus, cache_dir)
     units = corpus_lib.plan_units(files)
-    if tokenizer is not None and not epath(tokenizer).is_file():
-        raise ValueError(f"tokenizer {tokenizer} does not exist; give a sentencepiece .model file")
     probe_vocab = Tokenizer(tokenizer).vocab_size if tokenizer is not None else vocab_size
     shard_tokens = max(chunk_size, int(shard_mb * 1e6) // shards.token_dtype(probe_vocab or 1).itemsize)
     plan = _plan(corpus, files, tokenizer, vocab_size, eval_fraction, chunk_size, shard_tokens, text_key, on_error,
@@ -351,18 +374,7 @@ def prepare_corpus(
         raise
     job = shards.UnitJob(partial, join(partial, TOKENIZER), eval_fraction, chunk_size, shard_tokens, text_key,
                          on_error, flipped)
-    todo = [u for u in units if shards.read_manifest(partial, u.index) is None]
-    if verbose and len(todo) < len(units):
-        print(f"{len(units) - len(todo)} of {len(units)} units were already done", flush=True)
-    t0 = time.perf_counter()
-    if engine == "beam":
-        from data import beam  # the optional "beam" extra
-        beam.run_units(job, todo, beam_args)
-    else:
-        workers = run_local(job, todo, workers, verbose)
-    seconds = time.perf_counter() - t0
-    manifests = [shards.read_manifest(partial, u.index) for u in units]
-    stats = _run_stats([manifests[u.index] for u in todo], engine, workers, seconds)
+    manifests, stats = _tokenize_units(job, units, engine, beam_args, workers, verbose)
     meta = {**_assemble_meta(partial, units, manifests, tok_meta, plan, stats), "flipped_documents": list(flipped)}
     _install(partial, out, json.dumps(meta, indent=1).encode(), overwrite)
     info = load_info(out)

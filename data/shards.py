@@ -214,6 +214,12 @@ def prepare_unit(job: UnitJob, unit: corpus_lib.Unit, progress: Callable[[int], 
     if progress is not None:
         progress(unit.size - reported)
 
+    return _write_manifest(job, unit, writers, stats, counts, problems, time.perf_counter() - t0)
+
+
+def _write_manifest(job: UnitJob, unit: corpus_lib.Unit, writers: dict, stats: dict, counts, problems,
+                    seconds: float) -> dict:
+    """Write a finished unit's token counts and its manifest (the last file: a unit with a manifest is done)."""
     manifest = {
         "unit": unit.index,
         "inputs": [f.name for f in unit.files],
@@ -223,7 +229,7 @@ def prepare_unit(job: UnitJob, unit: corpus_lib.Unit, progress: Callable[[int], 
                        "ids_sha256": stats[s]["ids"].hexdigest()} for s in SPLITS},
         "empty_documents": problems.empty_documents,
         "problems": {"count": problems.count, "examples": problems.examples},
-        "seconds": round(time.perf_counter() - t0, 3),
+        "seconds": round(seconds, 3),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     makedirs(join(job.out, UNITS_DIR))

@@ -1,7 +1,7 @@
 """``python -m launch.compare_runs PLAN_JSON [--exclude FILE] [--slice I/N] [--first]``: the runs of a
-comparison's plan (``python -m train.compare ... plan``) that a launcher should start now, one per line as
+comparison's plan (``python -m tools.compare ... plan``) that a launcher should start now, one per line as
 ``NAME ARGS`` (``--first``: only the first), where ARGS are the shell-quoted arguments of
-``python -m train.compare`` for that run.
+``python -m tools.compare`` for that run.
 
 A run is listed when it is pending or started (a started one resumes), is not named in ``--exclude``
 (e.g. the runs already submitted to SLURM), and, with ``--slice I/N``, belongs to slice I of N: runs are
@@ -26,7 +26,7 @@ def runs_to_start(plan: list[dict], exclude: set[str], my_slice: tuple[int, int]
             continue
         if my_slice is not None and slice_of(row["name"], my_slice[1]) != my_slice[0]:
             continue
-        args = shlex.split(row["command"])[3:]  # drop "python -m train.compare"
+        args = shlex.split(row["command"])[3:]  # drop "python -m tools.compare"
         out.append((row["name"], shlex.join(args)))
     return out
 

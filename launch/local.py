@@ -70,6 +70,24 @@ def _pump(proc: subprocess.Popen, prefix: str, out: _Printer) -> None:
         out.line(prefix + buf.decode(errors="replace"))
 
 
+def _start(cmd: list[str], processes: int, address: str, out: "_Printer", what: str):
+    """Start the job's processes (process i with JAX_PROCESS_ID=i) and a thread each that prefixes and prints
+    its output; returns (processes, threads)."""
+    procs, threads = [], []
+    for i in range(processes):
+        env = dict(os.environ, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES=str(processes),
+                   JAX_PROCESS_ID=str(i), PYTHONUNBUFFERED="1")
+        env.setdefault("TQDM_MININTERVAL", "5")  # progress bars become log lines here: fewer of them
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             env=env, start_new_session=True)
+        procs.append(p)
+        out.line(f"[launch] process {i}/{processes}: pid {p.pid}, {what}, coordinator {address}")
+        t = threading.Thread(target=_pump, args=(p, f"[p{i}] ", out), daemon=True)
+        t.start()
+        threads.append(t)
+    return procs, threads
+
+
 def launch(processes: int, devices_per_process: int, args: list[str], *, module: str = "train",
            port: int = 0, grace: float = 10.0, stream=None) -> int:
     """Run the job; returns its exit code (see the module docstring)."""
@@ -79,20 +97,7 @@ def launch(processes: int, devices_per_process: int, args: list[str], *, module:
     address = f"127.0.0.1:{port or free_port()}"
     cmd = [sys.executable, "-m", module, *args, "--config.multiprocess=True",
            f"--config.cpu_devices={devices_per_process}"]
-    procs: list[subprocess.Popen] = []
-    threads = []
-    for i in range(processes):
-        env = dict(os.environ, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES=str(processes),
-                   JAX_PROCESS_ID=str(i), PYTHONUNBUFFERED="1")
-        env.setdefault("TQDM_MININTERVAL", "5")  # progress bars become log lines here: fewer of them
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             env=env, start_new_session=True)
-        procs.append(p)
-        out.line(f"[launch] process {i}/{processes}: pid {p.pid}, {devices_per_process} CPU devices, "
-                 f"coordinator {address}")
-        t = threading.Thread(target=_pump, args=(p, f"[p{i}] ", out), daemon=True)
-        t.start()
-        threads.append(t)
+    procs, threads = _start(cmd, processes, address, out, f"{devices_per_process} CPU devices")
 
     def forward(signum, frame):
         out.line(f"[launch] {signal.Signals(signum).name}: forwarding SIGTERM to all processes")

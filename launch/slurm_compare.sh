@@ -4,7 +4,7 @@
 #
 #   bash launch/slurm_compare.sh --config configs/compare_gpt3_xl.py [--config.*=...]
 #   DRY_RUN=1 bash launch/slurm_compare.sh --config configs/compare_gpt3_xl.py   # print, submit nothing
-#   python -m train.compare --config configs/compare_gpt3_xl.py report           # table and verdicts so far
+#   python -m tools.compare --config configs/compare_gpt3_xl.py report           # table and verdicts so far
 #
 # The first invocation submits the learning-rate sweeps; each seed run is planned once its optimizer's
 # sweep has finished, so invoke it again then (e.g. from cron, or after the sweep jobs end): it submits
@@ -13,11 +13,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-plan_json=$(python -m train.compare "$@" plan | sed -n 's/^plan written to //p')
+plan_json=$(python -m tools.compare "$@" plan | sed -n 's/^plan written to //p')
 submitted="$(dirname "${plan_json}")/submitted.txt"
 touch "${submitted}"
 
-# one line per run to submit: name, then the run's arguments for `python -m train.compare`
+# one line per run to submit: name, then the run's arguments for `python -m tools.compare`
 runs=$(python -m launch.compare_runs "${plan_json}" --exclude "${submitted}")
 if [[ -z "${runs}" ]]; then
   echo "nothing to submit: every planned run is done or submitted (see ${submitted})"
@@ -27,7 +27,7 @@ fi
 read -r -a extra <<< "${SBATCH_ARGS:-}"
 while read -r name args; do
   eval "run_args=(${args})"
-  cmd=(sbatch --job-name="${name}" "--export=ALL,TRAIN_MODULE=train.compare" "${extra[@]}" launch/slurm.sbatch
+  cmd=(sbatch --job-name="${name}" "--export=ALL,TRAIN_MODULE=tools.compare" "${extra[@]}" launch/slurm.sbatch
        "${run_args[@]}")
   if [[ -n "${DRY_RUN:-}" ]]; then
     printf '%q ' "${cmd[@]}"

@@ -11,7 +11,7 @@
 #   TPU_NAMES="v5p-128-a v5p-128-b" ZONE=us-east5-a bash launch/tpu_compare.sh \
 #       --config configs/compare_gpt3_xl.py --config.workdir=gs://my-bucket/compare_gpt3_xl
 #   DRY_RUN=1 TPU_NAMES=... ZONE=... bash launch/tpu_compare.sh ...   # print each slice's runs planned now
-#   python -m train.compare --config configs/compare_gpt3_xl.py --config.workdir=... report
+#   python -m tools.compare --config configs/compare_gpt3_xl.py --config.workdir=... report
 #
 # The workdir must be storage that every host and this machine share (a GCS bucket), and the repository
 # must be installed on every host (see launch/tpu_pod.sh). Run this where it may keep running (tmux, a VM).
@@ -24,14 +24,14 @@ read -r -a slices <<< "${TPU_NAMES}"
 n=${#slices[@]}
 
 plan() {
-  python -m train.compare "$@" plan | sed -n 's/^plan written to //p'
+  python -m tools.compare "$@" plan | sed -n 's/^plan written to //p'
 }
 
-run_on_slice() {  # slice index, then the run's train.compare arguments (shell-quoted)
+run_on_slice() {  # slice index, then the run's tools.compare arguments (shell-quoted)
   local i=$1 args=$2
   local -a run_args
   eval "run_args=(${args})"
-  TPU_NAME="${slices[$i]}" TRAIN_MODULE=train.compare bash launch/tpu_pod.sh "${run_args[@]}"
+  TPU_NAME="${slices[$i]}" TRAIN_MODULE=tools.compare bash launch/tpu_pod.sh "${run_args[@]}"
 }
 
 if [[ -n "${DRY_RUN:-}" ]]; then

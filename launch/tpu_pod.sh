@@ -15,7 +15,7 @@ set -euo pipefail
 : "${ZONE:?set ZONE to the TPU zone}"
 REPO_DIR="${REPO_DIR:-~/celo2-harness}"
 
-# TRAIN_MODULE=train.compare runs one run of a comparison instead (launch/tpu_compare.sh sets it).
+# TRAIN_MODULE=tools.compare runs one run of a comparison instead (launch/tpu_compare.sh sets it).
 train_args=$(printf '%q ' python -m "${TRAIN_MODULE:-train}" "$@" --config.multiprocess=True --config.cpu_devices=0)
 remote="cd ${REPO_DIR} && ${train_args}"
 cmd=(gcloud compute tpus tpu-vm ssh "${TPU_NAME}" --zone="${ZONE}" --worker=all --command="${remote}")

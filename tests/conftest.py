@@ -1,7 +1,7 @@
 """Test setup: the CPU platform with 8 simulated devices and exact float32 matmuls, before any JAX backend starts."""
 import jax
 
-jax.config.update("jax_platforms", "cpu")  # also where libtpu is installed (train.plan compiles for TPUs with it)
+jax.config.update("jax_platforms", "cpu")  # also where libtpu is installed (tools.plan compiles for TPUs with it)
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
 

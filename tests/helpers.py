@@ -5,6 +5,7 @@ import numpy as np
 from configs.base import base_config
 from configs.cpu_tiny import get_config as cpu_tiny_config
 from train.build import build_run
+from train.config import load_config
 
 VOCAB = 256
 
@@ -50,7 +51,7 @@ def tiny_run(opt_cfg, mesh_shape, steps=20, batch_size=8, seq_len=32, microbatch
     cfg.model.update(name=model, vocab_size=VOCAB, vocab_multiple=1)
     cfg.mesh.update(dict(zip(("data", "fsdp", "tensor"), mesh_shape)))
     cfg.update(steps=steps, batch_size=batch_size, seq_len=seq_len, microbatches=microbatches, optimizer=opt_cfg)
-    return build_run(cfg, jax.devices()[:int(np.prod(mesh_shape))])
+    return build_run(load_config(cfg), jax.devices()[:int(np.prod(mesh_shape))])
 
 
 def run_steps(mesh_shape, opt_cfg, batches, microbatches=1, model="cpu-tiny", steps_total=20):

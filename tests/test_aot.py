@@ -2,13 +2,16 @@
 ahead of time against abstract shapes: nothing is allocated, so big presets can be checked on a CPU."""
 import pytest
 
-from train.bench import _parse, bench_preset
+from configs.bench import get_config
+from tools.bench import bench_preset
 
 
 def _aot(preset, remat, vocab, seq_len, batch, mesh=(1, 4, 2)):
-    args = _parse(["--batch_size", str(batch), "--seq_len", str(seq_len), "--vocab_size", str(vocab),
-                   "--compute_dtype", "bfloat16", "--remat", remat, "--mesh", ",".join(map(str, mesh))])
-    return bench_preset(preset, args, timed=False)
+    cfg = get_config()
+    cfg.update(batch_size=batch, seq_len=seq_len)
+    cfg.model.update(vocab_size=vocab, compute_dtype="bfloat16", remat=remat)
+    cfg.mesh.update(dict(zip(("data", "fsdp", "tensor"), mesh)))
+    return bench_preset(cfg, preset, timed=False)
 
 
 @pytest.mark.parametrize("remat", ["full", "dots_no_batch"])

@@ -21,6 +21,7 @@ from models import GPT, MESH_AXES, attend, model_config
 from models import attention as models_attention
 from models import gpt as gpt_module
 from train.build import Run, build_model_config, build_run
+from train.config import load_config
 
 # quiet libtpu's logs (if installed, it loads with the first backend; its start-up warnings about
 # TPU_WORKER_HOSTNAMES on a host without TPUs are printed regardless and are harmless)
@@ -174,7 +175,7 @@ def _cfg(**model):
     ("tpu", dict(attention="xla"), "xla"),  # an explicit choice is kept
 ])
 def test_auto_attention_follows_the_platform(platform, model, expected):
-    assert build_model_config(_cfg(**model), None, platform).attention == expected
+    assert build_model_config(_cfg(**model), platform).attention == expected
 
 
 def test_run_resolves_attention_from_its_devices():
@@ -187,8 +188,8 @@ def test_fused_attention_needs_whole_blocks():
     cfg = _cfg()
     cfg.seq_len = 200
     with pytest.raises(ValueError, match=r"attention='splash' needs a sequence length that is a multiple of 128"):
-        build_model_config(cfg, None, "tpu")
-    assert build_model_config(cfg, None, "cpu").attention == "xla"
+        build_model_config(cfg, "tpu")
+    assert build_model_config(cfg, "cpu").attention == "xla"
     q, k, v = _qkv(1, 200, 1, 8, jnp.float32)
     with pytest.raises(ValueError, match="multiple of 128"):
         attend(q, k, v, None, impl="pallas_gpu", interpret=True)
@@ -205,7 +206,7 @@ def test_splash_train_step_compiles_for_tpu(tmp_path):
     cfg = _cfg(compute_dtype="bfloat16", remat="full")
     cfg.update(workdir=str(tmp_path), batch_size=4, seq_len=256)
     cfg.mesh.update(data=1, fsdp=2, tensor=2)
-    run = build_run(cfg, devices)
+    run = build_run(load_config(cfg), devices)
     assert run.model_cfg.attention == "splash"
     batch = {k: jax.ShapeDtypeStruct((4, 256), jnp.float32 if k == "loss_mask" else jnp.int32,
                                      sharding=run.batch_sharding)

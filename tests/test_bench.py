@@ -1,4 +1,4 @@
-"""train.bench's matmul ceiling: the step's matmuls add up to the model's FLOPs, and the bench reports them."""
+"""tools.bench's matmul ceiling: the step's matmuls add up to the model's FLOPs, and the bench reports them."""
 import json
 import subprocess
 import sys
@@ -7,7 +7,7 @@ import pytest
 
 from models import count_params, model_config
 from train.flops import flops_per_token
-from train.matmul_ceiling import step_products
+from tools.matmul_ceiling import step_products
 
 # model FLOPs count every parameter but the positions 6 times per token; the matmuls leave out the LayerNorm
 # scales and shifts and the biases, 13 D per layer (cpu-small: 0.3% of its parameters)
@@ -24,9 +24,9 @@ def test_step_matmuls_add_up_to_the_model_flops(preset, seq_len, vocab):
 
 
 def test_bench_reports_the_matmul_ceiling(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "train.bench", "--presets", "cpu-tiny", "--optimizers", "",
-                          "--data", "", "--batch_size", "2", "--seq_len", "64", "--steps", "1", "--matmuls",
-                          "--json", str(tmp_path / "b.json")], capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-m", "tools.bench", "--presets", "cpu-tiny", "--optimizers", "",
+                          "--config.data.dir=", "--config.batch_size=2", "--config.seq_len=64", "--steps", "1",
+                          "--matmuls", "--json", str(tmp_path / "b.json")], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "attention q k^T" in out.stdout and "MFU ceiling with nothing else taking time" in out.stdout
     row = json.loads((tmp_path / "b.json").read_text())["presets"][0]
@@ -34,7 +34,8 @@ def test_bench_reports_the_matmul_ceiling(tmp_path):
 
 
 def test_bench_matmuls_need_one_device():
-    out = subprocess.run([sys.executable, "-m", "train.bench", "--presets", "cpu-tiny", "--optimizers", "",
-                          "--data", "", "--cpu_devices", "2", "--mesh", "2,1,1", "--batch_size", "2", "--seq_len",
-                          "64", "--steps", "1", "--matmuls"], capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-m", "tools.bench", "--presets", "cpu-tiny", "--optimizers", "",
+                          "--config.data.dir=", "--config.cpu_devices=2", "--config.mesh.data=2",
+                          "--config.mesh.tensor=1", "--config.batch_size=2", "--config.seq_len=64", "--steps", "1",
+                          "--matmuls"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 2 and "--matmuls times the whole step's matmuls on one device" in out.stderr

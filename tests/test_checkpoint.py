@@ -389,8 +389,9 @@ def test_init_from_takes_params_only(name, data_dir, tmp_path_factory, tmp_path)
     # its first loss is that of the source's final params on batch 0 (a fresh model's is ~ln(512) = 6.2)
     from infra.checkpoint import restore_params
     from train.build import build_run
+    from train.config import load_config, with_dataset
 
-    run = build_run(cfg)
+    run = build_run(with_dataset(load_config(cfg), data.load_info(data_dir).vocab_size))
     step, params = restore_params(str(src), run.layout.abstract.params)
     assert step == STEPS
     batch = next(data.train_iterator(data_dir, seq_len=32, global_batch_size=8, seed=0, num_threads=1))

@@ -5,7 +5,7 @@ import pytest
 
 from configs.compare import compare_fields
 from configs.cpu_tiny import get_config
-from train.compare import Comparison, steps_to_reach, verdict, welch_interval
+from tools.compare import Comparison, steps_to_reach, verdict, welch_interval
 
 
 def small_comparison(workdir, data_dir):
@@ -86,7 +86,7 @@ def test_welch_interval_matches_the_textbook_formula():
 
 
 def test_plan_run_and_report_on_a_half_done_comparison(tmp_path, shakespeare):
-    from train.compare import plan
+    from tools.compare import plan
 
     cfg = small_comparison(tmp_path / "cmp", shakespeare)
     comp = Comparison(cfg)
@@ -113,7 +113,7 @@ def test_plan_run_and_report_on_a_half_done_comparison(tmp_path, shakespeare):
 
 def test_train_seconds_sum_step_times_and_leave_out_compilation(tmp_path):
     from infra.metrics import MetricsLogger
-    from train.compare import _seconds_at, _train_seconds
+    from tools.compare import _seconds_at, _train_seconds
 
     log = MetricsLogger(str(tmp_path), 10, 0, progress=False)
     log.write(10, {"loss": 5.0})  # first row after a start: its time includes compilation, no step_time

@@ -161,7 +161,7 @@ def test_metrics_row_being_written_is_not_read_and_a_cut_row_is_dropped(tmp_path
 @pytest.mark.parametrize("args,message", [
     (["-m", "train", "--config", "configs/cpu_tiny.py", "--config.optimizer.lrr=1"], 'Did you mean "lr"'),
     (["-m", "train", "--config", "configs/no_such_preset.py"], "no_such_preset.py"),
-    (["-m", "train.sample", "--workdir", "/nonexistent/run"], "has no config.json"),
+    (["-m", "tools.sample", "--workdir", "/nonexistent/run"], "has no config.json"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(args, message):
     import subprocess
@@ -202,7 +202,7 @@ def test_a_stopped_comparison_run_stops_the_comparison_resumably(tmp_path, monke
     and records no result for that run, so the next invocation resumes it."""
     import train.loop
     from tests.test_compare import small_comparison
-    from train.compare import Comparison, Stopped
+    from tools.compare import Comparison, Stopped
 
     monkeypatch.setattr(train.loop, "train", lambda cfg: {"stopped_early": True, "step": 2})
     comparison = Comparison(small_comparison(tmp_path / "cmp", tmp_path / "data"))

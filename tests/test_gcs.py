@@ -25,13 +25,13 @@ from train.loop import train  # noqa: E402
 
 
 def test_uris_stay_uris(data_dir):
-    from train.build import resolve_config
+    from train.config import load_config
 
     assert is_uri("gs://b/run") and not is_uri("runs/x") and not is_uri("/abs/gs:/b")
     assert resolve("gs://b/run/") == "gs://b/run" and resolve("runs/x") == os.path.abspath("runs/x")
     assert join("gs://b/run", "checkpoints", "3") == "gs://b/run/checkpoints/3"
     cfg = make_config("gs://b/runs/x", data_dir)
-    assert resolve_config(cfg).workdir == "gs://b/runs/x"  # not <cwd>/gs:/b/runs/x
+    assert load_config(cfg).workdir == "gs://b/runs/x"  # not <cwd>/gs:/b/runs/x
 
 
 def test_gs_workdir_kill_9_and_resume(gcs, data_dir, tmp_path_factory, capsys):

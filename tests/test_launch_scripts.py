@@ -66,7 +66,7 @@ def test_slurm_compare_submits_each_planned_run_once(tmp_path):
                                        text=True, check=True).stdout.replace(" \n", "\n").strip().splitlines()
     lines = run(DRY_RUN="1", SBATCH_ARGS="--nodes=8")
     assert len(lines) == 17  # 3 + 3 + 3 + 3 + 5 learning rates, seed 0
-    assert lines[0].startswith(r"sbatch --job-name=adamw_lr0.003_s0 --export=ALL\,TRAIN_MODULE=train.compare "
+    assert lines[0].startswith(r"sbatch --job-name=adamw_lr0.003_s0 --export=ALL\,TRAIN_MODULE=tools.compare "
                                r"--nodes=8 launch/slurm.sbatch --config ")
     assert lines[0].endswith(r"--config.workdir=" + str(workdir).replace(" ", r"\ ") + " run adamw_lr0.003_s0")
     assert not (workdir / "submitted.txt").read_text()  # a dry run records nothing
@@ -97,14 +97,14 @@ def _remote_run(gcloud_line: str) -> tuple[str, str]:
 
     words = shlex.split(gcloud_line)
     remote = shlex.split(next(w for w in words if w.startswith("--command="))[len("--command="):])
-    assert remote[3:6] == ["python", "-m", "train.compare"], remote
+    assert remote[3:6] == ["python", "-m", "tools.compare"], remote
     return words[5], remote[remote.index("run") + 1]
 
 
 def test_tpu_compare_spreads_runs_over_slices_and_follows_sweeps_with_seeds(tmp_path):
     """Dry run: every planned sweep run once, on one of the slices, through tpu_pod.sh. Then, with a
     stand-in ``gcloud`` on PATH (no TPU here) that records each command and marks its run done the way
-    ``train.compare run`` does, the script works through the sweeps, then the seed runs of the best lr,
+    ``tools.compare run`` does, the script works through the sweeps, then the seed runs of the best lr,
     and ends when nothing is left."""
     import sys
 

@@ -51,11 +51,11 @@ def test_chunked_loss_never_holds_the_whole_logits():
 
 def test_loss_chunk_must_divide_the_sequence(tmp_path):
     from configs.cpu_tiny import get_config
-    from train.build import build_run
+    from train.config import load_config
 
     cfg = get_config()
     cfg.workdir = str(tmp_path)
     cfg.loss_chunk = 48
     cfg.seq_len = 64
     with pytest.raises(ValueError, match="loss_chunk=48 must be 0 .* divisor of seq_len=64"):
-        build_run(cfg)
+        load_config(cfg)

@@ -1,4 +1,4 @@
-"""train.plan: topology names, the analytic memory model, fit suggestions, and the command on a TPU topology
+"""tools.plan: topology names, the analytic memory model, fit suggestions, and the command on a TPU topology
 (compiled deviceless through libtpu, in a subprocess) and on GPUs (analytic)."""
 import importlib.util
 import json
@@ -9,9 +9,10 @@ import pytest
 
 from configs.base import base_config
 from train.build import build_run
-from train.memory import estimate
-from train.plan import candidates, make_plan, tpu_topology
-from train.plan_table import table_line
+from train.config import load_config
+from tools.memory import estimate
+from tools.plan import candidates, make_plan, tpu_topology
+from tools.plan_table import table_line
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 
@@ -37,7 +38,7 @@ def _cfg(model="gpt3-xl", batch=512, seq=2048, remat="full", microbatches=1, los
     c.update(batch_size=batch, seq_len=seq, microbatches=microbatches, loss_chunk=loss_chunk, cpu_devices=0)
     c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
     c.optimizer.name = optimizer
-    return c
+    return load_config(c)
 
 
 def test_state_bytes_are_exact_shards_of_the_layout():
@@ -82,7 +83,7 @@ def _plan_cli(*args, env_extra=None, timeout=600):
     import os
 
     env = {**os.environ, **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "train.plan", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "tools.plan", *args], capture_output=True, text=True, env=env,
                           timeout=timeout)
 
 

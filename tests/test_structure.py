@@ -1,13 +1,23 @@
-"""The code's structure: dependencies point one way, a run is assembled in one place, functions stay short."""
+"""The code's structure (docs/architecture.md#layers): dependencies point one way, the trainer imports none of
+the instruments, a run is assembled in one place, functions stay short, every documentation reference
+resolves, and a run's config is resolved when it is loaded."""
 import ast
+import json
 import pathlib
+import re
+import subprocess
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PACKAGES = ("infra", "models", "optim", "data", "train", "launch", "configs")
-# which of our packages each may import (design.md): infra and configs nothing; models, optim, data only infra
+PACKAGES = ("infra", "models", "optim", "data", "train", "tools", "launch", "configs")
+# which of our packages each may import: infra and configs nothing; models, data only infra; optim infra and
+# models; the trainer those; the instruments (tools) the trainer and everything under it; launch runs commands
 ALLOWED = {"infra": set(), "configs": set(), "models": {"infra"}, "optim": {"infra", "models"},
            "data": {"infra"}, "train": {"infra", "models", "optim", "data", "configs"},
-           "launch": {"infra", "train", "configs"}}
+           "tools": {"infra", "models", "optim", "data", "train", "configs"},
+           "launch": {"infra", "train", "tools", "configs"}}
+MAX_FUNCTION_LINES = 60
 
 
 def _modules() -> dict[str, pathlib.Path]:
@@ -87,10 +97,88 @@ def test_a_run_is_assembled_in_one_place():
     assert callers == {"train.build"}, callers
 
 
-def test_functions_in_train_are_short():
+def test_the_trainer_imports_none_of_the_instruments():
+    graph = _imports(_modules())
+    reaching = [f"{m} -> {t}" for m, ts in graph.items() for t in ts
+                if m.split(".")[0] == "train" and t.split(".")[0] == "tools"]
+    assert not reaching, reaching
+
+
+def test_no_function_is_long():
     long = []
-    for path in (ROOT / "train").rglob("*.py"):
+    for path in _modules().values():
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
-                long.append(f"{path.name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+            lines = getattr(node, "end_lineno", 0) - getattr(node, "lineno", 0) + 1
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and lines > MAX_FUNCTION_LINES:
+                long.append(f"{path.relative_to(ROOT)}:{node.name} ({lines} lines)")
     assert not long, long
+
+
+def _tracked_text_files():
+    names = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    return [ROOT / n for n in names if n.endswith((".py", ".md", ".sh", ".sbatch", ".toml", ".cfg", ".txt"))
+            and (ROOT / n).exists()]
+
+
+def _slug(heading: str) -> str:
+    """A markdown heading's anchor as GitHub makes it."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_documentation_references_resolve():
+    """A reference to the project's documents (``docs/<file>.md#<anchor>``) names a file and a heading that
+    exist; no reference points at a document the repository does not hold (a specification's sections, the
+    team's design notes)."""
+    anchors = {}
+    for doc in (ROOT / "docs").glob("*.md"):
+        anchors[f"docs/{doc.name}"] = {_slug(line.lstrip("#")) for line in doc.read_text().splitlines()
+                                       if line.startswith("#")}
+    broken, foreign = [], []
+    for path in _tracked_text_files():
+        text = path.read_text(errors="replace")
+        for doc, anchor in re.findall(r"(docs/[\w.-]+\.md)(?:#([\w-]+))?", text):
+            if doc not in anchors or (anchor and anchor not in anchors[doc]):
+                broken.append(f"{path.relative_to(ROOT)}: {doc}#{anchor}")
+        if path.suffix != ".md" or path.parent.name != "docs":
+            foreign += [f"{path.relative_to(ROOT)}: {m}" for m in
+                        re.findall(r"\bspec [A-H]\.?\d*|design\.md|celo2_spec", text)]
+    assert not broken, broken
+    assert not foreign, foreign
+
+
+def test_every_optimizer_name_is_a_config_key():
+    """One spelling per optimizer: its registry name is its config section and its ``compare.lrs`` key, and
+    both can be set from the command line."""
+    from ml_collections import config_flags
+    from absl import flags
+
+    from optim.registry import REGISTRY
+    from tools.compare import Comparison
+
+    for name in REGISTRY:
+        fv = flags.FlagValues()
+        config_flags.DEFINE_config_file("config", str(ROOT / "configs" / "compare_cpu.py"), flag_values=fv)
+        fv(["prog", f"--config.optimizer.name={name}", f"--config.compare.optimizers={name}",
+            f"--config.compare.lrs.{name}=1e-3,2e-3"])
+        cfg = fv.config
+        assert name in cfg.optimizer, f"no optimizer.{name} section"
+        assert Comparison(cfg).sweep == {name: [1e-3, 2e-3]}
+
+
+def test_a_default_runs_config_json_holds_the_values_it_used(tmp_path, shakespeare):
+    from configs.cpu_tiny import get_config
+    from optim.registry import get
+    from train.loop import train
+
+    cfg = get_config()
+    cfg.update(workdir=str(tmp_path / "run"), steps=1, log_every=1, eval_every=1, eval_batches=1, checkpoint_every=1,
+               cpu_devices=1, seq_len=32)
+    cfg.data.dir = shakespeare
+    cfg.mesh.update(dict(data=2, fsdp=2, tensor=2))
+    cfg.optimizer.warmup_steps = 0
+    assert cfg.optimizer.lr == 0 and cfg.model.vocab_size == 0  # the defaults: the optimizer's and the tokenizer's
+    train(cfg)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["optimizer"]["lr"] == get("adamw").default_lr
+    assert saved["model"]["vocab_size"] == 4096
+    assert saved["workdir"] == str(tmp_path / "run")

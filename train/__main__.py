@@ -33,9 +33,10 @@ def main(argv) -> None:
     if "note" in summary:
         print(summary["note"])
         return
-    msg = (f"done: step {summary['step']}, train loss {summary.get('loss', float('nan')):.4f}, "
-           f"eval loss {summary.get('eval_loss', float('nan')):.4f} (unigram entropy "
-           f"{summary['unigram_entropy']:.4f}); outputs in {resolve(cfg.workdir)}")
+    losses = ", ".join(f"{name} {summary[key]:.4f}" for key, name in (("loss", "train loss"), ("eval_loss", "eval loss"))
+                       if key in summary)  # a run stopped before its first evaluation has no eval loss
+    msg = (f"done: step {summary['step']}, {losses} (unigram entropy {summary['unigram_entropy']:.4f}); outputs in "
+           f"{resolve(cfg.workdir)}")
     if "plot" in summary:
         msg += f" (plot: {summary['plot']})"
     print(("stopped early and checkpointed; rerun the same command to resume. " if summary["stopped_early"]

@@ -1,16 +1,16 @@
-"""The one place where a run is assembled from its config:
+"""The one place where a run is assembled from its loaded config (``train.config.load_config``):
 
-    config -> dataset -> model config -> mesh -> optimizer -> layout (shapes, shardings) -> jitted steps
+    config + dataset -> model config -> mesh -> optimizer -> layout (shapes, shardings) -> jitted steps
 
-``build_run(cfg)`` checks the config and returns a ``Run`` whose parts are built on first use, so that
-sampling (model and parameters only), the benchmark (no dataset) and training (everything) take what they
-need from the same object. Every check of a config that cannot work (mesh, heads, batch, divisibility,
-context, vocabulary) happens while the parts are built, before anything is compiled.
+``build_run(cfg, dataset=...)`` returns a ``Run`` whose parts are built on first use, so that sampling (model
+and parameters only), the benchmark and planning (no dataset) and training (everything) take what they need
+from the same object. Preparing the dataset is the caller's explicit step (``prepare_dataset``): no part of
+a ``Run`` reads or writes data it was not given. Every check of a config that cannot work (mesh, heads,
+batch, divisibility, context, vocabulary) happens while the parts are built, before anything is compiled.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from functools import cached_property
 
@@ -18,16 +18,13 @@ import jax
 import numpy as np
 
 import data
-from infra.files import resolve
 from models import check_attention_length, count_params, model_config, resolve_attention
 from optim.registry import make_optimizer
 from train import mesh as mesh_lib
+from train.config import padded_vocab
 from train.flops import flops_per_token
 from train.state import init_state, make_layout, params_layout, state_from_params
 from train.step import batch_sharding, make_eval_step, make_train_step
-
-POSITIVE = ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches", "checkpoint_every")
-
 
 def setup_platform(cfg) -> None:
     """Must run before JAX starts its backends: simulated CPU devices and multi-process init.
@@ -50,28 +47,22 @@ def setup_platform(cfg) -> None:
         jax.distributed.initialize(**kwargs)
 
 
-def resolve_config(cfg):
-    """The config as the run uses it (local paths made absolute, URIs such as gs://bucket/run kept), as saved
-    in config.json and checkpoints."""
-    cfg = cfg.copy_and_resolve_references()
-    with cfg.unlocked():
-        cfg.workdir = resolve(cfg.workdir)
-        cfg.data.dir = resolve(cfg.data.dir)
-        if cfg.init_from:
-            cfg.init_from = resolve(cfg.init_from)
-    return cfg
+def prepare_dataset(cfg) -> data.DatasetInfo:
+    """The dataset of ``cfg.data``: prepared now (tokenizer trained, shards written) unless ``data.dir``
+    already holds it."""
+    c = cfg.data
+    return data.ensure_prepared(c.dir, corpus=c.corpus, vocab_size=c.vocab_size)
 
 
-def build_model_config(cfg, tokenizer_vocab: int | None, platform: str):
-    """The model of ``cfg.model``; its vocabulary is ``model.vocab_size`` or the tokenizer's, padded to a
-    multiple of ``model.vocab_multiple``; ``model.attention="auto"`` picks the kernel for ``platform`` (the
-    devices' ``.platform``: "cpu", "gpu" or "tpu"; see ``models.attention.resolve_attention``)."""
+def build_model_config(cfg, platform: str):
+    """The model of ``cfg.model`` with ``model.vocab_size`` padded to a multiple of ``model.vocab_multiple``;
+    ``model.attention="auto"`` picks the kernel for ``platform`` (the devices' ``.platform``: "cpu", "gpu" or
+    "tpu"; see ``models.attention.resolve_attention``)."""
     m = cfg.model
-    vocab = m.vocab_size or tokenizer_vocab
-    if m.vocab_multiple > 1:
-        vocab = math.ceil(vocab / m.vocab_multiple) * m.vocab_multiple
-    if tokenizer_vocab is not None and vocab < tokenizer_vocab:
-        raise ValueError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer_vocab}")
+    if m.vocab_size < 1:
+        raise ValueError(f"model.vocab_size={m.vocab_size}: 0 takes the tokenizer's vocabulary, which only a "
+                         "prepared dataset knows (train.config.with_dataset); set --config.model.vocab_size")
+    vocab = padded_vocab(m.vocab_size, m.vocab_multiple)
     attention = resolve_attention(m.attention, platform, m.document_mask, m.compute_dtype)
     model_cfg = model_config(m.name, vocab_size=vocab, compute_dtype=m.compute_dtype, remat=m.remat,
                              dropout=m.dropout, document_mask=m.document_mask, attention=attention)
@@ -83,23 +74,24 @@ def build_model_config(cfg, tokenizer_vocab: int | None, platform: str):
 
 @dataclasses.dataclass
 class Run:
-    """A run's parts, each built (and checked) on first use. ``cfg`` is the resolved config; ``devices`` the
-    devices to run on (default all; a number: that many devices that are not here, see ``build_mesh``)."""
+    """A run's parts, each built (and checked) on first use. ``cfg`` is the loaded config; ``devices`` the
+    devices to run on (default all; a number: that many devices that are not here, see ``build_mesh``);
+    ``dataset`` the prepared data that training and evaluation read (None: a run that reads no data)."""
     cfg: object
     devices: list | int | None = None
     platform: str = ""  # of devices given as a number ("gpu", "tpu"); otherwise the devices' own
+    dataset: data.DatasetInfo | None = None
 
-    @cached_property
+    @property
     def data(self) -> data.DatasetInfo:
-        """The prepared dataset (prepared on first use)."""
-        c = self.cfg.data
-        return data.ensure_prepared(c.dir, corpus=c.corpus, vocab_size=c.vocab_size)
+        if self.dataset is None:
+            raise ValueError("this run was built without a dataset (build_run(..., dataset=prepare_dataset(cfg)))")
+        return self.dataset
 
     @cached_property
     def model_cfg(self):
-        """The model; the dataset is only consulted when ``model.vocab_size`` is 0 (the tokenizer's)."""
         platform = self.platform or (jax.devices() if self.devices is None else self.devices)[0].platform
-        return build_model_config(self.cfg, None if self.cfg.model.vocab_size else self.data.vocab_size, platform)
+        return build_model_config(self.cfg, platform)
 
     @cached_property
     def mesh(self):
@@ -159,9 +151,8 @@ class Run:
         return flops_per_token(self.n_params, m.n_layers, m.d_model, m.ctx, self.cfg.seq_len) * self.tokens_per_step
 
     def check(self) -> "Run":
-        """Build every part that a bad config makes fail (optimizer, dataset, model, mesh, layout), so that
-        it fails now, before anything is written or compiled; the optimizer first, before a corpus is
-        prepared."""
+        """Build every part that a bad config makes fail (optimizer, model, mesh, layout), so that it fails
+        now, before anything is written or compiled."""
         self.optimizer
         self.layout  # building the layout builds and checks everything before it
         return self
@@ -194,17 +185,9 @@ class Run:
             process_count=jax.process_count(), max_batches=max_batches)]
 
 
-def build_run(cfg, devices=None, platform: str = "") -> Run:
-    """The run described by ``cfg`` on ``devices`` (default: all; a number: that many devices of ``platform``
-    that are not here). Step counts must be positive."""
-    if not str(cfg.workdir).strip():
-        raise ValueError("workdir is empty: set --config.workdir to the run's directory")
-    for name in POSITIVE:
-        if int(cfg[name]) < 1:
-            raise ValueError(f"{name}={cfg[name]} must be a positive integer")
-    if cfg.loss_chunk < 0 or (cfg.loss_chunk and cfg.seq_len % cfg.loss_chunk):
-        raise ValueError(f"loss_chunk={cfg.loss_chunk} must be 0 (no chunking) or a positive divisor of "
-                         f"seq_len={cfg.seq_len}")
+def build_run(cfg, devices=None, platform: str = "", dataset: data.DatasetInfo | None = None) -> Run:
+    """The run described by the loaded ``cfg`` on ``devices`` (default: all; a number: that many devices of
+    ``platform`` that are not here), reading ``dataset``."""
     if isinstance(devices, int) and not platform:
         raise ValueError("devices given as a number need their platform (gpu, tpu)")
-    return Run(resolve_config(cfg), devices, platform)
+    return Run(cfg, devices, platform, dataset)

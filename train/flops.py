@@ -13,7 +13,7 @@ GiB = 2**30
 @dataclasses.dataclass(frozen=True)
 class Chip:
     """An accelerator chip from its datasheet: memory and dense bfloat16 peak FLOP/s, per chip."""
-    name: str  # as given on the command line (train.plan --topology v5p:... / --gpu h100)
+    name: str  # as given on the command line (tools.plan --topology v5p:... / --gpu h100)
     device_kinds: tuple[str, ...]  # jax's device_kind of the chip (TPU: exact; GPU: contained in it)
     hbm_bytes: float
     peak_flops: float

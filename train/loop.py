@@ -1,9 +1,12 @@
 """The training loop: batches -> sharded train step -> hooks (metrics, evaluation, checkpoints, plots).
 
-``train(config)`` runs (or resumes) the run described by ``config`` in ``config.workdir``. The loop itself
-(``Trainer.fit``) only steps and calls hooks; what happens every N steps is a hook added with
-``add_hook(fn, every=N)`` (called with the step and the train state) or ``add_metrics_hook(fn, every=N)``
-(called with the step's metrics on the host), as in Levanter's ``Trainer.add_hook``.
+``train(config)`` runs (or resumes) the run described by ``config`` in ``config.workdir``: it loads the config
+(``train.config``), prepares the dataset, builds the run and steps it. The loop itself (``Trainer.fit``) only
+steps and calls hooks; what happens every N steps is a hook added with ``add_hook(fn, every=N)`` (called
+with a ``StepInfo`` holding the step and the train state) or ``add_metrics_hook(fn, every=N)`` (a
+``StepInfo`` holding the step's metrics on the host), as in Levanter's ``Trainer.add_hook``. A hook returns
+a row of metrics (a dict) or None; the trainer writes every row to ``metrics.jsonl`` and TensorBoard and
+keeps the latest value of each key for the run's summary. Hooks share nothing else.
 
 A step's metrics are read one step late (after the next step is dispatched), so the loop never waits for the
 device; every step's loss is checked (a NaN/inf stops the run) before its state can be checkpointed.
@@ -16,7 +19,7 @@ import functools
 import json
 import math
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 
@@ -26,7 +29,8 @@ from infra.lease import WorkdirLease
 from infra.metrics import MetricsLogger
 from infra.preemption import StopAgreement, StopRequest
 from optim.registry import routing_table
-from train.build import Run, build_run
+from train.build import Run, build_run, prepare_dataset
+from train.config import load_config, with_dataset
 from train.flops import peak_flops
 from train.plots import plot_losses
 from train.resume import start_state
@@ -37,10 +41,21 @@ class NonFiniteLoss(RuntimeError):
 
 
 @dataclasses.dataclass(frozen=True)
+class StepInfo:
+    """What a hook is given: the number of steps done, and the train state after them (step hooks) or the
+    step's metrics on the host, checked finite (metrics hooks); ``hook_seconds``: the wall time spent in step
+    hooks so far, which is not training time."""
+    step: int
+    state: Any = None
+    metrics: dict | None = None
+    hook_seconds: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
 class Hook:
-    """``fn(step, x)`` after every ``every``-th step and after the last one; with ``on_stop`` also at the
-    step where the run stops early; with ``checked`` only once that step's loss has been checked."""
-    fn: Callable
+    """``fn(StepInfo) -> row or None`` after every ``every``-th step and after the last one; with ``on_stop``
+    also at the step where the run stops early; with ``checked`` only once that step's loss has been checked."""
+    fn: Callable[[StepInfo], dict | None]
     every: int
     on_stop: bool = False
     checked: bool = False
@@ -50,15 +65,16 @@ class Hook:
 
 
 class Trainer:
-    """Steps ``run``'s train step over its batches and calls the hooks; stops when the run is done, on a
-    signal (``stop``: every process stops after the same step) or after ``stop_at`` steps."""
+    """Steps ``run``'s train step over its batches and calls the hooks, writing the rows they return to
+    ``logger``; stops when the run is done, on a signal (``stop``: every process stops after the same step)
+    or after ``stop_at`` steps."""
 
-    def __init__(self, run: Run, stop: StopRequest, stop_at: int | None = None):
-        self.run, self.stop, self.stop_at = run, stop, stop_at
+    def __init__(self, run: Run, logger: MetricsLogger, stop: StopRequest, stop_at: int | None = None):
+        self.run, self.logger, self.stop, self.stop_at = run, logger, stop, stop_at
         self.hooks: list[Hook] = []
         self.metrics_hooks: list[Hook] = []
         self.stopping = False
-        self.last: dict = {}  # the last checked step: {"step", "loss", ...}
+        self.last: dict = {}  # the latest value of every key of the rows so far, and the last checked step
         self.hook_seconds = 0.0  # wall time spent in step hooks (evaluation, checkpoints, plots) so far
 
     def add_hook(self, fn: Callable, every: int, *, on_stop: bool = False, checked: bool = False) -> None:
@@ -66,6 +82,15 @@ class Trainer:
 
     def add_metrics_hook(self, fn: Callable, every: int) -> None:
         self.metrics_hooks.append(Hook(fn, every))
+
+    def _record(self, step: int, row: dict | None) -> None:
+        """Write a hook's row (and show a training row's loss and throughput on the progress bar)."""
+        if not row:
+            return
+        self.last.update(row)
+        self.logger.write(step, row)
+        if "loss" in row:
+            self.logger.progress(step, loss=row["loss"], tok_s=f"{row.get('tokens_per_sec', 0):.0f}")
 
     def _check(self, step: int, metrics) -> None:
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -76,7 +101,20 @@ class Trainer:
         self.last.update(step=step, **m)
         for hook in self.metrics_hooks:
             if hook.due(step, self.run.cfg.steps, False):
-                hook.fn(step, m)
+                self._record(step, hook.fn(StepInfo(step, metrics=m, hook_seconds=self.hook_seconds)))
+
+    def _call_hooks(self, done: int, state, pending):
+        """The step hooks due after ``done`` steps; returns the metrics still unchecked."""
+        for hook in self.hooks:
+            if hook.due(done, self.run.cfg.steps, self.stopping):
+                if hook.checked and pending is not None:
+                    self._check(*pending)
+                    pending = None
+                t0 = time.perf_counter()
+                row = hook.fn(StepInfo(done, state=state, hook_seconds=self.hook_seconds))
+                self.hook_seconds += time.perf_counter() - t0
+                self._record(done, row)
+        return pending
 
     def fit(self, state, start_step: int, batches):
         """Train from ``state`` at ``start_step``; returns the last state."""
@@ -94,14 +132,7 @@ class Trainer:
                 if step == start_step:  # waits for the first step (compilation); throughput is timed from here
                     self._check(*pending)
                     pending = None
-                for hook in self.hooks:
-                    if hook.due(done, last, self.stopping):
-                        if hook.checked and pending is not None:
-                            self._check(*pending)
-                            pending = None
-                        t0 = time.perf_counter()
-                        hook.fn(done, state)
-                        self.hook_seconds += time.perf_counter() - t0
+                pending = self._call_hooks(done, state, pending)
                 if self.stopping:
                     break
             if pending is not None:
@@ -109,29 +140,24 @@ class Trainer:
         return state
 
 
-class MetricsLog:
-    """The metrics hook: logged rows with throughput and MFU since the previous row, and any ``extra``
-    values other hooks left for the next row (e.g. a checkpoint's blocking time). The time the trainer spent
-    in its step hooks (evaluation, checkpoints, plots) is not training time and is left out of the rate."""
+class Throughput:
+    """The metrics hook: the step's metrics with throughput and MFU since the previous row. The time the
+    trainer spent in its step hooks (evaluation, checkpoints, plots) is not training time and is left out."""
 
-    def __init__(self, run: Run, logger: MetricsLogger, trainer: Trainer):
-        self.run, self.logger, self.trainer = run, logger, trainer
+    def __init__(self, run: Run):
+        self.run = run
         self.peak, self.peak_source = _peak_flops(run.mesh.devices.flat[0].device_kind, run.mesh.size)
         self.timer = None  # (time - hook time, step) of the previous row
-        self.extra: dict = {}
 
-    def __call__(self, step: int, m: dict) -> None:
-        now, row = time.perf_counter() - self.trainer.hook_seconds, dict(m)
+    def __call__(self, info: StepInfo) -> dict:
+        now, row = time.perf_counter() - info.hook_seconds, dict(info.metrics)
         if self.timer is not None:
-            dt = (now - self.timer[0]) / (step - self.timer[1])
+            dt = (now - self.timer[0]) / (info.step - self.timer[1])
             row.update(step_time=dt, tokens_per_sec=self.run.tokens_per_step / dt,
                        mfu=self.run.flops_per_step / dt / self.peak)
-        self.timer = (now, step)
-        row["tokens"] = step * self.run.tokens_per_step
-        row.update(self.extra)
-        self.extra.clear()
-        self.logger.write(step, row)
-        self.logger.progress(step, loss=row["loss"], tok_s=f"{row.get('tokens_per_sec', 0):.0f}")
+        self.timer = (now, info.step)
+        row["tokens"] = info.step * self.run.tokens_per_step
+        return row
 
 
 @functools.lru_cache(maxsize=None)
@@ -140,7 +166,7 @@ def _peak_flops(device_kind: str, n_devices: int):
     return peak_flops([d for d in jax.devices() if d.device_kind == device_kind][:1] * n_devices)
 
 
-def _header(run: Run, log: MetricsLog, origin: str) -> str:
+def _header(run: Run, log: Throughput, origin: str) -> str:
     m, mesh, info = run.model_cfg, run.mesh, run.data
     return (f"model {m.n_layers}L d{m.d_model} h{m.n_heads} vocab {m.vocab_size}: {run.n_params:,} params | mesh "
             f"{dict(mesh.shape)} on {mesh.size} {mesh.devices.flat[0].platform} devices, {jax.process_count()} "
@@ -149,7 +175,7 @@ def _header(run: Run, log: MetricsLog, origin: str) -> str:
             f"{run.cfg.workdir}" + (f" | {origin}" if origin else ""))
 
 
-def _evaluation(run: Run, trainer: Trainer, logger: MetricsLogger) -> Callable:
+def _evaluation(run: Run) -> Callable:
     """The evaluation hook: mean held-out loss over the first ``eval_batches`` held-out batches
     (``eval_loss``) and, after the last step, also over ``final_eval_batches`` of them, by default the whole
     held-out split (``eval_loss_full``: the number a comparison decides on; the periodic one is a sample)."""
@@ -164,24 +190,28 @@ def _evaluation(run: Run, trainer: Trainer, logger: MetricsLogger) -> Callable:
             total, count = total + float(loss_sum), count + float(n)
         return total / count
 
-    def evaluate(step: int, state) -> None:
-        row = {"eval_loss": mean_loss(state.params, eval_set), "tokens": step * run.tokens_per_step}
-        if step == run.cfg.steps:
-            row["eval_loss_full"] = mean_loss(state.params, run.eval_batches(run.cfg.final_eval_batches or None))
-        trainer.last.update({k: v for k, v in row.items() if k != "tokens"})
-        logger.write(step, row)
+    def evaluate(info: StepInfo) -> dict:
+        row = {"eval_loss": mean_loss(info.state.params, eval_set), "tokens": info.step * run.tokens_per_step}
+        if info.step == run.cfg.steps:
+            row["eval_loss_full"] = mean_loss(info.state.params,
+                                              run.eval_batches(run.cfg.final_eval_batches or None))
+        return row
 
     return evaluate
 
 
 def train(cfg, *, devices=None, stop_at: int | None = None) -> dict:
-    """Train (or resume) the run; returns the final {'step', 'loss', 'eval_loss', ...} summary.
+    """Train (or resume) the run of ``cfg`` (as given on the command line: it is loaded here); returns the
+    final {'step', 'loss', 'eval_loss', ...} summary.
 
     ``devices``: the devices of the mesh (default: all). ``stop_at``: behave as if preempted after this
     step (checkpoint and return), for tests and scripted interruptions.
     """
+    cfg = load_config(cfg)
     with StopRequest() as stop:
-        run = build_run(cfg, devices).check()
+        build_run(cfg, devices).optimizer  # a bad optimizer setting fails before a corpus is prepared
+        dataset = prepare_dataset(cfg)
+        run = build_run(with_dataset(cfg, dataset.vocab_size), devices, dataset=dataset).check()
         # one writer per workdir: process 0 holds the lease for the job
         with WorkdirLease(run.cfg.workdir) if jax.process_index() == 0 else contextlib.nullcontext():
             return _train(run, stop, stop_at)
@@ -203,23 +233,23 @@ def _train(run: Run, stop: StopRequest, stop_at: int | None) -> dict:
         makedirs(cfg.workdir)
         write_text(join(cfg.workdir, "config.json"), cfg.to_json_best_effort(indent=2))
     logger = MetricsLogger(cfg.workdir, cfg.steps, start_step)
-    trainer = Trainer(run, stop, stop_at)
-    log = MetricsLog(run, logger, trainer)
-    logger.print(_header(run, log, origin))
+    trainer = Trainer(run, logger, stop, stop_at)
+    throughput = Throughput(run)
+    logger.print(_header(run, throughput, origin))
     if run.optimizer.labels is not None:
         params = run.layout.abstract.params
         logger.print(f"{cfg.optimizer.name} routing:\n" + routing_table(params, run.optimizer.labels(params)))
 
-    def save(step: int, state) -> None:
-        ckpt.save(step, state, batches, saved_config, extra_meta)
-        log.extra["checkpoint_s"] = ckpt.last_save_blocking_s
+    def save(info: StepInfo) -> dict:
+        ckpt.save(info.step, info.state, batches, saved_config, extra_meta)
+        return {"checkpoint_s": ckpt.last_save_blocking_s}
 
-    def plot(step: int, state) -> None:  # loss.png, redrawn as the run goes
+    def plot(info: StepInfo) -> None:  # loss.png, redrawn as the run goes
         if jax.process_index() == 0:
-            trainer.last["plot"] = plot_losses(cfg.workdir, info.unigram_entropy_nats)
+            plot_losses(cfg.workdir, run.data.unigram_entropy_nats)
 
-    trainer.add_metrics_hook(log, cfg.log_every)
-    trainer.add_hook(_evaluation(run, trainer, logger), cfg.eval_every)
+    trainer.add_metrics_hook(throughput, cfg.log_every)
+    trainer.add_hook(_evaluation(run), cfg.eval_every)
     trainer.add_hook(save, cfg.checkpoint_every, on_stop=True, checked=True)
     trainer.add_hook(plot, cfg.eval_every, on_stop=True, checked=True)
     try:
@@ -236,8 +266,8 @@ def _train(run: Run, stop: StopRequest, stop_at: int | None) -> dict:
 
 
 def _summary(run: Run, trainer: Trainer, logger: MetricsLogger, ckpt: Checkpointer, durable_s: float) -> dict:
-    """Close the outputs, plot the losses and say how the run ended."""
-    last = {k: trainer.last[k] for k in ("step", "loss", "eval_loss", "eval_loss_full", "plot") if k in trainer.last}
+    """Close the outputs and say how the run ended (the loss plot is written by its hook at the last step)."""
+    last = {k: trainer.last[k] for k in ("step", "loss", "eval_loss", "eval_loss_full") if k in trainer.last}
     if trainer.stopping:
         why = (f"{trainer.stop.signal_name} received" if trainer.stop.signal_name else
                "stop requested by another process" if trainer.stop_at is None else
@@ -246,6 +276,8 @@ def _summary(run: Run, trainer: Trainer, logger: MetricsLogger, ckpt: Checkpoint
                f"{durable_s:.1f} s after the step); exiting")
         logger.print(msg) if jax.process_index() == 0 else print(msg, flush=True)
     logger.close()
+    if jax.process_index() == 0:
+        last["plot"] = join(run.cfg.workdir, "loss.png")
     last["unigram_entropy"] = run.data.unigram_entropy_nats
     last["stopped_early"] = last["step"] < run.cfg.steps
     last["checkpoint"] = ckpt.step_dir(last["step"])

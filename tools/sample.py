@@ -1,6 +1,6 @@
 """Generate text from a run's latest checkpoint.
 
-    python -m train.sample --workdir runs/default --prompt "ROMEO:" [--temperature 0.8 --top_k 40
+    python -m tools.sample --workdir runs/default --prompt "ROMEO:" [--temperature 0.8 --top_k 40
         --max_tokens 200 --seed 0 --checkpoint <step dir>]
 
 Reads the run's ``config.json`` (model and data dir), loads the tokenizer of the prepared data, restores
@@ -72,6 +72,7 @@ def sample(workdir: str, prompt: str, *, temperature: float = 0.8, top_k: int = 
     import data
     from infra.checkpoint import restore_params
     from train.build import build_run
+    from train.config import with_dataset
 
     cfg = ml_collections.ConfigDict(json.loads(read_text(join(workdir, "config.json"))))
     with cfg.unlocked():
@@ -79,8 +80,8 @@ def sample(workdir: str, prompt: str, *, temperature: float = 0.8, top_k: int = 
         cfg.model.remat, cfg.model.dropout, cfg.model.attention = "none", 0.0, "xla"
         cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
         cfg.batch_size, cfg.microbatches = 1, 1
-    run = build_run(cfg, [device or jax.devices()[0]])
-    run.data = info = data.load_info(cfg.data.dir)  # never prepares: the run's data exists
+    info = data.load_info(cfg.data.dir)  # never prepares: the run's data exists
+    run = build_run(with_dataset(cfg, info.vocab_size), [device or jax.devices()[0]], dataset=info)
     tok = info.tokenizer
     model_cfg = run.model_cfg
     graphdef, _, abstract = run.params_layout
@@ -105,7 +106,7 @@ def _positive(text: str) -> int:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m train.sample", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.sample", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="run directory (holds config.json and checkpoints/)")
     p.add_argument("--prompt", default="", help="text to continue")
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")

@@ -18,7 +18,7 @@ dtype (``e`` bytes), with ``t`` the tensor-parallel size (it splits heads and th
     with a chunked loss.
 
 This ignores XLA's fusion and buffer reuse (which lower it) and the all-gathered weights of the layer in
-flight (small at these sizes); ``python -m train.plan --topology`` compares it with a compiled TPU program.
+flight (small at these sizes); ``python -m tools.plan --topology`` compares it with a compiled TPU program.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``python -m train.compare --config configs/compare_cpu.py``: which optimizer trains this model best
+"""``python -m tools.compare --config configs/compare_cpu.py``: which optimizer trains this model best
 for this token budget?
 
 Every optimizer in ``compare.optimizers`` trains the same model on the same data for the same steps.
@@ -179,14 +179,16 @@ class Comparison:
     def check_settings(self, cfg, workdir: str) -> None:
         """A run in ``workdir`` must have been made with ``cfg``'s settings (``SETTINGS``): otherwise stop
         naming the differences, or with ``compare.redo_mismatched`` set the run aside to be trained again."""
-        from train.build import resolve_config
+        import data
+        from train.config import load_config, with_dataset
         from train.resume import config_changes
 
         try:
             saved = json.loads(read_text(join(workdir, "config.json")))
         except FileNotFoundError:
             return
-        now = json.loads(resolve_config(cfg).to_json_best_effort())
+        now = load_config(cfg)
+        now = json.loads(with_dataset(now, data.load_info(now.data.dir).vocab_size).to_json_best_effort())
         diffs = {k: v for k, v in config_changes({k: saved.get(k) for k in SETTINGS},
                                                   {k: now.get(k) for k in SETTINGS}).items() if k not in NOT_SETTINGS}
         if not diffs:
@@ -450,13 +452,13 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 def plan(comp: Comparison, config_file: str, overrides: dict) -> list[dict]:
     """Every run known now (seed runs appear once their sweep has finished): name, workdir, status, the job's
-    command (``python -m train.compare ... run NAME``: trains or resumes the run and records its result,
+    command (``python -m tools.compare ... run NAME``: trains or resumes the run and records its result,
     a divergence included, for ``report``) and the ``python -m train`` command it amounts to; also written
     to ``<workdir>/plan.json``."""
     rows = []
     for o, lr, s in comp.planned():
         name = run_name(o, lr, s)
-        job = (["python", "-m", "train.compare", "--config", os.path.abspath(config_file)]
+        job = (["python", "-m", "tools.compare", "--config", os.path.abspath(config_file)]
                + [f"--config.{k}={v}" for k, v in _flatten(overrides).items()] + ["run", name])
         rows.append({"name": name, "workdir": comp.run_dir(name), "status": comp.status(name),
                      "command": shlex.join(job),
@@ -466,7 +468,7 @@ def plan(comp: Comparison, config_file: str, overrides: dict) -> list[dict]:
     return rows
 
 
-USAGE = ("python -m train.compare --config CONFIG [--config.*=...] [plan | run NAME | report]: no subcommand "
+USAGE = ("python -m tools.compare --config CONFIG [--config.*=...] [plan | run NAME | report]: no subcommand "
          "runs the whole comparison in this process")
 
 

@@ -1,7 +1,7 @@
 """Plan a run before launching it: does it fit, and what step time should it get?
 
-    python -m train.plan --config configs/gpt3_xl.py --topology v5p:4x4x4 [--json PATH] [--config.* ...]
-    python -m train.plan --config configs/gpt3_xl.py --gpu h100 --gpus 64
+    python -m tools.plan --config configs/gpt3_xl.py --topology v5p:4x4x4 [--json PATH] [--config.* ...]
+    python -m tools.plan --config configs/gpt3_xl.py --gpu h100 --gpus 64
 
 ``--topology`` compiles the run's real train step (model, optimizer, mesh, batch, remat, dtype, attention,
 loss chunking: all from the config) for a TPU topology on this machine, without a TPU: libtpu describes
@@ -18,7 +18,7 @@ the chip's HBM does not compile: the plan then keeps XLA's figures. Topologies a
 ``v5e-256`` / ``v6e-64`` (chips).
 
 ``--gpu`` cannot compile (XLA has no deviceless GPU target here): it states the analytic per-device memory
-of ``train.memory`` (exact state bytes, estimated activations for every remat policy) against the GPU's.
+of ``tools.memory`` (exact state bytes, estimated activations for every remat policy) against the GPU's.
 
 When the run does not fit, the plan names the first change that the estimate says would fit (more
 microbatches, then policies that recompute more); ``--search`` compiles it (and the next ones) to verify.
@@ -102,9 +102,10 @@ def tpu_devices(topology: str):
 
 
 def plan_config(cfg):
-    """The config as planned: the vocabulary fixed when it would come from a corpus (nothing is read)."""
-    cfg = cfg.copy_and_resolve_references()
-    notes = []
+    """The loaded config as planned: the vocabulary fixed when it would come from a corpus (nothing is read)."""
+    from train.config import load_config
+
+    cfg, notes = load_config(cfg), []
     if not cfg.model.vocab_size:
         cfg.model.vocab_size = DEFAULT_VOCAB
         notes.append(f"model.vocab_size=0 takes the corpus tokenizer's vocabulary: planned with {DEFAULT_VOCAB} "
@@ -125,7 +126,7 @@ def compile_step(run) -> dict:
     """
     import jax
 
-    from train.memory import shard_bytes
+    from tools.memory import shard_bytes
 
     run.check()
     step = run.train_step  # built outside the mesh context: optimizers may compute constants eagerly
@@ -186,12 +187,12 @@ def _changed(cfg, change: dict):
 def suggest(run, budget: float, compiled: dict | None, verify: bool) -> dict | None:
     """The first candidate change whose estimated per-device total fits in ``budget`` bytes, or None.
 
-    The estimate is ``train.memory``'s; with a compiled plan it is the compiled total with the temporaries
+    The estimate is ``tools.memory``'s; with a compiled plan it is the compiled total with the temporaries
     scaled by the analytic activations' ratio (candidate / planned) and the gradient accumulator added.
     ``verify`` compiles candidates (at most ``MAX_SEARCH_COMPILES``) until one fits.
     """
     from train.build import build_run
-    from train.memory import estimate
+    from tools.memory import estimate
 
     base = estimate(run)
     compiles = 0
@@ -246,7 +247,7 @@ def make_plan(cfg, *, topology: str = "", gpu: str = "", gpus: int = 8, search: 
     """The plan of ``cfg`` on a TPU topology (compiled) or on ``gpus`` GPUs (analytic); see the module doc."""
     from train.build import build_run
     from train.flops import CHIPS, GPU_CHIPS
-    from train.memory import estimate
+    from tools.memory import estimate
 
     if bool(topology) == bool(gpu):
         raise ValueError("give one target: --topology <TPU topology> (compiled) or --gpu a100|h100|h200 (analytic)")
@@ -338,7 +339,7 @@ def format_plan(plan: dict) -> str:
             lines += _flops_lines(plan)
     else:
         lines.append(f"model FLOPs per step: {plan['model_flops_per_step']:.3e}; no step time without a compiled "
-                     "program (run train.bench on the GPU)")
+                     "program (run tools.bench on the GPU)")
     return "\n".join(lines)
 
 

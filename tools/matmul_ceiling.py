@@ -14,7 +14,7 @@ and once, the tied head [T, D] x [D, V] with its two backward products. Their FL
 FLOPs of ``train.flops`` up to the LayerNorm and bias terms (6(N - L_ctx D) + 12 layers D L per token).
 
 Each product is one jitted dot on random operands of its shape in the compute dtype, on one device, timed
-alone (``train.bench``: median of repeats after a warm-up call). The sum of their times is the step's *matmul time*: the step cannot be faster with these kernels, and
+alone (``tools.bench``: median of repeats after a warm-up call). The sum of their times is the step's *matmul time*: the step cannot be faster with these kernels, and
 ``model FLOPs / matmul time / best matmul rate`` is the ceiling on MFU that they allow, before the softmax,
 GELU, LayerNorm, cross-entropy and optimizer (memory-bound elementwise work) take any time at all.
 """

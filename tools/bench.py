@@ -1,4 +1,4 @@
-"""``python -m train.bench``: throughput, MFU, memory and optimizer cost, measured in one process.
+"""``python -m tools.bench``: throughput, MFU, memory and optimizer cost, measured in one process.
 
 (a) the device: achieved matmul FLOP/s (n x n x n in the compute dtype) and memory bandwidth (a large
     elementwise copy, read + write bytes / s);
@@ -10,7 +10,7 @@
     the input pipeline: seconds to load and transfer one batch, and the input wait per step: the train
     loop's pattern (dispatch step k, load batch k + 1 while it runs, read step k - 1's metrics) fed by the
     pipeline, minus the same loop on one fixed batch;
-(c) with ``--matmuls``, per timed preset: every matmul of its train step timed alone (``train.matmul_ceiling``),
+(c) with ``--matmuls``, per timed preset: every matmul of its train step timed alone (``tools.matmul_ceiling``),
     their sum (the matmul time: no step with these kernels is faster) and the MFU ceiling it allows, model FLOPs
     / matmul time / best matmul rate;
 (d) per optimizer: the update alone (jitted ``tx.update`` + apply on the preset's parameters, median),
@@ -23,43 +23,37 @@ its rate (measured for cpu-small: 247 against 506 GFLOP/s on its own; 377 after 
 300 ms), so the interleaved rate is depressed by the very step it would be the yardstick of. ``--aot``
 presets are only lowered and compiled against abstract shapes (nothing is allocated): the way to check on
 a CPU that GPT-3 XL's sharded train step compiles, and what it needs in memory (for a TPU topology:
-``train.plan``).
+``tools.plan``).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
-import sys
 import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+import configs
+from infra.cli import parse_flags_or_exit, user_errors
 
 
 _MATMUL_REPEATS = 7  # timed calls of each of the step's matmuls (--matmuls)
 
 
-def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--presets", default="cpu-small", help="comma list of model presets to run")
-    p.add_argument("--optimizers", default="adamw,muon,celo2,celo2-base,velo", help="comma list (optim.registry names)")
-    p.add_argument("--aot", default="", help="comma list of presets to compile only (abstract shapes)")
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--seq_len", type=int, default=256)
-    p.add_argument("--vocab_size", type=int, default=4096)
-    p.add_argument("--compute_dtype", default="float32")
-    p.add_argument("--remat", default="none")
-    p.add_argument("--attention", default="auto", help="auto | xla | splash | pallas_gpu | cudnn (models.attention)")
-    p.add_argument("--document_mask", type=int, default=1, help="1: attention stays within documents; 0: causal")
-    p.add_argument("--loss_chunk", type=int, default=0, help="positions per cross-entropy piece (0: whole sequence)")
-    p.add_argument("--mesh", default="1,1,-1", help="data,fsdp,tensor sizes (one may be -1)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps after warm-up")
-    p.add_argument("--cpu_devices", type=int, default=1, help="simulated CPU devices (0: use the accelerators)")
-    p.add_argument("--data", default="data_cache/shakespeare-bpe4096",
-                   help="prepared dataset for the input-pipeline numbers (skipped if the dir does not exist)")
-    p.add_argument("--matmuls", action="store_true",
-                   help="also time every matmul of each timed preset's step alone: the MFU ceiling they allow")
-    p.add_argument("--json", default="", help="also write the numbers to this JSON file")
-    return p.parse_args(argv)
+def _define_flags() -> None:
+    """The command's flags (defined only when it runs: tests import this module beside others defining --config)."""
+    config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(configs.__file__), "bench.py"),
+                                    "Run config (a python file): model, batch, mesh, dtype, data as in training.")
+    flags.DEFINE_list("presets", [], "model presets to time (default: the config's model.name)")
+    flags.DEFINE_list("optimizers", ["adamw", "muon", "celo2", "celo2_base", "velo"],
+                      "optimizers whose update to time (optim.registry names; empty: none)")
+    flags.DEFINE_list("aot", [], "presets to compile only (abstract shapes)")
+    flags.DEFINE_integer("steps", 5, "timed repeats after warm-up")
+    flags.DEFINE_bool("matmuls", False, "also time every matmul of each timed preset's step alone: the MFU "
+                      "ceiling they allow")
+    flags.DEFINE_string("json", "", "also write the numbers to this JSON file")
 
 
 def _medians(fns: dict, repeats: int) -> dict:
@@ -104,46 +98,45 @@ def device_rates(dtype) -> dict:
     return {"matmul_flops_per_sec": matmul_flops / t["matmul"], "memory_bytes_per_sec": 2 * x.nbytes / t["copy"]}
 
 
-def _run(preset: str, opt_name: str, args):
-    """The benchmarked run of a preset and optimizer (learned ones with their shipped weights)."""
-    from configs.base import base_config
-    from models import MESH_AXES
+def _run(cfg, preset: str, opt_name: str):
+    """The benchmarked run of a preset and optimizer (learned ones with their shipped weights) with the rest
+    of ``cfg`` (as given: it is loaded here), which reads no data."""
     from train.build import build_run
+    from train.config import load_config
 
-    cfg = base_config()
-    cfg.model.update(name=preset, vocab_size=args.vocab_size, vocab_multiple=1, compute_dtype=args.compute_dtype,
-                     remat=args.remat, attention=args.attention, document_mask=bool(args.document_mask))
-    cfg.update(batch_size=args.batch_size, seq_len=args.seq_len, steps=100, loss_chunk=args.loss_chunk)
-    cfg.mesh.update(dict(zip(MESH_AXES, (int(s) for s in args.mesh.split(",")))))
-    cfg.optimizer.name = opt_name
-    return build_run(cfg)
+    cfg = cfg.copy_and_resolve_references()
+    cfg.model.name, cfg.optimizer.name, cfg.optimizer.lr = preset, opt_name, 0.0  # 0: the optimizer's default
+    return build_run(load_config(cfg))
 
 
-def _input_feed(args, mesh):
-    """A blocking callable that loads the next training batch of ``args.data`` onto the mesh, or None."""
+def _input_feed(cfg, mesh):
+    """A blocking callable that loads the next training batch of ``cfg.data.dir`` onto the mesh, or None when
+    that dataset is not prepared (the benchmark never prepares one)."""
     import jax
 
     import data
     from train.step import batch_sharding
 
-    if not args.data or not os.path.isdir(args.data):
+    if not cfg.data.dir or not os.path.isdir(cfg.data.dir):
         return None
-    info = data.load_info(args.data)
-    if info.vocab_size > args.vocab_size:
-        raise ValueError(f"--data {args.data} has a vocabulary of {info.vocab_size} > --vocab_size {args.vocab_size}")
-    it = data.train_iterator(info, seq_len=args.seq_len, global_batch_size=args.batch_size, seed=0)
+    info = data.load_info(cfg.data.dir)
+    if info.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"data.dir={cfg.data.dir} has a vocabulary of {info.vocab_size} > model.vocab_size="
+                         f"{cfg.model.vocab_size}: set --config.model.vocab_size={info.vocab_size}, or "
+                         "--config.data.dir='' to time the step without the input pipeline")
+    it = data.train_iterator(info, seq_len=cfg.seq_len, global_batch_size=cfg.batch_size, seed=0)
     sharding = batch_sharding(mesh)
     return lambda: jax.block_until_ready(
         {k: jax.make_array_from_process_local_data(sharding, v) for k, v in next(it).items()})
 
 
-def _random_batch(args, sharding) -> dict:
+def _random_batch(cfg, sharding) -> dict:
     import jax
     import numpy as np
 
     rng = np.random.default_rng(0)
-    shape = (args.batch_size, args.seq_len)
-    batch = {"inputs": rng.integers(0, args.vocab_size, shape, dtype=np.int32),
+    shape = (cfg.batch_size, cfg.seq_len)
+    batch = {"inputs": rng.integers(0, cfg.model.vocab_size, shape, dtype=np.int32),
              "segment_ids": np.ones(shape, np.int32), "loss_mask": np.ones(shape, np.float32)}
     batch["targets"] = np.roll(batch["inputs"], -1, axis=1)
     return {k: jax.device_put(v, sharding) for k, v in batch.items()}
@@ -165,11 +158,12 @@ def _loop(compiled, holder, load_batch, steps: int):
     return run
 
 
-def bench_preset(preset: str, args, timed: bool) -> dict:
-    """Compile the preset's AdamW train step (and with ``timed``, time it: see the module docstring)."""
+def bench_preset(cfg, preset: str, *, timed: bool, steps: int = 5, matmuls: bool = False) -> dict:
+    """Compile the preset's AdamW train step (and with ``timed``, time it over ``steps`` repeats; with
+    ``matmuls`` also its matmuls alone: see the module docstring)."""
     import jax
 
-    run = _run(preset, "adamw", args)
+    run = _run(cfg, preset, "adamw")
     row = {"preset": preset, "params": run.n_params, "tokens_per_step": run.tokens_per_step,
            "attention": run.model_cfg.attention,
            "model_flops_per_step": run.flops_per_step}
@@ -180,24 +174,24 @@ def bench_preset(preset: str, args, timed: bool) -> dict:
     mem = compiled.memory_analysis()
     row["compiled_memory_bytes"] = int(mem.argument_size_in_bytes + mem.temp_size_in_bytes)
     if timed:
-        row.update(_time_step(run, compiled, args))
-    if timed and args.matmuls:
-        row["matmuls"] = _time_matmuls(run, args)
+        row.update(_time_step(run, compiled, steps))
+    if timed and matmuls:
+        row["matmuls"] = _time_matmuls(run)
     return row
 
 
-def _time_matmuls(run, args) -> list[dict]:
-    """Each matmul of the step (``train.matmul_ceiling``) timed alone, one at a time (so that only its own
+def _time_matmuls(run) -> list[dict]:
+    """Each matmul of the step (``tools.matmul_ceiling``) timed alone, one at a time (so that only its own
     operands are held): seconds per step = calls per step x the median call."""
-    from train.matmul_ceiling import product_call, step_products
+    from tools.matmul_ceiling import product_call, step_products
 
     if run.mesh.devices.size > 1:
         raise ValueError(f"--matmuls times the whole step's matmuls on one device, but the mesh has "
-                         f"{run.mesh.devices.size}: pass --mesh 1,1,1 --cpu_devices 1")
-    m = run.model_cfg
+                         f"{run.mesh.devices.size}: pass --config.mesh.tensor=1 --config.cpu_devices=1")
+    m, c = run.model_cfg, run.cfg
     rows = []
-    for p in step_products(m.n_layers, m.d_model, m.n_heads, m.vocab_size, args.batch_size, args.seq_len):
-        t = _medians({p.name: product_call(p, args.compute_dtype)}, _MATMUL_REPEATS)[p.name]
+    for p in step_products(m.n_layers, m.d_model, m.n_heads, m.vocab_size, c.batch_size, c.seq_len):
+        t = _medians({p.name: product_call(p, m.compute_dtype)}, _MATMUL_REPEATS)[p.name]
         rows.append(dict(name=p.name, shape=f"{p.batch} x [{p.m}x{p.k}] x [{p.k}x{p.n}]", count=p.count,
                          flops=p.flops, seconds=p.count * t))
     return rows
@@ -212,24 +206,24 @@ def _matmul_lines(row: dict) -> list[str]:
                     f"else taking time: {100 * row['mfu_ceiling']:.1f}%"]
 
 
-def _time_step(run, compiled, args) -> dict:
+def _time_step(run, compiled, steps: int) -> dict:
     import jax
 
     from train.flops import datasheet_peak
 
-    batch, holder = _random_batch(args, run.batch_sharding), {"state": run.init_state()}
+    batch, holder = _random_batch(run.cfg, run.batch_sharding), {"state": run.init_state()}
 
     def one_step():
         holder["state"], m = compiled(holder["state"], batch)
         m["loss"].block_until_ready()
 
-    matmul, matmul_flops = _matmul(jax.numpy.dtype(args.compute_dtype))
+    matmul, matmul_flops = _matmul(jax.numpy.dtype(run.cfg.model.compute_dtype))
     timed = {"step": one_step, "matmul": matmul}
-    feed, loop_steps = _input_feed(args, run.mesh), 4
+    feed, loop_steps = _input_feed(run.cfg, run.mesh), 4
     if feed is not None:
         timed.update(input=feed, loop=_loop(compiled, holder, feed, loop_steps),
                      loop_fixed_batch=_loop(compiled, holder, lambda: batch, loop_steps))
-    t = _medians(timed, args.steps)
+    t = _medians(timed, steps)
     dt, flops, n_devices = t["step"], run.flops_per_step, run.mesh.devices.size
     peak_sheet = datasheet_peak(jax.devices()[0])
     # simulated CPU devices share the host's cores: one matmul rate; accelerators: one per device
@@ -282,14 +276,14 @@ def _optimizer_update(run, timed: dict) -> dict:
             "update_temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes)}
 
 
-def bench_optimizers(preset: str, names: list[str], args) -> list[dict]:
-    """One row per optimizer; their updates are timed interleaved."""
+def bench_optimizers(cfg, preset: str, names: list[str], steps: int) -> list[dict]:
+    """One row per optimizer; their updates are timed interleaved, ``steps`` times each."""
     import jax
 
     timed = {}
-    rows = [{"preset": preset, **_optimizer_update(_run(preset, name, args), timed)} for name in names]
-    with jax.set_mesh(_run(preset, "adamw", args).mesh):
-        t = _medians(timed, args.steps)
+    rows = [{"preset": preset, **_optimizer_update(_run(cfg, preset, name), timed)} for name in names]
+    with jax.set_mesh(_run(cfg, preset, "adamw").mesh):
+        t = _medians(timed, steps)
     for row in rows:
         row["update_seconds"] = t[row["optimizer"]]
     timed.clear()
@@ -322,48 +316,52 @@ def _optimizer_line(preset: str, row: dict) -> str:
             f"{row['update_temp_bytes'] / 2**20:8.1f} MiB")
 
 
-def main(argv=None) -> int:
-    args = _parse(sys.argv[1:] if argv is None else argv)
-    from train.build import setup_platform
+def main(argv) -> None:
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    f = flags.FLAGS
+    with user_errors():
+        cfg = f.config  # a config file that failed to load raises when first read
+        from train.build import setup_platform
 
-    setup_platform(argparse.Namespace(cpu_devices=args.cpu_devices, multiprocess=False))
+        setup_platform(cfg)
+        out = bench(cfg, presets=f.presets or [cfg.model.name], aot=f.aot, optimizers=f.optimizers, steps=f.steps,
+                    matmuls=f.matmuls)
+        if f.json:
+            with open(f.json, "w") as file:
+                json.dump(out, file, indent=2)
+            print(f"wrote {f.json}")
+
+
+def bench(cfg, *, presets: list[str], aot: list[str], optimizers: list[str], steps: int, matmuls: bool) -> dict:
+    """Every number of the module docstring for ``presets`` (timed), ``aot`` (compiled only) and
+    ``optimizers``, printed as it comes; returns them all."""
     import jax
     import jax.numpy as jnp
 
     from models import MESH_AXES
     from train.mesh import mesh_shape
 
-    dev = jax.devices()[0]
-    sizes = mesh_shape(dict(zip(MESH_AXES, (int(s) for s in args.mesh.split(",")))), len(jax.devices()))
+    dev, dtype = jax.devices()[0], jnp.dtype(cfg.model.compute_dtype)
     out = {"device": f"{len(jax.devices())} x {dev.device_kind} ({dev.platform})",
-           "mesh": dict(zip(MESH_AXES, sizes)), "batch_size": args.batch_size,
-           "seq_len": args.seq_len, "compute_dtype": args.compute_dtype, "load_average_start": os.getloadavg()[0]}
-    out.update(device_rates(jnp.dtype(args.compute_dtype)))
+           "mesh": dict(zip(MESH_AXES, mesh_shape(cfg.mesh, len(jax.devices())))), "batch_size": cfg.batch_size,
+           "seq_len": cfg.seq_len, "compute_dtype": cfg.model.compute_dtype, "load_average_start": os.getloadavg()[0]}
+    out.update(device_rates(dtype))
     print(f"device: {out['device']} | matmul {out['matmul_flops_per_sec'] / 1e9:.1f} GFLOP/s "
-          f"({args.compute_dtype}) | memory {out['memory_bytes_per_sec'] / 1e9:.1f} GB/s | mesh {out['mesh']} | "
+          f"({cfg.model.compute_dtype}) | memory {out['memory_bytes_per_sec'] / 1e9:.1f} GB/s | mesh {out['mesh']} | "
           f"load average {out['load_average_start']:.2f}")
-    presets = [p for p in args.presets.split(",") if p]
-    aot = [p for p in args.aot.split(",") if p]
-    out["presets"] = [bench_preset(preset, args, timed=preset not in aot) for preset in presets + aot]
+    out["presets"] = [bench_preset(cfg, p, timed=p not in aot, steps=steps, matmuls=matmuls) for p in presets + aot]
     # MFU's denominator: the best rate the matmul reaches on its own, at the start or after the presets
-    out["matmul_best_flops_per_sec"] = max(out["matmul_flops_per_sec"],
-                                           device_rates(jnp.dtype(args.compute_dtype))["matmul_flops_per_sec"])
+    out["matmul_best_flops_per_sec"] = max(out["matmul_flops_per_sec"], device_rates(dtype)["matmul_flops_per_sec"])
     for row in out["presets"]:
-        if "achieved_flops_per_sec" in row:
-            row["matmul_best_flops_per_sec"] = out["matmul_best_flops_per_sec"]
-            row["mfu_measured"] = row["achieved_flops_per_sec"] / (out["matmul_best_flops_per_sec"]
-                                                                   * row["matmul_devices"])
+        _add_mfu(row, out["matmul_best_flops_per_sec"])
         print(_preset_line(row["preset"], row), flush=True)
         if "matmuls" in row:
-            row["matmul_seconds"] = sum(m["seconds"] for m in row["matmuls"])
-            row["mfu_ceiling"] = row["model_flops_per_step"] / row["matmul_seconds"] / (
-                out["matmul_best_flops_per_sec"] * row["matmul_devices"])
             print("\n".join(_matmul_lines(row)), flush=True)
-    out["optimizers"] = []
     step_time = {r["preset"]: r.get("step_seconds") for r in out["presets"]}
-    names = [o for o in args.optimizers.split(",") if o]
+    out["optimizers"] = []
     for preset in presets:
-        rows = bench_optimizers(preset, names, args) if names else []
+        rows = bench_optimizers(cfg, preset, optimizers, steps) if optimizers else []
         muon = {r["optimizer"]: r["update_seconds"] for r in rows}.get("muon")
         for row in rows:
             if step_time.get(preset):
@@ -374,15 +372,19 @@ def main(argv=None) -> int:
             print(_optimizer_line(preset, row), flush=True)
     out["load_average_end"] = os.getloadavg()[0]
     print(f"load average {out['load_average_end']:.2f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-        print(f"wrote {args.json}")
-    return 0
+    return out
+
+
+def _add_mfu(row: dict, matmul_best: float) -> None:
+    """MFU against the best measured matmul rate, and the ceiling the step's matmuls allow (timed rows)."""
+    if "achieved_flops_per_sec" in row:
+        row["matmul_best_flops_per_sec"] = matmul_best
+        row["mfu_measured"] = row["achieved_flops_per_sec"] / (matmul_best * row["matmul_devices"])
+    if "matmuls" in row:
+        row["matmul_seconds"] = sum(m["seconds"] for m in row["matmuls"])
+        row["mfu_ceiling"] = row["model_flops_per_step"] / row["matmul_seconds"] / (matmul_best * row["matmul_devices"])
 
 
 if __name__ == "__main__":
-    from infra.cli import user_errors
-
-    with user_errors():
-        sys.exit(main())
+    _define_flags()
+    app.run(main, flags_parser=parse_flags_or_exit)

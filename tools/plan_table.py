@@ -1,8 +1,8 @@
-"""The benchmarks file's plan table: ``train.plan`` over presets x optimizers x TPU topologies.
+"""The benchmarks file's plan table: ``tools.plan`` over presets x optimizers x TPU topologies.
 
-    python -m train.plan_table [--out results/plans] [--only gpt3-xl]
+    python -m tools.plan_table [--out results/plans] [--only gpt3-xl]
 
-Each row is one ``python -m train.plan --json <out>/<row>.json`` (the real train step compiled for the
+Each row is one ``python -m tools.plan --json <out>/<row>.json`` (the real train step compiled for the
 topology, deviceless), in a process of its own; the markdown table goes to ``<out>/table.md`` and stdout.
 Rows that cannot be built (a mesh that does not divide the model) show the reason instead of numbers.
 Memory is XLA's memory analysis of the compiled program; step time and MFU are XLA's cost-model
@@ -56,15 +56,15 @@ def rows(only: str = ""):
 
 
 def plan_row(module: str, overrides: dict, topology: str, path: str) -> dict:
-    """``python -m train.plan`` in its own process (a compile's host memory is returned when it exits)."""
+    """``python -m tools.plan`` in its own process (a compile's host memory is returned when it exits)."""
     config = os.path.join(os.path.dirname(configs.__file__), f"{module}.py")
-    cmd = [sys.executable, "-m", "train.plan", "--config", config, "--topology", topology, "--json", path,
+    cmd = [sys.executable, "-m", "tools.plan", "--config", config, "--topology", topology, "--json", path,
            *(f"--config.{k}={v}" for k, v in overrides.items())]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         errors = [line.removeprefix("error: ") for line in r.stderr.splitlines() if line.startswith("error: ")]
         return {"error": f"does not build: {errors[0]}" if errors else
-                f"train.plan exited with {r.returncode} (killed, e.g. out of host memory): {r.stderr[-300:]}"}
+                f"tools.plan exited with {r.returncode} (killed, e.g. out of host memory): {r.stderr[-300:]}"}
     with open(path) as f:
         return json.load(f)
 
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
             with open(path) as f:
                 plan = json.load(f)
         elif args.cached:
-            plan = {"error": "not planned yet (python -m train.plan_table plans it)"}
+            plan = {"error": "not planned yet (python -m tools.plan_table plans it)"}
         else:
             plan = plan_row(module, overrides, topology, path)
             if plan.get("error", "").startswith("does not build"):  # (a killed compile is planned again next time)

@@ -1,0 +1,62 @@
+"""A run's config as the run uses it: loaded once, its defaults resolved, and that is what ``config.json`` holds.
+
+Every command that builds a run (``train``, ``tools.compare``, ``tools.plan``, ``tools.bench``) takes an
+ml_collections config file (``--config configs/<preset>.py``) with ``--config.<field>=<value>`` overrides and
+passes it through ``load_config`` before anything else:
+
+- local paths (``workdir``, ``data.dir``, ``init_from``) become absolute; URIs (``gs://...``) are kept;
+- ``optimizer.lr`` 0 becomes the optimizer's default peak rate and an empty ``optimizer.<name>.theta`` its
+  shipped weight file (``optim.registry.resolve_defaults``);
+- the step counts, the loss chunk and the workdir are checked.
+
+``with_dataset`` then takes the model's vocabulary from the prepared dataset: ``model.vocab_size`` 0 becomes
+the tokenizer's vocabulary, padded up to a multiple of ``model.vocab_multiple`` (a shardable size with faster
+matmuls); a vocabulary smaller than the tokenizer's is refused, whoever set it.
+"""
+from __future__ import annotations
+
+import math
+
+from infra.files import resolve
+from optim.registry import resolve_defaults
+
+POSITIVE = ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches", "checkpoint_every")
+
+
+def load_config(cfg):
+    """The resolved copy of ``cfg`` (see the module docstring); a config that cannot work raises ValueError."""
+    if not str(cfg.workdir).strip():
+        raise ValueError("workdir is empty: set --config.workdir to the run's directory")
+    for name in POSITIVE:
+        if int(cfg[name]) < 1:
+            raise ValueError(f"{name}={cfg[name]} must be a positive integer")
+    if cfg.loss_chunk < 0 or (cfg.loss_chunk and cfg.seq_len % cfg.loss_chunk):
+        raise ValueError(f"loss_chunk={cfg.loss_chunk} must be 0 (no chunking) or a positive divisor of "
+                         f"seq_len={cfg.seq_len}")
+    cfg = cfg.copy_and_resolve_references()
+    with cfg.unlocked():
+        cfg.workdir = resolve(cfg.workdir)
+        cfg.data.dir = resolve(cfg.data.dir)
+        if cfg.init_from:
+            cfg.init_from = resolve(cfg.init_from)
+        cfg.optimizer = resolve_defaults(cfg.optimizer)
+    return cfg
+
+
+def padded_vocab(vocab: int, multiple: int) -> int:
+    """``vocab`` rounded up to a multiple of ``multiple`` (1 or less: unchanged)."""
+    return math.ceil(vocab / multiple) * multiple if multiple > 1 else vocab
+
+
+def with_dataset(cfg, tokenizer_vocab: int):
+    """A copy of the loaded ``cfg`` whose ``model.vocab_size`` is the one the model is built with: the
+    tokenizer's (``tokenizer_vocab``) when it is 0, padded to ``model.vocab_multiple``."""
+    m = cfg.model
+    vocab = padded_vocab(m.vocab_size or tokenizer_vocab, m.vocab_multiple)
+    if vocab < tokenizer_vocab:
+        raise ValueError(f"model.vocab_size={vocab} is smaller than the tokenizer's vocabulary ({tokenizer_vocab}) "
+                         f"of {cfg.data.dir}: token ids would index past the embedding; set "
+                         f"--config.model.vocab_size={tokenizer_vocab} or 0 (the tokenizer's)")
+    cfg = cfg.copy_and_resolve_references()
+    cfg.model.vocab_size = vocab
+    return cfg
