@@ -180,7 +180,7 @@ class Comparison:
         """A run in ``workdir`` must have been made with ``cfg``'s settings (``SETTINGS``): otherwise stop
         naming the differences, or with ``compare.redo_mismatched`` set the run aside to be trained again."""
         import data
-        from train.config import load_config, with_dataset
+        from train.config import load_config, upgrade_saved, with_dataset
         from train.resume import config_changes
 
         try:
@@ -189,6 +189,7 @@ class Comparison:
             return
         now = load_config(cfg)
         now = json.loads(with_dataset(now, data.load_info(now.data.dir).vocab_size).to_json_best_effort())
+        saved = upgrade_saved(saved, now["model"]["vocab_size"])  # a run made by an earlier version
         diffs = {k: v for k, v in config_changes({k: saved.get(k) for k in SETTINGS},
                                                   {k: now.get(k) for k in SETTINGS}).items() if k not in NOT_SETTINGS}
         if not diffs:

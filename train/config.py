@@ -15,10 +15,13 @@ matmuls); a vocabulary smaller than the tokenizer's is refused, whoever set it.
 """
 from __future__ import annotations
 
+import json
 import math
 
+import ml_collections
+
 from infra.files import resolve
-from optim.registry import resolve_defaults
+from optim.registry import REGISTRY, resolve_defaults
 
 POSITIVE = ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches", "checkpoint_every")
 
@@ -60,3 +63,33 @@ def with_dataset(cfg, tokenizer_vocab: int):
     cfg = cfg.copy_and_resolve_references()
     cfg.model.vocab_size = vocab
     return cfg
+
+
+# The optimizer fields of configs saved before each optimizer had its own section, and where they went.
+_FORMER_FIELDS = {"b1": "b1", "b2": "b2", "eps": "eps", "muon_beta": "beta", "muon_nesterov": "nesterov",
+                  "adam_lr_mult": "adam_lr_mult", "theta": "theta"}
+_FORMER_NAMES = {"celo2-base": "celo2_base"}
+
+
+def upgrade_saved(saved: dict, vocab_size: int) -> dict:
+    """A config saved by an earlier version (``config.json``, a checkpoint's) in today's layout, so that it
+    compares with a loaded config: one shared ``optimizer`` section whose ``b1``, ``b2``, ``eps``,
+    ``muon_beta``, ``muon_nesterov``, ``adam_lr_mult`` and ``theta`` belonged to whichever optimizer ran
+    becomes the per-optimizer sections, the hyphenated ``celo2-base`` is ``celo2_base``, and the defaults it
+    left unresolved (``lr`` 0, ``adam_lr_mult`` 0, ``theta`` "") are resolved as ``load_config`` does, a
+    ``model.vocab_size`` of 0 as ``vocab_size`` (the model's, from the same dataset). A config in today's
+    layout is returned as it is."""
+    if saved.get("model", {}).get("vocab_size") == 0:
+        saved = {**saved, "model": {**saved["model"], "vocab_size": vocab_size}}
+    old = dict(saved.get("optimizer") or {})
+    if not old or any(name in old for name in REGISTRY):
+        return saved
+    name = _FORMER_NAMES.get(old.get("name"), old.get("name"))
+    new = {k: v for k, v in old.items() if k not in _FORMER_FIELDS}
+    new.update(name=name, **{n: dict(spec.settings) for n, spec in REGISTRY.items()})
+    for field, value in old.items():
+        moved = _FORMER_FIELDS.get(field)
+        if name in new and moved in new[name] and not (field == "adam_lr_mult" and not value):
+            new[name][moved] = value
+    resolved = resolve_defaults(ml_collections.ConfigDict(new))
+    return {**saved, "optimizer": json.loads(resolved.to_json_best_effort())}

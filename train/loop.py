@@ -89,8 +89,9 @@ class Trainer:
             return
         self.last.update(row)
         self.logger.write(step, row)
-        if "loss" in row:
-            self.logger.progress(step, loss=row["loss"], tok_s=f"{row.get('tokens_per_sec', 0):.0f}")
+        if "loss" in row:  # the first row after a start has no rate yet (its time includes compilation)
+            rate = {"tok_s": f"{row['tokens_per_sec']:.0f}"} if "tokens_per_sec" in row else {}
+            self.logger.progress(step, loss=row["loss"], **rate)
 
     def _check(self, step: int, metrics) -> None:
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -6,6 +6,7 @@ import time
 
 from infra.checkpoint import CheckpointError, restore_params, warn
 from infra.files import join
+from train.config import upgrade_saved
 
 
 def data_order_check(cfg, ds: str, now: dict):
@@ -26,7 +27,8 @@ def data_order_check(cfg, ds: str, now: dict):
                 f"would silently repeat or skip training data:\n  " + "\n  ".join(diffs) + "\nRerun with "
                 f"the checkpoint's values (see {join(cfg.workdir, 'config.json')}), or start a new "
                 f"workdir from these weights with --config.init_from={cfg.workdir}")
-        changed = [f"{k} {a!r} -> {b!r}" for k, (a, b) in config_changes(saved, now).items()
+        changed = [f"{k} {a!r} -> {b!r}" for k, (a, b) in config_changes(upgrade_saved(saved, cfg.model.vocab_size),
+                                                                          now).items()
                    if k not in ("data.dir", "workdir")]
         if changed:
             warn(f"resuming step {step} with changed settings (the run continues with the new ones): "
