@@ -1,5 +1,5 @@
 """Official weight-file layouts load as published, files written here load the way the official code loads
-them, and ``python -m optim.weights`` inspects and converts them.
+them, and ``python -m optim.learned.weights`` inspects and converts them.
 
 The expected official trees are built here from the official naming rules, not from the project's constants:
 - Haiku names parameters "<module path>/<param>" with top-level modules "linear", "linear_1", ...; a module
@@ -22,11 +22,11 @@ import numpy as np
 import optax
 import pytest
 
-from optim import celo2 as celo2_lib
-from optim import velo as velo_lib
-from optim.theta_io import THETA_SHAPES, load_theta, save_theta
-from optim.velo_io import load_velo_theta, save_velo_theta
-from optim.weights.__main__ import main as weights_cli
+from optim.learned import celo2 as celo2_lib
+from optim.learned import velo as velo_lib
+from optim.learned.celo2_file import THETA_SHAPES, load_theta, save_theta
+from optim.learned.velo_file import load_velo_theta, save_velo_theta
+from optim.learned.weights.__main__ import main as weights_cli
 
 K, H, F = 4, 8, 30  # param_inits, lstm_hidden_size, per-tensor features (small, to keep files tiny)
 SIZES = dict(param_inits=K, lstm_hidden_size=H)
@@ -155,7 +155,7 @@ def test_celo2_directory_without_theta_is_refused(tmp_path):
         load_theta(tmp_path, "celo2")
 
 
-# --- python -m optim.weights ------------------------------------------------------------------------------
+# --- python -m optim.learned.weights ------------------------------------------------------------------------------
 
 
 def test_inspect_and_convert(tmp_path, capsys):

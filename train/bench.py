@@ -41,7 +41,7 @@ _MATMUL_REPEATS = 7  # timed calls of each of the step's matmuls (--matmuls)
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", default="cpu-small", help="comma list of model presets to run")
-    p.add_argument("--optimizers", default="adamw,muon,celo2,celo2-base,velo", help="comma list (optim.registry names)")
+    p.add_argument("--optimizers", default="adamw,muon,celo2,celo2_base,velo", help="comma list (optim.registry names)")
     p.add_argument("--aot", default="", help="comma list of presets to compile only (abstract shapes)")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--seq_len", type=int, default=256)
