@@ -245,8 +245,8 @@ def test_select_snapshot_takes_the_lowest_validated_training_loss(tmp_path):
 
 
 def test_saved_args_fill_options_newer_than_the_run(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"variant": "celo2-base", "outer_lr": 2e-3, "command": "x"}))
+    (tmp_path / "config.json").write_text(json.dumps({"variant": "celo2_base", "outer_lr": 2e-3, "command": "x"}))
     args = run.saved_args(tmp_path)
-    assert (args.variant, args.outer_lr) == ("celo2-base", 2e-3)  # as saved
+    assert (args.variant, args.outer_lr) == ("celo2_base", 2e-3)  # as saved
     assert (args.init, args.reparam_range) == ("random", "1e-3,1e3")  # defaults for options the run predates
     assert not hasattr(args, "command")

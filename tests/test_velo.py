@@ -129,7 +129,7 @@ def test_wrong_files_are_refused(small_theta, tmp_path):
     with pytest.raises(ValueError, match=r"lstm_init_state/hidden has shape \(1, 16\), expected \(1, 512\)"):
         velo_theta_from_bytes(buf)  # a different configuration than asked for
     bad = jax.tree.map(np.asarray, small_theta)
-    bad["rnn_params"]["linear"]["w"] = np.zeros((28, 16), np.float32)  # the spec's 28 inputs
+    bad["rnn_params"]["linear"]["w"] = np.zeros((28, 16), np.float32)  # 28 inputs: a var_rms of width 1
     with pytest.raises(ValueError, match=r"rnn_params/linear/w has shape \(28, 16\), expected \(30, 16\)"):
         velo_theta_from_bytes(flax.serialization.to_bytes(bad), **SMALL)
     del bad["rnn_params"]["step_size"]

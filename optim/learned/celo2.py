@@ -302,7 +302,8 @@ def celo2(learning_rate: optax.ScalarOrSchedule, theta, *, weight_decay: float =
 
 def celo2_base(learning_rate: optax.ScalarOrSchedule, theta, *, weight_decay: float = 0.0,
                **celo2_config: Any) -> optax.GradientTransformation:
-    """Celo2-base (docs/learned_optimizers.md#celo2-base): p <- p - lr_t (scale_by_celo2(orthogonalize=False) + wd p) on every leaf."""
+    """Celo2-base (docs/learned_optimizers.md#celo2-base): on every leaf,
+    p <- p - lr_t (scale_by_celo2(orthogonalize=False) + wd p)."""
     return optax.chain(scale_by_celo2(theta, orthogonalize=False, **celo2_config),
                        optax.add_decayed_weights(weight_decay),
                        optax.scale_by_learning_rate(learning_rate))

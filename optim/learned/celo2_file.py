@@ -110,7 +110,8 @@ def trained_as(path: str | os.PathLike) -> tuple[str, str] | None:
 
 def load_theta(path: str | os.PathLike, variant: str | None = None) -> dict:
     """Read a ``theta.state`` file (official Celo2 / Celo2-base weights or one written by ``save_theta``), or the
-    one in a directory. With ``variant`` (this project's name of the rule the weights will run in), a ``config.json`` beside the file that
+    one in a directory. With ``variant`` (this project's name of the rule the weights will run in), a
+    ``config.json`` beside the file that
     says the weights were meta-trained as something else is an error naming it."""
     found = trained_as(path) if variant else None
     if found and found[0] != variant:

@@ -14,11 +14,11 @@ and batches), so the curve shows what the truncated PES estimates cannot; writes
 ``--select`` picks the run's snapshot (``theta_<i>.state``) with the lowest mean quick-validation training
 loss (``valid_train/*``, logged every ``--eval_every`` iterations during the run) and evaluates it.
 
-The learned optimizer is used as deployed (``optim.learned.celo2.celo2`` / ``celo2_base`` / ``optim.learned.velo.velo``) at
-one constant lr (``--lr``: the ``step_mult`` it was meta-trained with, by default 1e-3 for Celo2 with
-mult_1d 20, and 1 for VeLO, whose lr multiplies its own step and which is told each task's number of
-steps), no tuning and no reparametrisation. AdamW (b1 0.9, b2 0.999, eps 1e-8, no weight decay, constant lr)
-is swept over ``--lrs`` and compared at its best lr per task and criterion: the lr with the lowest mean
+The learned optimizer is used as deployed, as its registry record builds it (``optim.learned.celo2.celo2`` /
+``celo2_base`` / ``optim.learned.velo.velo``), at one constant lr (``--lr``: the ``step_mult`` it was
+meta-trained with, by default 1e-3 for Celo2 with mult_1d 20, and 1 for VeLO, whose lr multiplies its own
+step and which is told each task's number of steps), no tuning and no reparametrisation. AdamW (b1 0.9,
+b2 0.999, eps 1e-8, no weight decay, constant lr) is swept over ``--lrs`` and compared at its best lr per task and criterion: the lr with the lowest mean
 held-out loss for the held-out comparison, the lr with the lowest mean final training loss for the
 training-loss comparison.
 Every task trains on the first 80% of its dataset and reports the full train-split loss and the held-out
@@ -40,7 +40,8 @@ from infra.files import write_atomic
 from optim import registry
 from optim.learned.meta import pes, run
 from optim.learned.meta import tasks as tasks_lib
-from optim.learned.meta.validation import (DEFAULT_LRS, compare, plot_compare, plot_objective, plot_run, select_snapshot,
+from optim.learned.meta.validation import (DEFAULT_LRS, compare, plot_compare, plot_objective, plot_run,
+                                           select_snapshot,
                                    table)
 
 

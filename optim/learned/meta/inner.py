@@ -45,7 +45,8 @@ class MetaAdamState(NamedTuple):
 
 
 def scale_by_meta_adam(b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8) -> optax.GradientTransformation:
-    """The meta-training Adam (docs/meta_training.md#inner-optimizer): m <- b1 m + (1-b1) g, v <- b2 v + (1-b2) g^2, step = m / sqrt(v + eps).
+    """The meta-training Adam (docs/meta_training.md#inner-optimizer):
+    m <- b1 m + (1-b1) g, v <- b2 v + (1-b2) g^2, step = m / sqrt(v + eps).
 
     No bias correction and eps inside the square root (unlike ``optax.adam``). Returns the step before the lr.
     """

@@ -143,11 +143,12 @@ def step(state: PESState, datas: Sequence, *, problems: Sequence, outer_opt: opt
 
 
 def meta_objective(theta, problems: Sequence, datas: Sequence, key, num_problems: int, max_steps: int):
-    """The meta-objective (docs/meta_training.md#meta-objective) measured directly instead of through truncations: per family, the mean
-    over ``num_problems`` whole inner problems (drawn from ``key``: length, reparam scale, init; then the
-    batches) of each problem's average normalised training loss over its trajectory. The same ``key`` gives
-    every theta the same problems and batches (common random numbers), so two thetas' values differ by the
-    rule, not by the draw. ``max_steps`` must cover the longest problem (``max_unroll``). Returns [families].
+    """The meta-objective (docs/meta_training.md#meta-objective) measured directly instead of through
+    truncations: per family, the mean over ``num_problems`` whole inner problems (drawn from ``key``: length,
+    reparam scale, init; then the batches) of each problem's average normalised training loss over its
+    trajectory. The same ``key`` gives every theta the same problems and batches (common random numbers), so
+    two thetas' values differ by the rule, not by the draw. ``max_steps`` must cover the longest problem
+    (``max_unroll``). Returns [families].
     """
     out = []
     for f, (problem, data) in enumerate(zip(problems, datas)):

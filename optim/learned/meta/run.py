@@ -54,7 +54,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--min_unroll", type=int, default=100)
     p.add_argument("--max_unroll", type=int, default=2000)
     p.add_argument("--reparam_range", default="1e-3,1e3",
-                   help="global reparametrisation scales s ~ log-uniform(lo, hi) (the paper's: 1e-3,1e3; docs/meta_training.md#task-augmentation)")
+                   help="global reparametrisation scales s ~ log-uniform(lo, hi) (the paper's: 1e-3,1e3; "
+                        "docs/meta_training.md#task-augmentation)")
     p.add_argument("--outer_lr", type=float, default=None, help="default: " + ", ".join(
         f"{registry.get(name).meta.outer_lr:g} ({name})" for name in registry.META_TRAINABLE))
     p.add_argument("--std", type=float, default=0.01, help="PES perturbation std")
@@ -176,7 +177,8 @@ def main(argv=None, datas=None):
     args = _resolve(parser().parse_args(argv))
     workdir = pathlib.Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    config = dict(vars(args), command="python -m optim.learned.meta " + " ".join(sys.argv[1:] if argv is None else argv))
+    command = "python -m optim.learned.meta " + " ".join(sys.argv[1:] if argv is None else argv)
+    config = dict(vars(args), command=command)
     problems, datas, step, state, ckpt, start, wall_before = _start(args, workdir, config, datas)
     if registry.get(args.variant).meta.adam_1d:  # the routing of the meta-training Adam
         labels = inner_lib.regex_labels(args.regex_1d)(problems[0].task.init(jax.random.PRNGKey(0)))
