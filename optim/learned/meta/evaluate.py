@@ -18,9 +18,9 @@ The learned optimizer is used as deployed, as its registry record builds it (``o
 ``celo2_base`` / ``optim.learned.velo.velo``), at one constant lr (``--lr``: the ``step_mult`` it was
 meta-trained with, by default 1e-3 for Celo2 with mult_1d 20, and 1 for VeLO, whose lr multiplies its own
 step and which is told each task's number of steps), no tuning and no reparametrisation. AdamW (b1 0.9,
-b2 0.999, eps 1e-8, no weight decay, constant lr) is swept over ``--lrs`` and compared at its best lr per task and criterion: the lr with the lowest mean
-held-out loss for the held-out comparison, the lr with the lowest mean final training loss for the
-training-loss comparison.
+b2 0.999, eps 1e-8, no weight decay, constant lr) is swept over ``--lrs`` and compared at its best lr per task
+and criterion: the lr with the lowest mean held-out loss for the held-out comparison, the lr with the lowest
+mean final training loss for the training-loss comparison.
 Every task trains on the first 80% of its dataset and reports the full train-split loss and the held-out
 (last 20%) loss after its number of steps, mean +- std over seeds. Writes ``eval.json`` and ``eval.png``.
 """
