@@ -51,23 +51,30 @@ def base_config() -> ml_collections.ConfigDict:
         num_threads=2,
     ))
 
-    c.optimizer = ml_collections.ConfigDict(dict(
-        name="adamw",
+    c.optimizer = optimizer_config()
+    return c
+
+
+def optimizer_config() -> ml_collections.ConfigDict:
+    """The shared optimizer fields and one section per optimizer (``optimizer.<name>``), whose defaults are the
+    optimizer's own (optim.registry records' ``settings``)."""
+    adam = dict(b1=0.9, b2=0.95, eps=1e-8)
+    return ml_collections.ConfigDict(dict(
+        name="adamw",  # adamw | muon | celo2 | celo2_base | velo
         lr=0.0,  # peak learning rate; 0: the optimizer's default (optim.registry records' default_lr: adamw 3e-3,
-        #          muon 0.02, celo2 / celo2-base 1e-3, velo 1 = as published)
+        #          muon 0.02, celo2 / celo2_base 1e-3, velo 1 = as published), filled in when the config is loaded
         schedule="cosine",  # cosine | constant | wsd
         warmup_steps=30,
         min_lr_ratio=0.1,
         decay_fraction=0.2,  # wsd: share of the steps spent decaying
-        b1=0.9,
-        b2=0.95,
-        eps=1e-8,
         weight_decay=0.1,  # on matrices and embeddings only
         clip_norm=1.0,  # global-norm clipping, 0 disables
-        adam_lr_mult=0.0,  # lr of the AdamW branch of Muon/Celo2 relative to lr; 0: the optimizer's
-        #                    default (muon 0.15, celo2 20 = the meta-training mult_1d)
-        theta="",  # Celo2/VeLO weight file (official theta.state format); "": the shipped weights
-        muon_beta=0.95,
-        muon_nesterov=True,
+        adamw=ml_collections.ConfigDict(dict(adam)),
+        # adam_lr_mult: lr of the AdamW branch (embeddings, vectors) relative to lr
+        muon=ml_collections.ConfigDict(dict(beta=0.95, nesterov=True, adam_lr_mult=0.15, **adam)),
+        # theta: weight file (the official format); "": the shipped weights, filled in when the config is loaded.
+        # celo2's adam_lr_mult: 20 = the meta-training mult_1d
+        celo2=ml_collections.ConfigDict(dict(theta="", adam_lr_mult=20.0, **adam)),
+        celo2_base=ml_collections.ConfigDict(dict(theta="")),
+        velo=ml_collections.ConfigDict(dict(theta="")),
     ))
-    return c

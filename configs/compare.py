@@ -3,10 +3,9 @@ import ml_collections
 
 
 def compare_fields(optimizers: str, seeds: int, lrs: dict) -> ml_collections.ConfigDict:
-    """optimizers: comma list of optimizer names (optim.registry); lrs: per optimizer, keyed by its name with
-    '-' written '_' (celo2_base, so that --config.compare.lrs.celo2_base=... can set it), a comma list of peak
-    learning rates to sweep at seed 0; seeds: how many seeds (0..seeds-1) the best rate of each optimizer is
-    run with; redo_mismatched: a run made with other settings is set aside and trained again (default: an
-    error naming the differences)."""
+    """optimizers: comma list of optimizer names (optim.registry); lrs: per optimizer, keyed by its name
+    (--config.compare.lrs.celo2_base=... sets one), a comma list of peak learning rates to sweep at seed 0;
+    seeds: how many seeds (0..seeds-1) the best rate of each optimizer is run with; redo_mismatched: a run
+    made with other settings is set aside and trained again (default: an error naming the differences)."""
     return ml_collections.ConfigDict(dict(optimizers=optimizers, seeds=seeds, lrs=ml_collections.ConfigDict(lrs),
                                           redo_mismatched=False))

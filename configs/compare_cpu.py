@@ -23,7 +23,7 @@ def get_config():
     c.keep_checkpoints = 1
     c.optimizer.warmup_steps = 10
     c.compare = compare_fields(
-        optimizers="adamw,muon,celo2,celo2-base,velo",
+        optimizers="adamw,muon,celo2,celo2_base,velo",
         seeds=3,
         lrs={
             "adamw": "3e-4,1e-3,3e-3,1e-2,3e-2",

@@ -23,7 +23,7 @@ def get_config():
     c.checkpoint_every = 500
     c.optimizer.warmup_steps = 100
     c.compare = compare_fields(
-        optimizers="adamw,muon,celo2,celo2-base",
+        optimizers="adamw,muon,celo2,celo2_base",
         seeds=3,
         lrs={
             "adamw": "1e-3,3e-3,1e-2,3e-2",

@@ -1,72 +1,96 @@
 """Every optimizer of the project by name: one ``OptimizerSpec`` record each, the only place that says how
-an optimizer is built, which rule each parameter goes to, its default learning rate, its weight files and
-how it is meta-trained.
+an optimizer is built, which rule each parameter goes to, its default learning rate and settings, its weight
+files and how it is meta-trained. Nothing else in the project dispatches on an optimizer's name.
 
-``make_optimizer(cfg, total_steps)`` returns an ``Optimizer(tx, schedule, labels)``: ``tx`` is an
-``optax.GradientTransformationExtraArgs`` (the train step always passes ``loss=`` so that optimizers
-that need the loss, like VeLO, receive it; the others ignore it) that already includes global-norm
-clipping, and ``schedule(step)`` gives the learning rate used for logging.
+The run's ``optimizer`` config holds the shared fields (name, lr, schedule, warmup_steps, min_lr_ratio,
+decay_fraction, weight_decay, clip_norm) and one section per optimizer, ``optimizer.<name>``, whose defaults
+are the record's ``settings``. ``resolve_defaults(cfg)`` fills in what the config leaves to the optimizer
+(lr 0: its ``default_lr``; a learned section's empty ``theta``: its shipped weights); the trainer calls it
+once when it loads the config. ``make_optimizer(cfg, total_steps)`` then returns an ``Optimizer(tx,
+schedule, labels)``: ``tx`` is an ``optax.GradientTransformationExtraArgs`` (the train step always passes
+``loss=`` so that optimizers that need the loss, like VeLO, receive it; the others ignore it) that already
+includes global-norm clipping, and ``schedule(step)`` gives the learning rate used for logging.
 
     from optim.registry import REGISTRY, get
     get("celo2").default_lr            # 1e-3
-    get("velo").weights.load(path)      # a VeLO parameter file
-    get("celo2").meta.outer_lr          # PES outer lr
+    get("celo2").settings              # the defaults of optimizer.celo2
+    get("velo").weights.shipped         # the shipped VeLO parameter file
+    get("celo2_base").meta.outer_lr     # PES outer lr
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
+from functools import partial
+from pathlib import Path
 from typing import Callable
 
 import jax
 import optax
 
-from optim import celo2 as celo2_lib
 from optim import muon as muon_lib
-from optim import velo as velo_lib
+from optim.learned import celo2 as celo2_lib
+from optim.learned import celo2_file, velo_file
+from optim.learned import velo as velo_lib
+from optim.learned.core import WEIGHTS_DIR
+from optim.learned.msgpack_file import FileFormat
 from optim.schedules import make_schedule
+
+UNRESOLVED = "must be resolved first: registry.resolve_defaults / load the config through train"
 
 
 @dataclasses.dataclass(frozen=True)
 class WeightFormat:
     """A learned optimizer's weight file: ``load(path) -> theta`` (validated) and ``save(path, theta)`` (its
-    official format, atomically). Without ``optimizer.theta`` each optimizer uses its shipped file,
-    ``optim/weights/<name>.state``."""
+    official format, atomically); ``shipped``: the weights used when ``optimizer.<name>.theta`` is empty
+    (``optim/learned/weights/<name>.state``); ``file``: the format as ``python -m optim.learned.weights``
+    inspects and converts it (shared by the optimizers whose weights have that format)."""
     load: Callable
     save: Callable
+    shipped: Path
+    file: FileFormat
 
 
 @dataclasses.dataclass(frozen=True)
 class MetaTraining:
-    """How PES meta-trains a learned optimizer (``optim.meta``).
+    """How PES meta-trains a learned optimizer (``optim.learned.meta``).
 
     rule(theta):  the raw learned rule, whose update is *added* to the params (no learning rate);
     adam_1d:      the leaves matching ``--regex_1d`` (biases) go to the meta-training Adam instead;
     init(key):    the theta a run starts from with ``--init random``;
     rule_init:    ``--init rule``: a hand-designed rule the network represents exactly, or None;
+    rule_doc:     what that hand-designed rule is (for ``--help``);
     step_mult:    default inner lr (the rule's update times this);  outer_lr: default PES outer lr.
     """
     rule: Callable
     adam_1d: bool
     init: Callable
     rule_init: Callable | None
+    rule_doc: str
     step_mult: float
     outer_lr: float
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerSpec:
-    """One optimizer. ``build(cfg, schedule, total_steps)`` makes the transformation from the run's
-    ``optimizer`` config; ``labels(params)`` names the rule every leaf goes to (printed at start-up), for
-    optimizers that route leaves; ``constant_lr``: the schedule is ignored and ``lr`` multiplies the update.
-    Learned optimizers also have ``deploy(theta, lr, *, num_steps, weight_decay, adam_lr_mult)``, the
-    transformation as trained with (``theta``: dict, path or None for the shipped weights)."""
+    """One optimizer.
+
+    build(section, common, lr, total_steps) -> optax transformation (without clipping): ``section`` is the
+      optimizer's own config section (a mapping with the keys of ``settings``; a learned optimizer's
+      ``theta`` is a weight-file path or a theta dict), ``common`` the shared fields (``weight_decay``),
+      ``lr`` the learning rate (a schedule, or a float for ``constant_lr`` optimizers) and ``total_steps``
+      the planned number of steps (VeLO's training-fraction features; None where the rule does not need it).
+    settings: the defaults of the config section ``optimizer.<name>`` (configs/base.py holds the same).
+    labels(params): names the rule every leaf goes to (printed at start-up), for optimizers that route
+      leaves; constant_lr: the schedule is ignored and ``lr`` multiplies the update.
+    """
     name: str
     build: Callable
     default_lr: float
+    settings: dict
     labels: Callable | None = None
     constant_lr: bool = False
-    deploy: Callable | None = None
     weights: WeightFormat | None = None
     meta: MetaTraining | None = None
 
@@ -83,42 +107,43 @@ def matrices_only(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def _adamw(cfg, schedule, total_steps):
-    return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+def _theta(section, weights: WeightFormat):
+    """The section's theta: a dict as given, a path read by the record's ``weights.load``."""
+    theta = section["theta"]
+    if isinstance(theta, (str, os.PathLike)):
+        if not str(theta):
+            raise ValueError(f"an empty theta {UNRESOLVED}")
+        return weights.load(theta)
+    return theta
+
+
+def _adamw(s, common, lr, total_steps):
+    return optax.adamw(lr, b1=s["b1"], b2=s["b2"], eps=s["eps"], weight_decay=common["weight_decay"],
                        mask=matrices_only)
 
 
-def _muon(cfg, schedule, total_steps):
-    ratio = cfg.adam_lr_mult or 0.15
-    return muon_lib.muon(schedule, lambda t: ratio * schedule(t), beta=cfg.muon_beta, nesterov=cfg.muon_nesterov,
-                         weight_decay=cfg.weight_decay, adam_b1=cfg.b1, adam_b2=cfg.b2, eps=cfg.eps)
+def _muon(s, common, lr, total_steps):
+    """Muon on matrices, AdamW at ``adam_lr_mult`` x lr on the rest (``optim.muon``)."""
+    ratio = s["adam_lr_mult"]
+    return muon_lib.muon(lr, lambda t: ratio * lr(t), beta=s["beta"], nesterov=s["nesterov"],
+                         weight_decay=common["weight_decay"], adam_b1=s["b1"], adam_b2=s["b2"], eps=s["eps"])
 
 
-def _deploy_celo2(theta, lr, *, num_steps=None, weight_decay=0.0, adam_lr_mult=0.0):
-    """Celo2 on matrices, AdamW at ``adam_lr_mult`` x lr (0: 20, the meta-training mult_1d) on the rest."""
-    return celo2_lib.celo2(lr, theta, weight_decay=weight_decay, mult_1d=adam_lr_mult or 20.0)
+def _celo2(s, common, lr, total_steps, *, weights):
+    """Celo2 on matrices, AdamW at ``adam_lr_mult`` x lr (20: the meta-training mult_1d) on the rest."""
+    return celo2_lib.celo2(lr, _theta(s, weights), weight_decay=common["weight_decay"], mult_1d=s["adam_lr_mult"],
+                           b1=s["b1"], b2=s["b2"], eps=s["eps"])
 
 
-def _deploy_celo2_base(theta, lr, *, num_steps=None, weight_decay=0.0, adam_lr_mult=0.0):
-    return celo2_lib.celo2_base(lr, theta, weight_decay=weight_decay)
+def _celo2_base(s, common, lr, total_steps, *, weights):
+    return celo2_lib.celo2_base(lr, _theta(s, weights), weight_decay=common["weight_decay"])
 
 
-def _deploy_velo(theta, lr, *, num_steps=None, weight_decay=0.0, adam_lr_mult=0.0):
+def _velo(s, common, lr, total_steps, *, weights):
     """VeLO sets its own step sizes; ``lr`` multiplies its update (1 = VeLO as published). Weight decay as
     learned_optimization's wrapper: on the gradient and the loss."""
-    return optax.chain(velo_lib.velo(theta, num_steps, weight_decay=weight_decay), optax.scale(lr))
-
-
-def _learned_build(deploy: Callable, constant_lr: bool) -> Callable:
-    def build(cfg, schedule, total_steps):
-        return deploy(cfg.theta or None, cfg.lr if constant_lr else schedule, num_steps=total_steps,
-                      weight_decay=cfg.weight_decay, adam_lr_mult=cfg.adam_lr_mult)
-    return build
-
-
-def _learned(name, deploy, default_lr, weights, meta, labels=None, constant_lr=False) -> OptimizerSpec:
-    return OptimizerSpec(name, _learned_build(deploy, constant_lr), default_lr, labels, constant_lr, deploy,
-                         weights, meta)
+    return optax.chain(velo_lib.velo(_theta(s, weights), total_steps, weight_decay=common["weight_decay"]),
+                       optax.scale(lr))
 
 
 def _celo2_rule(orthogonalize: bool):
@@ -132,27 +157,39 @@ def _feature_rule(block: int):
     return lambda key: celo2_lib.init_theta_from_feature(key, block=block, channel=0)
 
 
-_CELO2_WEIGHTS = WeightFormat(celo2_lib.load_theta, celo2_lib.save_theta)
+def _weights(name: str, load: Callable, save: Callable, file: FileFormat) -> WeightFormat:
+    return WeightFormat(load, save, WEIGHTS_DIR / f"{name}.state", file)
+
+
+_CELO2_WEIGHTS = _weights("celo2", partial(celo2_file.load_theta, variant="celo2"), celo2_file.save_theta,
+                          celo2_file.FORMAT)
+_CELO2_BASE_WEIGHTS = _weights("celo2_base", partial(celo2_file.load_theta, variant="celo2_base"),
+                               celo2_file.save_theta, celo2_file.FORMAT)
+_VELO_WEIGHTS = _weights("velo", velo_file.load_velo_theta, velo_file.save_velo_theta, velo_file.FORMAT)
+_ADAM = dict(b1=0.9, b2=0.95, eps=1e-8)
 
 # Peak lrs (``optimizer.lr`` 0): AdamW's GPT-style 3e-3 (this project's small models), Muon's usual 0.02,
 # the Celo2 rules' meta-training step size 1e-3 (their step has RMS 1, like Adam's scale), and VeLO as
-# published (its lr multiplies the step it sizes itself). Meta-training: outer lrs of spec D.8 for the Celo2
-# rules; VeLO has no PES recipe at this budget, 3e-4 was chosen by pilot runs (README); rule starts: Celo2
-# from d = momentum 0.9 (block 3, Muon's direction after Newton-Schulz), Celo2-base from d = m / sqrt(v)
-# (block 5, Adam's direction).
+# published (its lr multiplies the step it sizes itself). Meta-training: outer lrs of
+# docs/meta_training.md#outer-optimizer for the Celo2 rules; VeLO has no PES recipe at this budget, 3e-4 was
+# chosen by pilot runs; rule starts: Celo2 from d = momentum 0.9 (block 3, Muon's direction after
+# Newton-Schulz), Celo2-base from d = m / sqrt(v) (block 5, Adam's direction).
 REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
-    OptimizerSpec("adamw", _adamw, 3e-3),
-    OptimizerSpec("muon", _muon, 0.02, labels=muon_lib.param_labels),
-    _learned("celo2", _deploy_celo2, 1e-3, _CELO2_WEIGHTS,
-             MetaTraining(_celo2_rule(True), True, celo2_lib.init_theta, _feature_rule(3), 1e-3, 5e-5),
-             labels=celo2_lib.param_labels),
-    _learned("celo2-base", _deploy_celo2_base, 1e-3, _CELO2_WEIGHTS,
-             MetaTraining(_celo2_rule(False), False, celo2_lib.init_theta, _feature_rule(5), 1e-3, 1e-4)),
-    _learned("velo", _deploy_velo, 1.0,
-             WeightFormat(velo_lib.load_velo_theta, velo_lib.save_velo_theta),
-             MetaTraining(lambda theta: velo_lib.scale_by_velo(theta, 1), False, velo_lib.init_velo_meta_theta,
-                          None, 1.0, 3e-4),
-             constant_lr=True),
+    OptimizerSpec("adamw", _adamw, 3e-3, dict(_ADAM)),
+    OptimizerSpec("muon", _muon, 0.02, dict(beta=0.95, nesterov=True, adam_lr_mult=0.15, **_ADAM),
+                  labels=muon_lib.param_labels),
+    OptimizerSpec("celo2", partial(_celo2, weights=_CELO2_WEIGHTS), 1e-3, dict(theta="", adam_lr_mult=20.0, **_ADAM),
+                  labels=celo2_lib.param_labels, weights=_CELO2_WEIGHTS,
+                  meta=MetaTraining(_celo2_rule(True), True, celo2_lib.init_theta, _feature_rule(3),
+                                    "d = momentum 0.9, i.e. Muon's direction after Newton-Schulz", 1e-3, 5e-5)),
+    OptimizerSpec("celo2_base", partial(_celo2_base, weights=_CELO2_BASE_WEIGHTS), 1e-3, dict(theta=""),
+                  weights=_CELO2_BASE_WEIGHTS,
+                  meta=MetaTraining(_celo2_rule(False), False, celo2_lib.init_theta, _feature_rule(5),
+                                    "d = m / sqrt(v), Adam's direction", 1e-3, 1e-4)),
+    OptimizerSpec("velo", partial(_velo, weights=_VELO_WEIGHTS), 1.0, dict(theta=""), constant_lr=True,
+                  weights=_VELO_WEIGHTS,
+                  meta=MetaTraining(lambda theta: velo_lib.scale_by_velo(theta, 1), False,
+                                    velo_lib.init_velo_meta_theta, None, "", 1.0, 3e-4)),
 ]}
 META_TRAINABLE = tuple(name for name, spec in REGISTRY.items() if spec.meta is not None)
 
@@ -171,6 +208,15 @@ def meta_trainable(name: str) -> OptimizerSpec:
     return REGISTRY[name]
 
 
+def weight_files() -> dict[FileFormat, list[str]]:
+    """Each weight-file format with the names of the optimizers whose weights have it."""
+    out = {}
+    for name, spec in REGISTRY.items():
+        if spec.weights is not None:
+            out.setdefault(spec.weights.file, []).append(name)
+    return out
+
+
 def routing_table(params, labels) -> str:
     """One line per leaf (key path, shape, optimizer branch), then the parameter count per branch."""
     leaves = jax.tree_util.tree_leaves_with_path(params)
@@ -184,26 +230,42 @@ def routing_table(params, labels) -> str:
                      + ["  ".join(f"{label}: {n:,} params" for label, n in sorted(totals.items()))])
 
 
-def make_optimizer(cfg, total_steps: int) -> Optimizer:
-    """Build the optimizer named ``cfg.name`` with its schedule and global-norm clipping (``cfg.clip_norm``);
-    ``cfg.lr`` 0 means the optimizer's ``default_lr``."""
+def resolve_defaults(cfg):
+    """A copy of the ``optimizer`` config ``cfg`` with what it leaves to the optimizer filled in: ``lr`` 0 ->
+    the record's ``default_lr``; an empty ``optimizer.<name>.theta`` -> the absolute path of the record's
+    shipped weights (``weights.shipped``). ValueError for an unknown name."""
     spec = get(cfg.name)
+    cfg = cfg.copy_and_resolve_references()
+    if not cfg.lr:
+        cfg.lr = spec.default_lr
+    if spec.weights is not None and not cfg[spec.name].theta:
+        cfg[spec.name].theta = str(spec.weights.shipped.resolve())
+    return cfg
+
+
+def _check(cfg, spec: OptimizerSpec) -> None:
     if cfg.lr < 0:
         raise ValueError(f"optimizer.lr={cfg.lr} must be positive (0: {cfg.name}'s default, {spec.default_lr:g})")
-    if cfg.theta and spec.weights is None:
-        raise ValueError(f"optimizer.theta={cfg.theta!r} is given, but {cfg.name} has no learned weights; remove it, "
-                         f"or choose one of {', '.join(n for n, s in REGISTRY.items() if s.weights)}")
     if not cfg.lr:
-        cfg = cfg.copy_and_resolve_references()
-        cfg.lr = spec.default_lr
+        raise ValueError(f"optimizer.lr=0 {UNRESOLVED}")
+    if "theta" in spec.settings and not cfg[spec.name].theta:
+        raise ValueError(f"optimizer.{spec.name}.theta='' {UNRESOLVED}")
+    if cfg.clip_norm < 0:
+        raise ValueError(f"optimizer.clip_norm={cfg.clip_norm} must be >= 0 (0 disables clipping)")
+
+
+def make_optimizer(cfg, total_steps: int) -> Optimizer:
+    """Build the optimizer named ``cfg.name`` (a resolved config: ``resolve_defaults``) from its section
+    ``cfg.<name>`` and the shared fields, with its schedule and global-norm clipping (``cfg.clip_norm``)."""
+    spec = get(cfg.name)
+    _check(cfg, spec)
     if spec.constant_lr:
         schedule = optax.constant_schedule(cfg.lr)
     else:
         schedule = make_schedule(cfg.schedule, cfg.lr, total_steps, cfg.warmup_steps,
                                  cfg.min_lr_ratio, cfg.decay_fraction)
-    tx = spec.build(cfg, schedule, total_steps)
+    common = {k: v for k, v in cfg.items() if k not in REGISTRY}
+    tx = spec.build(cfg[spec.name], common, cfg.lr if spec.constant_lr else schedule, total_steps)
     if cfg.clip_norm:
-        if cfg.clip_norm < 0:
-            raise ValueError(f"optimizer.clip_norm={cfg.clip_norm} must be >= 0 (0 disables clipping)")
         tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
     return Optimizer(optax.with_extra_args_support(tx), schedule, spec.labels)

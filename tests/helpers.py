@@ -4,6 +4,7 @@ import numpy as np
 
 from configs.base import base_config
 from configs.cpu_tiny import get_config as cpu_tiny_config
+from optim.registry import resolve_defaults
 from train.build import build_run
 from train.config import load_config
 
@@ -24,15 +25,16 @@ def synthetic_batches(n, batch=8, seq=32, seed=0):
 
 
 def optimizer_config(name="adamw", **overrides):
+    """The base optimizer config for ``name``, resolved (``resolve_defaults``: its default lr, and for learned
+    optimizers the shipped weights), as the trainer resolves it when it loads a config."""
     cfg = base_config().optimizer
     cfg.name = name
-    cfg.warmup_steps = 2  # learned optimizers: theta "" = the shipped weights
-    if name == "celo2":
-        # The AdamW branch (embeddings, vectors) at the same lr as the learned rule: the default 20x
-        # (meta-training's mult_1d) is too hot for the synthetic 10-step task's embeddings.
-        cfg.adam_lr_mult = 1.0
+    cfg.warmup_steps = 2
+    # Celo2's AdamW branch (embeddings, vectors) at the same lr as the learned rule: the default 20x
+    # (meta-training's mult_1d) is too hot for the synthetic 10-step task's embeddings.
+    cfg.celo2.adam_lr_mult = 1.0
     cfg.update(overrides)
-    return cfg
+    return resolve_defaults(cfg)
 
 
 def tiny_config(workdir, data_dir, **overrides):

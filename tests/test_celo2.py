@@ -1,4 +1,5 @@
-"""Celo2: conformance with the official implementation (spec A.11), invariants, chunking, harness, weight files."""
+"""Celo2: conformance with the official implementation (docs/learned_optimizers.md#conformance), invariants,
+chunking, harness, weight files."""
 import flax.serialization
 import jax
 import jax.numpy as jnp
@@ -7,13 +8,13 @@ import numpy as np
 import optax
 import pytest
 
-from optim import celo2 as celo2_lib
-from optim.celo2 import (THETA_SHAPES, celo2, celo2_base, factored_dims, init_theta, init_theta_from_feature,
-                         load_theta, param_labels, save_theta, scale_by_celo2)
+from optim.learned import celo2 as celo2_lib
+from optim.learned.celo2 import (THETA_SHAPES, celo2, celo2_base, factored_dims, init_theta, init_theta_from_feature,
+                                 load_theta, param_labels, save_theta, scale_by_celo2)
+from optim.learned.celo2_file import theta_from_bytes, theta_to_bytes
 from optim.registry import routing_table
-from optim.theta_io import theta_from_bytes, theta_to_bytes
 
-# --- spec A.11: synthetic theta, params, grads and the official outputs ---------------------------------
+# --- conformance: synthetic theta, params, grads and the official outputs ---------------------------------
 
 
 def synthetic_theta():
@@ -141,7 +142,7 @@ def test_update_requires_params():
         tx.update(grads_at(1), state)
 
 
-# --- invariants (spec A.11) ---------------------------------------------------------------------------
+# --- invariants (docs/learned_optimizers.md#conformance) ----------------------------------------------------
 
 
 def random_problem(shapes, seed=0):
@@ -332,16 +333,14 @@ def test_celo2_with_no_matrices():
     assert jax.tree.structure(updates) == jax.tree.structure(params)
 
 
-def test_theta_default_lookup(tmp_path, monkeypatch):
-    monkeypatch.setattr(celo2_lib, "WEIGHTS_DIR", tmp_path)
-    with pytest.raises(ValueError, match="no shipped celo2 weights.*theta.state"):
-        celo2(1e-3)
-    with pytest.raises(ValueError, match="no shipped celo2-base weights"):
-        celo2_base(1e-3)
+def test_theta_sources(tmp_path):
+    """theta is a dict or a weight file; which file a configured optimizer uses is its registry record's."""
+    with pytest.raises(ValueError, match="theta is required.*weights.shipped"):
+        celo2(1e-3, None)
     save_theta(tmp_path / "celo2.state", synthetic_theta())
     params, grads = {"a": PARAMS["a"]}, {"a": grads_at(1)["a"]}
     ref = one_step(scale_by_celo2(synthetic_theta()), params, grads)
-    for theta in (None, tmp_path / "celo2.state", str(tmp_path / "celo2.state")):
+    for theta in (tmp_path / "celo2.state", str(tmp_path / "celo2.state")):
         np.testing.assert_array_equal(one_step(scale_by_celo2(theta), params, grads)["a"], ref["a"])
 
 

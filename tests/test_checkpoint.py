@@ -101,8 +101,16 @@ def cli_args(cfg) -> list[str]:
             "eval_every": cfg.eval_every, "eval_batches": cfg.eval_batches,
             "checkpoint_every": cfg.checkpoint_every, "mesh.data": cfg.mesh.data, "mesh.fsdp": cfg.mesh.fsdp,
             "mesh.tensor": cfg.mesh.tensor}
-    flat.update({f"optimizer.{k}": v for k, v in cfg.optimizer.items()})
+    flat.update(_flat(cfg.optimizer, "optimizer."))
     return args + [f"--config.{k}={v}" for k, v in flat.items()]
+
+
+def _flat(node, prefix: str) -> dict:
+    """The leaves of a config section (its per-optimizer sections too) as dotted flag names."""
+    out = {}
+    for k, v in node.items():
+        out.update(_flat(v, f"{prefix}{k}.") if hasattr(v, "items") else {f"{prefix}{k}": v})
+    return out
 
 
 # One uninterrupted run and one run stopped (like a preemption) at STEPS // 2, per optimizer.

@@ -12,11 +12,12 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from optim import velo as velo_lib
-from optim.celo2 import THETA_SHAPES, factored_dims, save_theta
+from optim import registry
+from optim.learned import velo as velo_lib
+from optim.learned.celo2 import THETA_SHAPES, factored_dims, save_theta
+from optim.learned.velo import init_velo_theta, load_velo_theta, save_velo_theta, scale_by_velo, velo
+from optim.learned.velo_file import count_params, velo_theta_from_bytes, velo_theta_shapes, velo_theta_to_bytes
 from optim.sharding import state_specs
-from optim.velo import init_velo_theta, load_velo_theta, save_velo_theta, scale_by_velo, velo
-from optim.velo_io import count_params, velo_theta_from_bytes, velo_theta_shapes, velo_theta_to_bytes
 
 SMALL = dict(param_inits=8, lstm_hidden_size=16)  # a small hyper-network keeps the numpy reference fast
 LM_LOSS_DROP = 0.3  # nats/token the shipped weights must take off the cpu-tiny loss in 40 steps (they take 0.46)
@@ -77,7 +78,7 @@ def test_official_parameter_count_and_breakdown():
     }
     print("\n" + "\n".join(f"{k:<32}{v:>10,}" for k, v in breakdown.items()))
     assert breakdown == {
-        "3 mixing Linears (30 -> 512)": 3 * 15_872,  # spec E.2 says 3 x 14,848 (28 inputs): see velo_io
+        "3 mixing Linears (30 -> 512)": 3 * 15_872,  # not 3 x 14,848 (28 inputs): see velo_file
         "LSTM (512 + 512 -> 4 x 512)": 2_099_200,
         "rnn_to_controls (512 -> 256)": 131_328,
         "step_size (512 -> 1)": 513,
@@ -128,7 +129,7 @@ def test_wrong_files_are_refused(small_theta, tmp_path):
     with pytest.raises(ValueError, match=r"lstm_init_state/hidden has shape \(1, 16\), expected \(1, 512\)"):
         velo_theta_from_bytes(buf)  # a different configuration than asked for
     bad = jax.tree.map(np.asarray, small_theta)
-    bad["rnn_params"]["linear"]["w"] = np.zeros((28, 16), np.float32)  # the spec's 28 inputs
+    bad["rnn_params"]["linear"]["w"] = np.zeros((28, 16), np.float32)  # 28 inputs: a var_rms of width 1
     with pytest.raises(ValueError, match=r"rnn_params/linear/w has shape \(28, 16\), expected \(30, 16\)"):
         velo_theta_from_bytes(flax.serialization.to_bytes(bad), **SMALL)
     del bad["rnn_params"]["step_size"]
@@ -335,7 +336,7 @@ def test_sharded_equals_unsharded(small_theta, small_rule):
 # --- the harness entry -----------------------------------------------------------------------------------
 
 
-def test_velo_weight_decay_and_theta_sources(small_theta, small_rule, tmp_path, monkeypatch):
+def test_velo_weight_decay_and_theta_sources(small_theta, small_rule, tmp_path):
     params, grads = problem(SHAPES, seed=6, steps=len(LOSSES))
     wd = 0.1
     decayed, _ = run(velo(small_theta, 50, weight_decay=wd, **SMALL), params, grads, LOSSES)
@@ -349,10 +350,10 @@ def test_velo_weight_decay_and_theta_sources(small_theta, small_rule, tmp_path, 
     from_file, from_dict = (velo(theta, 50, **SMALL).init(params) for theta in (str(path), small_theta))
     jax.tree.map(np.testing.assert_array_equal, from_file, from_dict)  # includes the LSTM initial state
 
-    shipped = velo(None, 100).init(params)  # no theta: the shipped weights
-    jax.tree.map(np.testing.assert_array_equal, shipped, velo(str(velo_lib.DEFAULT_WEIGHTS), 100).init(params))
-    monkeypatch.setattr(velo_lib, "DEFAULT_WEIGHTS", tmp_path / "missing.state")
-    with pytest.raises(ValueError, match="shipped VeLO weights .* are missing"):
+    shipped = registry.get("velo").weights.shipped  # what an empty optimizer.velo.theta resolves to
+    jax.tree.map(np.testing.assert_array_equal, velo(shipped, 100).init(params),
+                 velo(registry.get("velo").weights.load(shipped), 100).init(params))
+    with pytest.raises(ValueError, match="theta is required.*weights.shipped"):
         velo(None, 100)
     with pytest.raises(ValueError, match="num_steps"):
         velo(small_theta, 0, **SMALL)
@@ -366,6 +367,7 @@ def test_shipped_weights_train_the_cpu_preset(tmp_path, shakespeare):
 
     cfg = tiny_config(tmp_path / "run", shakespeare, steps=40, log_every=1, eval_every=40, checkpoint_every=40)
     cfg.optimizer.update(name="velo", lr=1.0)
+    cfg.optimizer = registry.resolve_defaults(cfg.optimizer)  # theta "": the shipped weights
     train(cfg)
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     losses = np.array([r["loss"] for r in rows if "loss" in r])

@@ -1,5 +1,5 @@
 """Official weight-file layouts load as published, files written here load the way the official code loads
-them, and ``python -m optim.weights`` inspects and converts them.
+them, and ``python -m optim.learned.weights`` inspects and converts them.
 
 The expected official trees are built here from the official naming rules, not from the project's constants:
 - Haiku names parameters "<module path>/<param>" with top-level modules "linear", "linear_1", ...; a module
@@ -22,11 +22,11 @@ import numpy as np
 import optax
 import pytest
 
-from optim import celo2 as celo2_lib
-from optim import velo as velo_lib
-from optim.theta_io import THETA_SHAPES, load_theta, save_theta
-from optim.velo_io import load_velo_theta, save_velo_theta
-from optim.weights.__main__ import main as weights_cli
+from optim import registry
+from optim.learned import velo as velo_lib
+from optim.learned.celo2_file import THETA_SHAPES, load_theta, save_theta
+from optim.learned.velo_file import load_velo_theta, save_velo_theta
+from optim.learned.weights.__main__ import main as weights_cli
 
 K, H, F = 4, 8, 30  # param_inits, lstm_hidden_size, per-tensor features (small, to keep files tiny)
 SIZES = dict(param_inits=K, lstm_hidden_size=H)
@@ -38,7 +38,7 @@ def official_velo_tree(seed=0, lstm_key="rnn/linear"):
     """HyperV2's parameters as Haiku names them (module docstring), random values."""
     rng = np.random.default_rng(seed)
     a = lambda *shape: rng.standard_normal(shape).astype(np.float32)
-    widths = (1, 1, 1, 3, 1, 3, 1, 3, 1, 3, 3, 3, 3, 3)  # the 14 feature blocks of spec A.3
+    widths = (1, 1, 1, 3, 1, 3, 1, 3, 1, 3, 3, 3, 3, 3)  # the 14 feature blocks (docs/learned_optimizers.md#features)
     ff = {f"w0__{i}": a(K, w, 4) for i, w in enumerate(widths)}
     ff.update(b0=a(K, 4), w1=a(K, 4, 4), b1=a(K, 4), w2=a(K, 4, 3), b2=a(K, 3))
     return {"lstm_init_state": LSTMState(a(1, H), a(1, H)),
@@ -98,7 +98,7 @@ def test_legacy_velo_file_still_loads(tmp_path):
 
 
 def test_shipped_velo_weights_are_in_the_official_layout():
-    raw = flax.serialization.msgpack_restore(velo_lib.DEFAULT_WEIGHTS.read_bytes())
+    raw = flax.serialization.msgpack_restore(registry.get("velo").weights.shipped.read_bytes())
     assert sorted(raw["rnn_params"]) == ["linear", "linear_1", "linear_2", "rnn/linear", "rnn_to_controls",
                                          "step_size"]
 
@@ -134,20 +134,21 @@ def _celo2_dir(tmp_path, optimizer):
 
 
 def test_celo2_directory_with_matching_config_loads(tmp_path):
-    d = _celo2_dir(tmp_path, "celo2base")
-    assert load_theta(d, "celo2-base")["w1"].shape == (8, 8)
-    tx = celo2_lib.celo2_base(1e-3, str(d))  # optimizer.theta=<directory>
+    d = _celo2_dir(tmp_path, "celo2base")  # the official code's name of Celo2-base
+    assert load_theta(d, "celo2_base")["w1"].shape == (8, 8)
+    tx = registry.get("celo2_base").build({"theta": str(d)}, {"weight_decay": 0.0}, 1e-3, 10)  # theta=<directory>
     assert tx.init({"w": jax.numpy.ones((4, 4))}) is not None
 
 
 @pytest.mark.parametrize("optimizer,match", [
-    ("celo2base", r"optimizer='celo2base'\) but used as celo2.*--config.optimizer.name=celo2-base"),
+    ("celo2base", r"optimizer='celo2base'\) but used as celo2.*--config.optimizer.name=celo2_base"),
     ("celo", r"meta-trained as celo .*not Celo2 weights"),
 ])
 def test_celo2_directory_with_another_config_is_refused(tmp_path, optimizer, match):
     d = _celo2_dir(tmp_path, optimizer)
-    with pytest.raises(ValueError, match=match):
-        celo2_lib.celo2(1e-3, str(d))
+    with pytest.raises(ValueError, match=match):  # a configured optimizer reads its theta through its record
+        registry.get("celo2").build(dict(registry.get("celo2").settings, theta=str(d)), {"weight_decay": 0.0},
+                                    1e-3, 10)
 
 
 def test_celo2_directory_without_theta_is_refused(tmp_path):
@@ -155,7 +156,7 @@ def test_celo2_directory_without_theta_is_refused(tmp_path):
         load_theta(tmp_path, "celo2")
 
 
-# --- python -m optim.weights ------------------------------------------------------------------------------
+# --- python -m optim.learned.weights ------------------------------------------------------------------------------
 
 
 def test_inspect_and_convert(tmp_path, capsys):

@@ -59,7 +59,7 @@ def run_name(opt: str, lr: float, seed: int) -> str:
 def _lrs(cfg, opt: str) -> list[float]:
     """``compare.lrs`` of optimizer ``opt``, keyed by its name with '-' as '_' (``celo2_base``: a key that a
     ``--config.compare.lrs.<key>=...`` flag can name), or by the name itself."""
-    key = next((k for k in (opt.replace("-", "_"), opt) if k in cfg.compare.lrs), None)
+    key = opt if opt in cfg.compare.lrs else None
     if key is None:
         raise ValueError(f"compare.lrs has no learning rates for {opt!r}; add "
                          f"--config.compare.lrs.{opt.replace('-', '_')}=...")

@@ -1,4 +1,5 @@
-"""Inner problems for truncated meta-training (spec D.3-D.5): resets, lengths, reparametrisation, optimizer.
+"""Inner problems for truncated meta-training (docs/meta_training.md#task-augmentation,
+#inner-optimizer, #unrolls-and-truncation): resets, lengths, reparametrisation, optimizer.
 
 ``TruncatedProblem`` turns a pure task (``init``, ``loss``, ``sample_batch``) and a function
 ``make_opt(theta) -> optax.GradientTransformation`` into one vmappable inner step with automatic resets:
@@ -34,7 +35,7 @@ LOSS_MAX = 1.5 * math.log(10.0)
 
 
 def normalize_loss(loss):
-    """clip(loss, 0, 1.5 ln 10) with NaN and inf mapped to the maximum (spec D.2)."""
+    """clip(loss, 0, 1.5 ln 10) with NaN and inf mapped to the maximum (docs/meta_training.md#tasks)."""
     return jnp.where(jnp.isfinite(loss), jnp.clip(loss, 0.0, LOSS_MAX), LOSS_MAX)
 
 
@@ -44,7 +45,8 @@ class MetaAdamState(NamedTuple):
 
 
 def scale_by_meta_adam(b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8) -> optax.GradientTransformation:
-    """The meta-training Adam of spec B.3: m <- b1 m + (1-b1) g, v <- b2 v + (1-b2) g^2, step = m / sqrt(v + eps).
+    """The meta-training Adam (docs/meta_training.md#inner-optimizer):
+    m <- b1 m + (1-b1) g, v <- b2 v + (1-b2) g^2, step = m / sqrt(v + eps).
 
     No bias correction and eps inside the square root (unlike ``optax.adam``). Returns the step before the lr.
     """
@@ -66,7 +68,8 @@ def path_str(path) -> str:
 
 
 def regex_labels(regex_1d: str) -> Callable:
-    """'adam' for leaves whose flat path matches ``regex_1d`` (re.search), else 'learned' (spec B.3)."""
+    """'adam' for leaves whose flat path matches ``regex_1d`` (re.search), else 'learned'
+    (docs/meta_training.md#inner-optimizer)."""
     pattern = re.compile(regex_1d)
 
     def labels(params):
@@ -77,7 +80,8 @@ def regex_labels(regex_1d: str) -> Callable:
 
 def meta_training_optimizer(variant: str = "celo2", step_mult: float = 1e-3, mult_1d: float = 20.0,
                             regex_1d: str = r"/b$") -> Callable[[Any], optax.GradientTransformation]:
-    """``theta -> inner optimizer`` as used during meta-training (spec B.3, D.4); weight decay 0.
+    """``theta -> inner optimizer`` as used during meta-training
+    (docs/meta_training.md#inner-optimizer); weight decay 0.
 
     The variant's learned rule (its registry record's ``meta.rule``) times ``step_mult`` on every leaf; for
     variants with ``adam_1d`` (celo2) the leaves matching ``regex_1d`` (biases) go to the meta-training Adam

@@ -1,10 +1,10 @@
 """Evaluate meta-trained Celo2 / VeLO weights against AdamW on held-out validation tasks, and plot a run.
 
-    python -m optim.meta.evaluate --theta runs/meta_celo2/theta.state --variant celo2 --out runs/eval_celo2
-    python -m optim.meta.evaluate --theta runs/meta_velo/theta.state --variant velo --out runs/eval_velo
-    python -m optim.meta.evaluate --plot_run runs/meta_celo2
-    python -m optim.meta.evaluate --select runs/meta_celo2 --variant celo2 --out runs/eval_best
-    python -m optim.meta.evaluate --objective runs/meta_celo2 --snapshots 0,5000,10000
+    python -m optim.learned.meta.evaluate --theta runs/meta_celo2/theta.state --variant celo2 --out runs/eval_celo2
+    python -m optim.learned.meta.evaluate --theta runs/meta_velo/theta.state --variant velo --out runs/eval_velo
+    python -m optim.learned.meta.evaluate --plot_run runs/meta_celo2
+    python -m optim.learned.meta.evaluate --select runs/meta_celo2 --variant celo2 --out runs/eval_best
+    python -m optim.learned.meta.evaluate --objective runs/meta_celo2 --snapshots 0,5000,10000
 
 ``--objective`` measures a run's meta-objective itself on its snapshots (``--snapshots``): every snapshot
 trains the same ``--problems`` whole inner problems per task family (same lengths, reparam scales, inits
@@ -14,13 +14,13 @@ and batches), so the curve shows what the truncated PES estimates cannot; writes
 ``--select`` picks the run's snapshot (``theta_<i>.state``) with the lowest mean quick-validation training
 loss (``valid_train/*``, logged every ``--eval_every`` iterations during the run) and evaluates it.
 
-The learned optimizer is used as deployed (``optim.celo2.celo2`` / ``celo2_base`` / ``optim.velo.velo``) at
-one constant lr (``--lr``: the ``step_mult`` it was meta-trained with, by default 1e-3 for Celo2 with
-mult_1d 20, and 1 for VeLO, whose lr multiplies its own step and which is told each task's number of
-steps), no tuning and no reparametrisation. AdamW (b1 0.9, b2 0.999, eps 1e-8, no weight decay, constant lr)
-is swept over ``--lrs`` and compared at its best lr per task and criterion: the lr with the lowest mean
-held-out loss for the held-out comparison, the lr with the lowest mean final training loss for the
-training-loss comparison.
+The learned optimizer is used as deployed, as its registry record builds it (``optim.learned.celo2.celo2`` /
+``celo2_base`` / ``optim.learned.velo.velo``), at one constant lr (``--lr``: the ``step_mult`` it was
+meta-trained with, by default 1e-3 for Celo2 with mult_1d 20, and 1 for VeLO, whose lr multiplies its own
+step and which is told each task's number of steps), no tuning and no reparametrisation. AdamW (b1 0.9,
+b2 0.999, eps 1e-8, no weight decay, constant lr) is swept over ``--lrs`` and compared at its best lr per task
+and criterion: the lr with the lowest mean held-out loss for the held-out comparison, the lr with the lowest
+mean final training loss for the training-loss comparison.
 Every task trains on the first 80% of its dataset and reports the full train-split loss and the held-out
 (last 20%) loss after its number of steps, mean +- std over seeds. Writes ``eval.json`` and ``eval.png``.
 """
@@ -38,9 +38,10 @@ import numpy as np
 from infra.cli import user_errors
 from infra.files import write_atomic
 from optim import registry
-from optim.meta import pes, run
-from optim.meta import tasks as tasks_lib
-from optim.meta.validation import (DEFAULT_LRS, compare, plot_compare, plot_objective, plot_run, select_snapshot,
+from optim.learned.meta import pes, run
+from optim.learned.meta import tasks as tasks_lib
+from optim.learned.meta.validation import (DEFAULT_LRS, compare, plot_compare, plot_objective, plot_run,
+                                           select_snapshot,
                                    table)
 
 
@@ -68,7 +69,7 @@ def objective_curve(workdir, iterations, num_problems: int = 64, seed: int = 0) 
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m optim.meta.evaluate", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m optim.learned.meta.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--theta", help="weight file to evaluate (theta.state, or a VeLO parameter file)")
     p.add_argument("--variant", default="celo2", choices=list(registry.META_TRAINABLE))

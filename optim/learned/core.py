@@ -1,6 +1,7 @@
-"""The per-element machinery shared by the learned optimizers (Celo2, Celo2-base and VeLO, spec A.2-A.3):
-gradient accumulators and their sharding, the 14 feature blocks built from them, blocks of rows that bound
-the transient memory, state initialisation and the resolution of a theta argument.
+"""The per-element machinery shared by the learned optimizers (Celo2, Celo2-base and VeLO; see
+docs/learned_optimizers.md#accumulators and #features): gradient accumulators and their sharding, the 14
+feature blocks built from them (``FEATURE_WIDTHS``, the first-layer widths of both networks), blocks of rows
+that bound the transient memory, state initialisation and the resolution of a theta argument.
 
 Per leaf, with g clipped to +-1000 and EMAs new = beta old + (1 - beta) x (zero init, no bias correction):
 m (3 decays) of g, rms (1 decay) of g^2, and Adafactor EMAs of g^2 + 1e-30 factored over the two largest
@@ -19,7 +20,11 @@ from jax import lax
 
 from optim.sharding import TRAILING, drop_axis
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"  # shipped weights: celo2.state, celo2-base.state, velo.state
+WEIGHTS_DIR = Path(__file__).parent / "weights"  # shipped weights: celo2.state, celo2_base.state, velo.state
+
+# Widths of the 14 per-element feature blocks (``feature_blocks``), in the order of the first-layer keys
+# w0__0..w0__13 of Celo2's MLP and of VeLO's per-element MLPs.
+FEATURE_WIDTHS = (1, 1, 1, 3, 1, 3, 1, 3, 1, 3, 3, 3, 3, 3)
 
 MOMENTUM_DECAYS = (0.9, 0.99, 0.999)
 ADAFACTOR_DECAYS = (0.9, 0.99, 0.999)
@@ -72,7 +77,7 @@ def _ema(old, x, decays):
 
 
 def feature_blocks(g, p, m, rms, *fac, rms_eps: float, vector_factored: bool = False):
-    """The 14 per-element feature blocks of spec A.3 (w0__0..w0__13), each broadcastable to
+    """The 14 per-element feature blocks (w0__0..w0__13; docs/learned_optimizers.md#features), each broadcastable to
     g.shape + (width,): the factored statistics keep their size-1 axes. With R = rsqrt(rms + rms_eps):
 
         G, clip(G, +-0.1), p, m, rms, m R, R, fac_g, G R, row, col, rsqrt(row + 1e-8), rsqrt(col + 1e-8), m rf cf
@@ -122,7 +127,7 @@ def num_row_blocks(shape, axis: int, chunk_elems: int) -> int:
 
 
 def accumulate(g, m, rms, v_row, v_col, v_diag, decays):
-    """Update the EMAs of a leaf with its clipped gradient g (A.2).
+    """Update the EMAs of a leaf with its clipped gradient g (docs/learned_optimizers.md#accumulators).
 
     Returns the new (m, rms, v_row, v_col, v_diag) and ``fac``, the inputs of the factored features:
     (row_factor, col_factor, v_row, v_col) expanded back to g's rank, or (v_diag,) when ndim <= 1.
@@ -161,13 +166,13 @@ def init_accumulators(params, n_momentum: int, n_rms: int, n_factored: int) -> d
                 v_diag=zeros(lambda s: factored_shapes(s, n_factored)[2], f32))
 
 
-def resolve_theta(theta, shipped, load, check, missing: str):
-    """A theta dict, a path to a weight file (read with ``load``), or None for the ``shipped`` file (``missing``:
-    the error when it does not exist); validated by ``check`` and cast to float32 jax arrays."""
+def resolve_theta(theta, load, check) -> dict:
+    """A theta dict, or a path to a weight file (read with ``load``); validated by ``check`` and cast to float32
+    jax arrays. Which file a configured optimizer uses is its registry record's business (``optim.registry``:
+    the shipped weights unless ``optimizer.<name>.theta`` names others)."""
     if theta is None:
-        if not shipped.exists():
-            raise ValueError(missing)
-        theta = shipped
+        raise ValueError("theta is required: a theta dict or the path of a weight file (the shipped weights: "
+                         "optim.registry.get(<optimizer name>).weights.shipped)")
     if isinstance(theta, (str, os.PathLike)):
         theta = load(theta)
     check(theta)

@@ -1,7 +1,8 @@
-"""Meta-train Celo2 / Celo2-base / VeLO with PES (spec D): the resumable outer loop.
+"""Meta-train Celo2 / Celo2-base / VeLO with PES (docs/meta_training.md#running-it): the resumable outer
+loop.
 
-    python -m optim.meta --variant celo2 --workdir runs/meta_celo2 --outer_iterations 10000
-    python -m optim.meta --variant velo --workdir runs/meta_velo --outer_iterations 10000
+    python -m optim.learned.meta --variant celo2 --workdir runs/meta_celo2 --outer_iterations 10000
+    python -m optim.learned.meta --variant velo --workdir runs/meta_velo --outer_iterations 10000
 
 The workdir receives ``config.json``, ``metrics.jsonl`` (one row per log: iteration, mean_loss = mean
 meta-loss over the window, per-family metrics, throughput; validation rows carry ``valid/*``),
@@ -29,18 +30,21 @@ from infra.files import write_atomic
 from infra.metrics import MetricsLogger
 from infra.preemption import StopRequest
 from optim import registry
-from optim.meta import inner as inner_lib
-from optim.meta import pes
-from optim.meta import tasks as tasks_lib
-from optim.meta.validation import plot_run, quick_validation
+from optim.learned.meta import inner as inner_lib
+from optim.learned.meta import pes
+from optim.learned.meta import tasks as tasks_lib
+from optim.learned.meta.validation import plot_run, quick_validation
 
 # Options that must not change when a run resumes (the others, e.g. --outer_iterations, may).
 FIXED = ("variant", "num_particles", "trunc_length", "min_unroll", "max_unroll", "reparam_range", "outer_lr", "std",
          "step_mult", "mult_1d", "seed", "tasks", "regex_1d", "init", "init_theta")
 
 
+_ADAM_1D = [name for name in registry.META_TRAINABLE if registry.get(name).meta.adam_1d]
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m optim.meta", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m optim.learned.meta", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", default="celo2", choices=list(registry.META_TRAINABLE))
     p.add_argument("--workdir", required=True)
@@ -50,19 +54,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--min_unroll", type=int, default=100)
     p.add_argument("--max_unroll", type=int, default=2000)
     p.add_argument("--reparam_range", default="1e-3,1e3",
-                   help="global reparametrisation scales s ~ log-uniform(lo, hi) (spec D.3: 1e-3,1e3)")
+                   help="global reparametrisation scales s ~ log-uniform(lo, hi) (the paper's: 1e-3,1e3; "
+                        "docs/meta_training.md#task-augmentation)")
     p.add_argument("--outer_lr", type=float, default=None, help="default: " + ", ".join(
         f"{registry.get(name).meta.outer_lr:g} ({name})" for name in registry.META_TRAINABLE))
     p.add_argument("--std", type=float, default=0.01, help="PES perturbation std")
-    p.add_argument("--step_mult", type=float, default=None, help="inner lr of the learned rule (default 1e-3; "
-                                                                   "velo: 1, the multiplier of its own step)")
-    p.add_argument("--mult_1d", type=float, default=20.0, help="bias lr multiplier (celo2 only)")
-    p.add_argument("--regex_1d", default=r"/b$", help="leaves routed to Adam (celo2 only)")
+    p.add_argument("--step_mult", type=float, default=None, help="inner lr of the learned rule (for VeLO the "
+                   "multiplier of its own step); default: " + ", ".join(
+                       f"{registry.get(name).meta.step_mult:g} ({name})" for name in registry.META_TRAINABLE))
+    p.add_argument("--mult_1d", type=float, default=20.0, help="bias lr multiplier (variants that route biases "
+                                                                  "to Adam: " + ", ".join(_ADAM_1D) + ")")
+    p.add_argument("--regex_1d", default=r"/b$", help="leaves routed to Adam (" + ", ".join(_ADAM_1D) + ")")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init", default="random", choices=("random", "rule"),
                    help="theta to start from: 'random' (the paper's Haiku init) or 'rule', a hand-designed rule "
-                        "with the rest of the MLP random (celo2: d = momentum 0.9, i.e. Muon's direction after "
-                        "Newton-Schulz; celo2-base: d = m / sqrt(v), Adam's direction; not for velo)")
+                        "with the rest of the MLP random (" + "; ".join(
+                            f"{name}: {registry.get(name).meta.rule_doc}" for name in registry.META_TRAINABLE
+                            if registry.get(name).meta.rule_init is not None) + "; no other variant has one)")
     p.add_argument("--init_theta", default="", help="start from this weight file (e.g. shipped weights) "
                                                     "instead of --init")
     p.add_argument("--tasks", default=",".join(tasks_lib.TRAIN_TASKS), help="task families (comma-separated)")
@@ -169,9 +177,10 @@ def main(argv=None, datas=None):
     args = _resolve(parser().parse_args(argv))
     workdir = pathlib.Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    config = dict(vars(args), command="python -m optim.meta " + " ".join(sys.argv[1:] if argv is None else argv))
+    command = "python -m optim.learned.meta " + " ".join(sys.argv[1:] if argv is None else argv)
+    config = dict(vars(args), command=command)
     problems, datas, step, state, ckpt, start, wall_before = _start(args, workdir, config, datas)
-    if args.variant == "celo2":
+    if registry.get(args.variant).meta.adam_1d:  # the routing of the meta-training Adam
         labels = inner_lib.regex_labels(args.regex_1d)(problems[0].task.init(jax.random.PRNGKey(0)))
         print("routing (meta-training):", {inner_lib.path_str(p): l
                                            for p, l in jax.tree_util.tree_leaves_with_path(labels)}, flush=True)

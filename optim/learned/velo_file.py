@@ -1,7 +1,8 @@
-"""VeLO weights ("theta") and the official VeLO parameter-file format.
+"""VeLO weights ("theta") and the official VeLO parameter-file format (docs/weight_formats.md#velo-parameter-file).
 
 The file is what ``flax.serialization.to_bytes`` writes for the theta of learned_optimization's
-``HyperV2(lstm_hidden_size=512, param_inits=256)`` (spec E.2; same msgpack encoding as ``theta.state``, C.3):
+``HyperV2(lstm_hidden_size=512, param_inits=256)``, in the msgpack encoding of ``theta.state``
+(docs/weight_formats.md#the-msgpack-encoding):
 
     {"lstm_init_state": {"hidden": (1, H), "cell": (1, H)},                 H = lstm_hidden_size = 512
      "rnn_params": {"linear":          {"w": (F, H), "b": (H,)},            F = 30 per-tensor features
@@ -25,7 +26,7 @@ that learned_optimization's outer training saves, ``{"params": theta, "gen_id": 
 "legacy", the bare tree with the gate Linear under "rnn/~/linear", as this project wrote it before
 2026-11-29. Files are written "official" (or "wrapped" on request).
 
-F = 30: the spec's E.1/E.2 count of 28 (``var_rms`` of width 1) is off by two. The official feature code
+F = 30, not the 28 that a ``var_rms`` of width 1 would give (docs/learned_optimizers.md#velo). The official feature code
 computes ``var_rms = mean((rms - mean_m)^2)`` with rms of width 1 and mean_m of width 3, which broadcasts
 to width 3, so the features are fraction_left 9 + loss 9 + mean_rms 1 + rank 5 + var_m 3 + var_rms 3 = 30
 (``HyperV2.init`` sizes the mixing Linears from that shape; PyTorch ports of the official weights use 30).
@@ -39,8 +40,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from infra.files import write_atomic
-from optim.theta_io import FEATURE_WIDTHS
-from optim.weight_files import check_tree, read, tree_from_bytes, tree_to_bytes
+from optim.learned.core import FEATURE_WIDTHS
+from optim.learned.msgpack_file import FileFormat, check_tree, read, tree_from_bytes, tree_to_bytes
 
 LSTM_HIDDEN = 512  # official lstm_hidden_size
 PARAM_INITS = 256  # official number of stored MLP weight sets ("param_inits")
@@ -87,7 +88,7 @@ def check_velo_theta(theta, source: str = "theta", *, param_inits: int = PARAM_I
     if isinstance(theta, Mapping) and set(theta) == {"ff_mod_stack"}:
         raise ValueError(f"{source}: this is a Celo2 / Celo v1 theta (only 'ff_mod_stack', no LSTM "
                          "hyper-network): VeLO needs lstm_init_state, rnn_params and ff_mod_stack. Load Celo2 "
-                         "weights with optim.celo2.load_theta")
+                         "weights with optim.learned.celo2.load_theta")
     check_tree(theta, velo_theta_shapes(param_inits, lstm_hidden_size), source, "VeLO",
                lambda got, expected: f" (VeLO with param_inits={param_inits}, lstm_hidden_size={lstm_hidden_size})")
 
@@ -170,3 +171,22 @@ def load_velo_theta(path: str | os.PathLike, *, param_inits: int = PARAM_INITS,
 def save_velo_theta(path: str | os.PathLike, theta: dict, layout: str = "official") -> None:
     """Write theta as a VeLO parameter file (``velo_theta_to_bytes``), atomically: tmp file + os.replace."""
     write_atomic(path, velo_theta_to_bytes(theta, layout))
+
+
+def detect(tree) -> bool:
+    """A decoded weight file is a VeLO parameter file (bare, legacy or wrapped)."""
+    return isinstance(tree, dict) and ("lstm_init_state" in tree or "params" in tree)
+
+
+def describe(tree, path, source: str) -> dict:
+    """``FileFormat.describe`` of a decoded VeLO parameter file, in whichever of ``LAYOUTS`` it is."""
+    bare, layout = unwrap(tree, source)
+    sizes = velo_sizes(bare, source)
+    theta = velo_theta_from_tree(bare, source, **sizes)
+    return dict(theta=theta, tree={"params": theta} if layout == "wrapped" else theta, layout=layout,
+                optimizer=None, details=f"param_inits {sizes['param_inits']}, lstm_hidden_size "
+                                        f"{sizes['lstm_hidden_size']}",
+                extra=dict(gen_id=tree.get("gen_id"), step=tree.get("step")) if layout == "wrapped" else {})
+
+
+FORMAT = FileFormat("VeLO parameter file", detect, describe, velo_theta_to_bytes, ("official", "wrapped"))

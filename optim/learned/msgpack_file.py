@@ -1,5 +1,7 @@
-"""Learned-optimizer weight files: the msgpack format of ``flax.serialization`` (spec C.3), shared by the
-Celo2 (``optim.theta_io``) and VeLO (``optim.velo_io``) formats.
+"""Learned-optimizer weight files: the msgpack encoding of ``flax.serialization``
+(docs/weight_formats.md#the-msgpack-encoding), shared by the Celo2 (``optim.learned.celo2_file``) and VeLO
+(``optim.learned.velo_file``) formats, and ``FileFormat``, what ``python -m optim.learned.weights`` needs to
+know of each format.
 
 A file is one msgpack object: nested maps with str keys, each array an ExtType(code 1) whose payload is the
 msgpack array [shape, dtype name, C-order little-endian bytes]. Writing goes through
@@ -10,6 +12,7 @@ message that names the problem rather than failing later.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from typing import Callable
@@ -17,6 +20,7 @@ from typing import Callable
 import flax.serialization
 import msgpack
 import numpy as np
+
 _NDARRAY_EXT, _NPSCALAR_EXT = 1, 3  # flax's msgpack ExtType codes (2, a Python complex, never occurs)
 
 
@@ -96,3 +100,21 @@ def read(path: str | os.PathLike, parse: Callable[[bytes, str], dict]) -> dict:
     """``parse(bytes, source name)`` of the file at ``path``."""
     with open(path, "rb") as f:
         return parse(f.read(), os.fspath(path))
+
+
+@dataclasses.dataclass(frozen=True)
+class FileFormat:
+    """One weight-file format, as ``python -m optim.learned.weights`` inspects and converts it
+    (docs/weight_formats.md#the-weights-command).
+
+    detect(tree) -> bool:  a decoded file (nested dicts of arrays) is in this format;
+    describe(tree, path, source) -> dict: "theta" (validated, canonical order), "tree" (theta nested as the
+        file holds it), "layout", "optimizer" (which optimizer the file says it belongs to, or None: any that
+        uses this format), "details" (a short note, or ""), and "extra" (further header fields, or {});
+    encode(theta, layout, gen_id, step) -> bytes: the file in ``layout``, one of ``layouts``.
+    """
+    kind: str
+    detect: Callable
+    describe: Callable
+    encode: Callable
+    layouts: tuple = ("official",)

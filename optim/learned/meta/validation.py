@@ -1,6 +1,6 @@
 """Train with learned-optimizer weights on held-out tasks and compare with AdamW; select and plot a
-meta-training run's snapshots. The library behind ``python -m optim.meta.evaluate`` and the run's own quick
-validation (``optim.meta.run``); see ``optim.meta.evaluate`` for what the comparison does.
+meta-training run's snapshots. The library behind ``python -m optim.learned.meta.evaluate`` and the run's own quick
+validation (``optim.learned.meta.run``); see ``optim.learned.meta.evaluate`` for what the comparison does.
 """
 from __future__ import annotations
 
@@ -18,16 +18,21 @@ import optax
 from infra.files import write_atomic
 from infra.metrics import read_metrics
 from optim import registry
-from optim.meta import tasks as tasks_lib
+from optim.learned.meta import tasks as tasks_lib
 
 CURVE_EVERY = 10
 DEFAULT_LRS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 
 
 def learned_optimizer(variant: str, lr: float = 1e-3, mult_1d: float = 20.0, num_steps: int | None = None):
-    """``theta -> optax transformation`` for the deployed harness of ``variant``; VeLO needs ``num_steps``."""
-    deploy = registry.meta_trainable(variant).deploy
-    return lambda theta: deploy(theta, lr, num_steps=num_steps, adam_lr_mult=mult_1d)
+    """``theta -> optax transformation``: ``variant`` as a run builds it (its registry record's ``build``), from
+    its default settings with this theta, at the constant ``lr``, without weight decay; ``mult_1d`` is the
+    ``adam_lr_mult`` of variants whose settings have one. VeLO needs ``num_steps``."""
+    spec = registry.meta_trainable(variant)
+    settings = dict(spec.settings)
+    if "adam_lr_mult" in settings:  # the harness's AdamW branch (celo2): the meta-training mult_1d
+        settings["adam_lr_mult"] = mult_1d
+    return lambda theta: spec.build(dict(settings, theta=theta), {"weight_decay": 0.0}, lr, num_steps)
 
 
 def adamw(lr):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Mapping
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -34,18 +35,15 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from optim.learned_core import (ACCUMULATOR_LAYOUT, ADAFACTOR_DECAYS, CHUNK_ELEMS, GRAD_CLIP, MOMENTUM_DECAYS,
-                                WEIGHTS_DIR, accumulate, feature_blocks, fold_row_blocks, init_accumulators,
+from optim.learned.core import (ACCUMULATOR_LAYOUT, ADAFACTOR_DECAYS, CHUNK_ELEMS, FEATURE_WIDTHS, GRAD_CLIP,
+                                MOMENTUM_DECAYS, accumulate, feature_blocks, fold_row_blocks, init_accumulators,
                                 num_row_blocks, resolve_theta)
+from optim.learned.velo_file import (LSTM_HIDDEN, LSTM_LINEAR, PARAM_INITS, check_velo_theta, load_velo_theta,
+                                     save_velo_theta, velo_theta_shapes)
 from optim.sharding import REPLICATED, register_state_layout
-from optim.theta_io import FEATURE_WIDTHS
-from optim.velo_io import (LSTM_HIDDEN, LSTM_LINEAR, PARAM_INITS, check_velo_theta, load_velo_theta,
-                           save_velo_theta, velo_theta_shapes)
 
-__all__ = ["ScaleByVeLOState", "scale_by_velo", "velo", "init_velo_theta", "load_velo_theta",
-           "save_velo_theta", "init_velo_meta_theta", "DEFAULT_WEIGHTS"]
-
-DEFAULT_WEIGHTS = WEIGHTS_DIR / "velo.state"  # shipped VeLO weights, meta-trained by the project (spec G.8)
+__all__ = ["ScaleByVeLOState", "scale_by_velo", "velo", "velo_leaf_step", "velo_tensor_mlps", "init_velo_theta",
+           "load_velo_theta", "save_velo_theta", "init_velo_meta_theta"]
 
 RMS_DECAYS = (0.999,)
 RMS_EPS = 1e-6  # rsqrt(rms + eps) in the per-element features
@@ -204,16 +202,6 @@ def _leaf_step(inputs, mlp, lr_mult, chunk_elems: int):
 # --- the transformation ----------------------------------------------------------------------------------
 
 
-def _resolve_theta(theta, param_inits: int, lstm_hidden_size: int) -> dict:
-    """A theta dict, a path to a VeLO parameter file, or None for the shipped weights."""
-    sizes = dict(param_inits=param_inits, lstm_hidden_size=lstm_hidden_size)
-    return resolve_theta(
-        theta, DEFAULT_WEIGHTS, lambda path: load_velo_theta(path, **sizes), lambda t: check_velo_theta(t, **sizes),
-        f"the shipped VeLO weights {DEFAULT_WEIGHTS} are missing (an incomplete install?): reinstall the package, "
-        "or pass theta=<path to a VeLO parameter file> (official or meta-trained, e.g. by python -m optim.meta "
-        "--variant velo) or a theta dict")
-
-
 def _update_loss(params, loss, extra_args: dict):
     """The scalar training loss of an update, given as ``loss=`` or as learned_optimization's optax wrapper
     passes it, ``extra_args={"loss": loss}``; errors name what is missing."""
@@ -230,25 +218,82 @@ def _update_loss(params, loss, extra_args: dict):
     return loss
 
 
-def scale_by_velo(theta=None, num_steps: int | None = None, *, ff_mult: float = FF_MULT,
+def velo_leaf_step(g, p, m, rms, v_row, v_col, v_diag, *, mlp, lr_mult, chunk_elems: int = CHUNK_ELEMS):
+    """One VeLO step of one leaf (ndim >= 1, g already clipped to +-1000): (-step, the new m, rms, v_row,
+    v_col, v_diag). ``mlp``: the leaf's MLP weights (w0 [30, 4], b0, w1, b1, w2, b2) and ``lr_mult`` its step
+    size, both written by the hyper-network (``velo_tensor_mlps``).
+
+    With EMAs new = beta old + (1 - beta) x (zero init, no bias correction): m (decays 0.9, 0.99, 0.999) of g,
+    rms (0.999) of g^2, Adafactor EMAs (0.9, 0.99, 0.999) of g^2 + 1e-30 factored over the two largest dims,
+    or whole (v_diag) for ndim <= 1. The 30 per-element features (``feature_blocks`` with rsqrt(rms + 1e-6)
+    and the factored blocks for vectors too) of the *updated* accumulators, each channel scaled by
+    rsqrt(1e-5 + mean(x^2)) over the whole tensor, go through o = relu(relu(x w0 + b0) w1 + b1) w2 + b2, and
+
+        step = o[0] exp(0.001 o[1]) RMS(p) 0.001 lr_mult,   RMS(p) = sqrt(mean(p^2) + 1e-9).
+    """
+    new_state, fac = accumulate(g, m, rms, v_row, v_col, v_diag, (MOMENTUM_DECAYS, RMS_DECAYS, ADAFACTOR_DECAYS))
+    step = _leaf_step((g, p, *new_state[:2], *fac), mlp, lr_mult, chunk_elems)
+    return [(-step).astype(p.dtype), *new_state]
+
+
+def velo_tensor_mlps(theta, x, hidden, cell, *, ff_mult: float, param_inits: int):
+    """The hyper-network's step for all T tensors: (per-tensor MLP weights, lr_mult [T], hidden, cell).
+
+    ``x`` [T, 30]: the per-tensor features (``_tensor_features``). The LSTM (``_hyper_network``) gives 256
+    controls per tensor, and each tensor's MLP weights are W = ff_mult * mean_k(controls_k * ff_mod_stack_k).
+    The MLP weights come as a tuple of [T, ...] arrays (w0 with the 14 blocks joined, b0, w1, b1, w2, b2).
+    """
+    controls, lr_mult, hidden, cell = _hyper_network(theta["rnn_params"], x, hidden, cell)
+    mlp = {k: jnp.einsum("tk,k...->t...", controls, w, precision=HIGHEST) * (ff_mult / param_inits)
+           for k, w in theta["ff_mod_stack"]["~"].items()}
+    w0 = jnp.concatenate([mlp[f"w0__{i}"] for i in range(len(FEATURE_WIDTHS))], axis=1)
+    return (w0, mlp["b0"], mlp["w1"], mlp["b1"], mlp["w2"], mlp["b2"]), lr_mult, hidden, cell
+
+
+def _lifted_leaves(trees, treedef):
+    """Per leaf [g clipped to +-1000, p, m, rms, v_row, v_col, v_diag], a 0-d leaf's g, p, m, rms and v_diag
+    lifted to shape (1,); and which leaves were 0-d."""
+    leaves = [list(x) for x in zip(*(treedef.flatten_up_to(t) for t in trees))]
+    scalar = [p.ndim == 0 for _, p, *_ in leaves]
+    for x, is_scalar in zip(leaves, scalar):
+        x[0] = jnp.clip(x[0], -GRAD_CLIP, GRAD_CLIP)
+        if is_scalar:
+            x[:4], x[6] = [a[None] for a in x[:4]], x[6][None]
+    return leaves, scalar
+
+
+def _squeezed(out, is_scalar):
+    """A lifted 0-d leaf's outputs back to 0-d: step, m, rms and v_diag."""
+    if is_scalar:
+        out[:3], out[5] = [a[0] for a in out[:3]], out[5][0]
+    return out
+
+
+def _loss_step(state, loss):
+    """(loss EMAs, their running minimum, the 9 loss features, the 9 training-fraction features) of a step."""
+    loss_decays = _loss_decays(state.num_steps)
+    loss_means, loss_min = _update_loss_emas(state.loss_means, state.loss_min, loss_decays, state.iteration,
+                                             jnp.asarray(loss, jnp.float32))
+    loss_features = _loss_features(loss_means, loss_min, loss_decays, state.iteration + 1)
+    return loss_means, loss_min, loss_features, _fraction_features(state.iteration, state.num_steps)
+
+
+def scale_by_velo(theta, num_steps: int | None = None, *, ff_mult: float = FF_MULT,
                   param_inits: int = PARAM_INITS, lstm_hidden_size: int = LSTM_HIDDEN,
                   chunk_elems: int = CHUNK_ELEMS) -> optax.GradientTransformationExtraArgs:
-    """The VeLO rule (module docstring); ``update(grads, state, params, *, loss)`` returns -step (add it).
+    """The VeLO rule (module docstring; docs/learned_optimizers.md#velo); ``update(grads, state, params, *,
+    loss)`` returns -step (add it): ``velo_tensor_mlps`` once, then ``velo_leaf_step`` per leaf (scalars run
+    as shape (1,)).
 
-    Per leaf, with g <- clip(g, -1000, 1000) and EMAs new = beta old + (1 - beta) x (zero init, no bias
-    correction): m (decays 0.9, 0.99, 0.999), rms (0.999) of g^2, Adafactor EMAs (0.9, 0.99, 0.999) of
-    g^2 + 1e-30 factored over the two largest dims, or whole (v_diag) for ndim <= 1 (scalars run as (1,)).
-
-    theta: a dict (``init_velo_theta``, ``load_velo_theta``), a path to a VeLO parameter file, or None for the
-      shipped weights (``DEFAULT_WEIGHTS``). num_steps: the planned number of updates; it sets the training
-      fraction feature t / num_steps and the loss-EMA half-lives. ff_mult: 100 officially (the celo repo
-      lowers it for stable meta-training). ``chunk_elems`` only trades speed for transient memory.
+    theta: a dict (``init_velo_theta``, ``load_velo_theta``) or a path to a VeLO parameter file. num_steps: the
+      planned number of updates; it sets the training fraction feature t / num_steps and the loss-EMA
+      half-lives. ff_mult: 100 officially (the celo repo lowers it for stable meta-training). ``chunk_elems``
+      only trades speed for transient memory.
     """
     if num_steps is None or int(num_steps) < 1:
         raise ValueError(f"VeLO needs num_steps >= 1, the planned number of training steps, got {num_steps}")
-    theta = _resolve_theta(theta, param_inits, lstm_hidden_size)
-    stack = theta["ff_mod_stack"]["~"]
-    decays = (MOMENTUM_DECAYS, RMS_DECAYS, ADAFACTOR_DECAYS)
+    sizes = dict(param_inits=param_inits, lstm_hidden_size=lstm_hidden_size)
+    theta = resolve_theta(theta, partial(load_velo_theta, **sizes), partial(check_velo_theta, **sizes))
 
     def init_fn(params):
         n_tensors = len(jax.tree.leaves(params))
@@ -267,37 +312,15 @@ def scale_by_velo(theta=None, num_steps: int | None = None, *, ff_mult: float = 
         loss = _update_loss(params, loss, extra_args)
         treedef = jax.tree.structure(updates)
         trees = (updates, params, state.m, state.rms, state.v_row, state.v_col, state.v_diag)
-        leaves = [list(x) for x in zip(*(treedef.flatten_up_to(t) for t in trees))]
-        scalar = [p.ndim == 0 for _, p, *_ in leaves]
-        for x, is_scalar in zip(leaves, scalar):  # a 0-d leaf runs as shape (1,): g, p, m, rms, v_diag
-            x[0] = jnp.clip(x[0], -GRAD_CLIP, GRAD_CLIP)
-            if is_scalar:
-                x[:4], x[6] = [a[None] for a in x[:4]], x[6][None]
-
-        loss_decays = _loss_decays(state.num_steps)
-        loss_means, loss_min = _update_loss_emas(state.loss_means, state.loss_min, loss_decays, state.iteration,
-                                                 jnp.asarray(loss, jnp.float32))
-        loss_features = _loss_features(loss_means, loss_min, loss_decays, state.iteration + 1)
-        fraction_features = _fraction_features(state.iteration, state.num_steps)
-        # The LSTM sees the accumulators before this step's gradient; the MLP (below) the updated ones.
+        leaves, scalar = _lifted_leaves(trees, treedef)
+        loss_means, loss_min, loss_features, fraction_features = _loss_step(state, loss)
+        # The LSTM sees the accumulators before this step's gradient; the MLP the updated ones.
         x = jnp.stack([_tensor_features(p, m, rms, fraction_features, loss_features)
                        for _, p, m, rms, *_ in leaves])
-        controls, lr_mult, hidden, cell = _hyper_network(theta["rnn_params"], x, state.lstm_hidden,
-                                                         state.lstm_cell)
-        # Per-tensor MLP weights: ff_mult * mean_k(controls[t, k] * stack_k)
-        mlp = {k: jnp.einsum("tk,k...->t...", controls, w, precision=HIGHEST) * (ff_mult / param_inits)
-               for k, w in stack.items()}
-        w0 = jnp.concatenate([mlp[f"w0__{i}"] for i in range(len(FEATURE_WIDTHS))], axis=1)
-
-        outs = []
-        for t, ((g, p, m, rms, v_row, v_col, v_diag), is_scalar) in enumerate(zip(leaves, scalar)):
-            new_state, fac = accumulate(g, m, rms, v_row, v_col, v_diag, decays)
-            weights = (w0[t], mlp["b0"][t], mlp["w1"][t], mlp["b1"][t], mlp["w2"][t], mlp["b2"][t])
-            step = _leaf_step((g, p, *new_state[:2], *fac), weights, lr_mult[t], chunk_elems)
-            out = [(-step).astype(p.dtype), *new_state]
-            if is_scalar:
-                out[:3], out[5] = [a[0] for a in out[:3]], out[5][0]  # step, m, rms, v_diag
-            outs.append(out)
+        mlp, lr_mult, hidden, cell = velo_tensor_mlps(theta, x, state.lstm_hidden, state.lstm_cell,
+                                                      ff_mult=ff_mult, param_inits=param_inits)
+        outs = [_squeezed(velo_leaf_step(*leaf, mlp=[w[t] for w in mlp], lr_mult=lr_mult[t], chunk_elems=chunk_elems),
+                          is_scalar) for t, (leaf, is_scalar) in enumerate(zip(leaves, scalar))]
         step, m, rms, v_row, v_col, v_diag = (treedef.unflatten([o[i] for o in outs]) for i in range(6))
         return step, ScaleByVeLOState(optax.safe_increment(state.iteration), state.num_steps, m, rms, v_row,
                                       v_col, v_diag, hidden, cell, loss_means, loss_min)
@@ -305,7 +328,7 @@ def scale_by_velo(theta=None, num_steps: int | None = None, *, ff_mult: float = 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def velo(theta=None, num_steps: int | None = None, *, weight_decay: float = 0.0,
+def velo(theta, num_steps: int | None = None, *, weight_decay: float = 0.0,
          **config: Any) -> optax.GradientTransformationExtraArgs:
     """VeLO as learned_optimization's prefab (``optax_lopt``) deploys it: the rule of ``scale_by_velo``
     (``config`` goes there) behind its WeightDecayWrapper, which feeds the rule

@@ -1,4 +1,5 @@
-"""Persistent Evolution Strategies over truncated unrolls (spec D.5-D.6), generic over theta.
+"""Persistent Evolution Strategies over truncated unrolls (docs/meta_training.md#unrolls-and-truncation,
+#the-pes-estimator), generic over theta.
 
 Nothing here knows about Celo2: theta is any pytree of float arrays, and each task family is a
 ``problem`` with ``init(theta, key, desync) -> state`` and ``step(theta, data, state, key) -> (state, out)``
@@ -57,7 +58,7 @@ def init(key, theta, outer_opt: optax.GradientTransformation, problems: Sequence
 
 
 def pes_gradient(eps, accum, meta_loss_pos, meta_loss_neg, is_done, mask, std):
-    """The PES estimate of one family from its unroll (spec D.6).
+    """The PES estimate of one family from its unroll (docs/meta_training.md#the-pes-estimator).
 
     eps, accum: theta-shaped pytrees with a leading particle axis [P]; losses, is_done, mask: [T, P].
     Returns (mean_i g_i, new accumulators, per-particle (old, new) coefficients).
@@ -142,11 +143,12 @@ def step(state: PESState, datas: Sequence, *, problems: Sequence, outer_opt: opt
 
 
 def meta_objective(theta, problems: Sequence, datas: Sequence, key, num_problems: int, max_steps: int):
-    """The meta-objective (spec D.7) measured directly instead of through truncations: per family, the mean
-    over ``num_problems`` whole inner problems (drawn from ``key``: length, reparam scale, init; then the
-    batches) of each problem's average normalised training loss over its trajectory. The same ``key`` gives
-    every theta the same problems and batches (common random numbers), so two thetas' values differ by the
-    rule, not by the draw. ``max_steps`` must cover the longest problem (``max_unroll``). Returns [families].
+    """The meta-objective (docs/meta_training.md#meta-objective) measured directly instead of through
+    truncations: per family, the mean over ``num_problems`` whole inner problems (drawn from ``key``: length,
+    reparam scale, init; then the batches) of each problem's average normalised training loss over its
+    trajectory. The same ``key`` gives every theta the same problems and batches (common random numbers), so
+    two thetas' values differ by the rule, not by the draw. ``max_steps`` must cover the longest problem
+    (``max_unroll``). Returns [families].
     """
     out = []
     for f, (problem, data) in enumerate(zip(problems, datas)):

@@ -1,8 +1,8 @@
-"""Inner tasks for meta-training: 8x8 grey image classification with small ReLU MLPs (spec D.2).
+"""Inner tasks for meta-training: 8x8 grey image classification with small ReLU MLPs (docs/meta_training.md#tasks).
 
 What replaced the paper's four task families, and why. The paper's ``fast_velo`` tasks read MNIST,
 Fashion-MNIST, CIFAR-10 and SVHN-cropped from TFDS, which downloads them from the web. This project must
-build from data that a fresh machine obtains by package name only (design.md, "Data"):
+build from data that a fresh machine obtains by package name only (no downloads from dataset hubs):
 
 - Fashion-MNIST  -> Fashion-MNIST itself, from the Debian package ``dataset-fashion-mnist`` (the 60k
   28x28 train images, IDX files), bilinear-resized to 8x8 (half-pixel centres, no antialias, like
@@ -10,7 +10,7 @@ build from data that a fresh machine obtains by package name only (design.md, "D
 - MNIST          -> scikit-learn's bundled 8x8 handwritten digits (``sklearn.datasets.load_digits``, 1,797
   images of 16 grey levels, divided by 16): the same kind of data (handwritten digits 0-9, 8x8) shipped
   inside a PyPI wheel. It is small (1,437 train images), so it is also the small-data regime that the
-  paper's SVHN family ends up in through its 1%-split quirk (D.2: ~733 SVHN train images).
+  paper's SVHN family ends up in through its 1%-split quirk (~733 SVHN train images; docs/meta_training.md#tasks).
 - CIFAR-10, SVHN -> nothing. No natural-image classification set is installable by package name here
   (``apt-cache search`` finds only ``dataset-fashion-mnist``; every other image dataset is a hub download),
   and a synthetic stand-in would teach the optimizer the wrong loss surface. Meta-training therefore

@@ -1,11 +1,11 @@
-"""Celo2 weights ("theta") and the official ``theta.state`` file format.
+"""Celo2 weights ("theta") and the official ``theta.state`` file format (docs/weight_formats.md#celo2-weight-file).
 
 A ``theta.state`` file is what ``flax.serialization.to_bytes`` writes for the tree
 
     {"ff_mod_stack": {"~": {w0__0..w0__13, b0, w1, b1, w2, b2}}}     (19 float32 arrays, 347 numbers)
 
 i.e. one msgpack object: nested maps with str keys, each array an ExtType(code 1) whose payload is the
-msgpack array [shape, dtype name, C-order little-endian bytes] (``optim.weight_files``). This module reads,
+msgpack array [shape, dtype name, C-order little-endian bytes] (``optim.learned.msgpack_file``). This module reads,
 validates and writes that tree. In memory, theta is the flat 19-key dict, in the creation order of
 ``THETA_SHAPES``.
 """
@@ -16,10 +16,9 @@ import os
 from pathlib import Path
 
 from infra.files import write_atomic
-from optim.weight_files import check_tree, read, tree_from_bytes, tree_to_bytes
+from optim.learned.core import FEATURE_WIDTHS
+from optim.learned.msgpack_file import FileFormat, check_tree, read, tree_from_bytes, tree_to_bytes
 
-# Widths of the 14 input feature blocks, in the order of the first-layer keys w0__0..w0__13.
-FEATURE_WIDTHS = (1, 1, 1, 3, 1, 3, 1, 3, 1, 3, 3, 3, 3, 3)
 HIDDEN = 8  # MLP width (two hidden layers)
 OUTPUTS = 3  # direction, magnitude, unused
 
@@ -31,7 +30,8 @@ THETA_SHAPES = {
     "w2": (HIDDEN, OUTPUTS),
     "b2": (OUTPUTS,),
 }
-OFFICIAL_OPTIMIZERS = {"celo2": "celo2", "celo2base": "celo2-base"}  # official --optimizer -> this project's name
+# The official meta-training's --optimizer values (its config.json) -> this project's optimizer names
+OFFICIAL_OPTIMIZERS = {"celo2": "celo2", "celo2base": "celo2_base"}
 TREE_PATH = ("ff_mod_stack", "~")  # where the 19 arrays sit in the file; "~" is Haiku's top-level scope
 
 
@@ -110,7 +110,8 @@ def trained_as(path: str | os.PathLike) -> tuple[str, str] | None:
 
 def load_theta(path: str | os.PathLike, variant: str | None = None) -> dict:
     """Read a ``theta.state`` file (official Celo2 / Celo2-base weights or one written by ``save_theta``), or the
-    one in a directory. With ``variant`` ("celo2" or "celo2-base"), a ``config.json`` beside the file that
+    one in a directory. With ``variant`` (this project's name of the rule the weights will run in), a
+    ``config.json`` beside the file that
     says the weights were meta-trained as something else is an error naming it."""
     found = trained_as(path) if variant else None
     if found and found[0] != variant:
@@ -126,3 +127,27 @@ def load_theta(path: str | os.PathLike, variant: str | None = None) -> dict:
 def save_theta(path: str | os.PathLike, theta: dict) -> None:
     """Write theta as a ``theta.state`` file (arrays cast to float32), atomically: tmp file + os.replace."""
     write_atomic(path, theta_to_bytes(theta))
+
+
+def detect(tree) -> bool:
+    """A decoded weight file is a Celo2 ``theta.state``: its only top-level key is ``ff_mod_stack``."""
+    return isinstance(tree, dict) and set(tree) == {TREE_PATH[0]}
+
+
+def describe(tree, path, source: str) -> dict:
+    """``FileFormat.describe`` of a decoded ``theta.state`` (the optimizer from a ``config.json`` beside it)."""
+    theta = theta_from_tree(tree, source)
+    trained = trained_as(path)
+    return dict(theta=theta, tree={TREE_PATH[0]: {TREE_PATH[1]: theta}}, layout="official",
+                optimizer=None if trained is None else trained[0], details="" if trained is None else trained[1],
+                extra={})
+
+
+def encode(theta: dict, layout: str = "official", gen_id: str = "", step: int = 0) -> bytes:
+    """``theta_to_bytes``; a ``theta.state`` has one layout, so ``gen_id`` and ``step`` have no place in it."""
+    if layout != "official":
+        raise ValueError(f"Celo2 theta.state has one layout, 'official'; --layout {layout} is for VeLO files")
+    return theta_to_bytes(theta)
+
+
+FORMAT = FileFormat("Celo2 theta.state", detect, describe, encode)

@@ -11,7 +11,8 @@ p, and maps them with a 30 -> 8 -> 8 -> 3 MLP (weights "theta", shared by all el
 
 ``scale_by_celo2`` returns that step (before the learning rate). ``celo2`` is the harness used to train
 with it: the learned rule on matrices and N-d tensors, AdamW on vectors and embeddings. ``celo2_base``
-runs the rule without Newton-Schulz on every leaf.
+runs the rule without Newton-Schulz on every leaf. The math: docs/learned_optimizers.md#celo2 and
+#celo2-base; conformance with the official code: #conformance.
 
 Memory and speed: the 30 features are never built for a whole tensor (2048 x 8192 x 30 floats would be
 2 GB). Two passes over blocks of rows (``chunk_elems`` elements each) rebuild the cheap elementwise features
@@ -26,7 +27,8 @@ each block is spread over all shards: no all-gather. On CPU the blocks are cache
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from functools import partial
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,16 +36,15 @@ import numpy as np
 import optax
 from jax import lax
 
-from optim.learned_core import (ACCUMULATOR_LAYOUT, ADAFACTOR_DECAYS, CHUNK_ELEMS, CPU_CHUNK_ELEMS, GRAD_CLIP,
-                                MOMENTUM_DECAYS, RSQRT_EPS, WEIGHTS_DIR, accumulate, factored_dims, feature_blocks,
+from optim.learned.core import (ACCUMULATOR_LAYOUT, ADAFACTOR_DECAYS, CHUNK_ELEMS, CPU_CHUNK_ELEMS, FEATURE_WIDTHS,
+                                GRAD_CLIP, MOMENTUM_DECAYS, RSQRT_EPS, accumulate, factored_dims, feature_blocks,
                                 fold_row_blocks, init_accumulators, num_row_blocks, resolve_theta)
 from optim.sharding import REPLICATED, register_state_layout
-from optim.theta_io import (FEATURE_WIDTHS, THETA_SHAPES, check_theta, load_theta, save_theta,
-                            theta_from_bytes, theta_to_bytes)
+from optim.learned.celo2_file import THETA_SHAPES, check_theta, load_theta, save_theta, theta_from_bytes, theta_to_bytes
 
-__all__ = ["ScaleByCelo2State", "scale_by_celo2", "celo2", "celo2_base", "param_labels", "factored_dims",
-           "orthogonalize_ns", "init_theta", "init_theta_from_feature", "load_theta", "save_theta", "theta_from_bytes",
-           "theta_to_bytes", "WEIGHTS_DIR"]
+__all__ = ["ScaleByCelo2State", "Celo2Rule", "celo2_rule", "celo2_leaf_step", "scale_by_celo2", "celo2", "celo2_base",
+           "param_labels", "factored_dims", "orthogonalize_ns", "init_theta", "init_theta_from_feature", "load_theta",
+           "save_theta", "theta_from_bytes", "theta_to_bytes"]
 
 RMS_DECAYS = (0.95,)
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
@@ -117,25 +118,107 @@ def _first_layer_terms(stats, axes, w0_rows):
     return terms
 
 
-def _resolve_theta(theta, variant: str) -> dict:
-    """A theta dict, a path to a theta.state file, or None for the shipped weights of ``variant``."""
-    default = WEIGHTS_DIR / f"{variant}.state"
-    return resolve_theta(theta, default, lambda path: load_theta(path, variant), check_theta,
-                         f"no shipped {variant} weights exist yet ({default} is missing): pass theta=<path to a "
-                         "theta.state file> (official or meta-trained) or a theta dict")
+class Celo2Rule(NamedTuple):
+    """The static settings of one Celo2 rule (``scale_by_celo2``'s keywords, validated by ``celo2_rule``)."""
+    orthogonalize: bool
+    decays: tuple  # (momentum, rms, adafactor) EMA decays
+    exp_mult: float
+    rmsmult: float
+    act: Callable
+    ns_coeffs: tuple
+    ns_iters: int
+    ns_eps: float
+    chunk_elems: int | None
 
 
-def scale_by_celo2(theta=None, *, orthogonalize: bool = True,
-                   initial_momentum_decays=MOMENTUM_DECAYS, initial_rms_decays=RMS_DECAYS,
-                   initial_adafactor_decays=ADAFACTOR_DECAYS, exp_mult: float = 0.0, rmsmult: float = 1.0,
-                   mlp_activation: str = "relu", ns_coeffs=NS_COEFFS, ns_iters: int = 5, ns_eps: float = 1e-8,
-                   chunk_elems: int | None = None) -> optax.GradientTransformation:
-    """The Celo2 learned rule; ``update(grads, state, params)`` returns the step before the learning rate.
+def celo2_rule(orthogonalize: bool = True, initial_momentum_decays=MOMENTUM_DECAYS, initial_rms_decays=RMS_DECAYS,
+               initial_adafactor_decays=ADAFACTOR_DECAYS, exp_mult: float = 0.0, rmsmult: float = 1.0,
+               mlp_activation: str = "relu", ns_coeffs=NS_COEFFS, ns_iters: int = 5, ns_eps: float = 1e-8,
+               chunk_elems: int | None = None) -> Celo2Rule:
+    """The ``Celo2Rule`` of ``scale_by_celo2``'s keywords; ValueError for decays that do not match theta's input
+    widths or an unknown activation."""
+    for name, decays, n in [("initial_momentum_decays", initial_momentum_decays, 3),
+                            ("initial_rms_decays", initial_rms_decays, 1),
+                            ("initial_adafactor_decays", initial_adafactor_decays, 3)]:
+        if len(decays) != n:
+            raise ValueError(f"{name} must have {n} entries to match theta's input widths, got {decays}")
+    if mlp_activation not in ACTIVATIONS:
+        raise ValueError(f"mlp_activation must be one of {sorted(ACTIVATIONS)}, got {mlp_activation!r}")
+    return Celo2Rule(orthogonalize, (initial_momentum_decays, initial_rms_decays, initial_adafactor_decays),
+                     exp_mult, rmsmult, ACTIVATIONS[mlp_activation], ns_coeffs, ns_iters, ns_eps, chunk_elems)
 
-    Per leaf, with g <- clip(g, -1000, 1000) and EMAs new = beta old + (1 - beta) x (zero init, no bias
-    correction): m (3 decays) of g, rms (1 decay) of g^2, and Adafactor EMAs of g^2 + 1e-30 factored over
-    the two largest dims (v_row, v_col) or, for ndim <= 1, kept whole (v_diag). With G = g, R = rsqrt(rms +
-    1e-8), the feature blocks are, in order (w0__0..w0__13):
+
+def mlp_direction(channels, scales, terms, w_dense, theta, *, act, exp_mult: float):
+    """d = o[0] exp(exp_mult o[1]) for one block of rows, with
+
+        h = act(act(sum_x x s_x w0_x + terms + b0) w1 + b1),   o = h w2 + b2
+
+    over the per-element ``channels`` x and their normalisers s_x (``scales``); ``terms`` (broadcast, hidden
+    last) are the first-layer terms of the factored statistics (``_first_layer_terms``). The channels are
+    stacked on a leading axis (channels-major, so each layer is one matmul with the elements as its long
+    axis). With exp_mult 0 the magnitude output o[1] is not computed (exp(0 o[1]) = 1)."""
+    n_out = 1 if exp_mult == 0 else 2
+    x = jnp.stack([c.astype(jnp.float32) * s for c, s in zip(channels, scales)])
+    col = lambda v: v.reshape(v.shape[:1] + (1,) * (x.ndim - 1))
+    h = jnp.tensordot(w_dense.T, x, 1) + col(theta["b0"])
+    h = act(h + sum(jnp.moveaxis(t, -1, 0) for t in terms))
+    h = act(jnp.tensordot(theta["w1"].T, h, 1) + col(theta["b1"]))
+    o = jnp.tensordot(theta["w2"][:, :n_out].T, h, 1) + col(theta["b2"][:n_out])
+    return o[0] if n_out == 1 else o[0] * jnp.exp(exp_mult * o[1])
+
+
+def _add_squares(sums, block, j, *, dense, axes):
+    """sums + sum(x^2) over ``axes`` of the per-element channels ``dense`` of one block of rows."""
+    channels = _channels(*block)
+    return sums + jnp.stack([jnp.sum(jnp.square(channels[i].astype(jnp.float32)), axes, keepdims=True)
+                             for i in dense])
+
+
+def _put_direction(out, block, j, *, n_inputs, dense, scales, w_dense, theta, rule, axis):
+    """``out`` with the direction of block j of rows (``mlp_direction``) written at index j of ``axis + 1``."""
+    channels = _channels(*block[:n_inputs])
+    d = mlp_direction([channels[i] for i in dense], scales, block[n_inputs:], w_dense, theta, act=rule.act,
+                      exp_mult=rule.exp_mult)
+    return lax.dynamic_update_index_in_dim(out, d, j, axis + 1)
+
+
+def celo2_direction(inputs, theta, w0, rule: Celo2Rule):
+    """The MLP's direction d for one leaf (ndim >= 1) from ``inputs`` = (g, p, m, rms, *fac) with updated
+    statistics: every input channel x becomes x rsqrt(1e-9 + mean(x^2)) over the last two axes of p, then
+    ``mlp_direction``. ``w0``: the rows w0__0..w0__13 stacked.
+
+    Channels of p's full shape are per-element; the others are broadcast factored statistics, whose
+    normalisation and first-layer term are computed at their own size (the full ones, unused here, are dropped
+    by XLA). Features exist for at most ~chunk_elems elements at a time: the input normalisation of the dense
+    channels and the MLP both run over blocks of rows along the first of the last two axes.
+    """
+    p = inputs[1]
+    axes = tuple(range(max(p.ndim - 2, 0), p.ndim))  # input and output normalisation: last two axes
+    whole = _channels(*inputs)
+    dense = [i for i, c in enumerate(whole) if c.shape == p.shape]
+    stats = [i for i, c in enumerate(whole) if c.shape != p.shape]
+    terms = _first_layer_terms([whole[i] for i in stats], axes, w0[np.array(stats, int)])
+    w_dense = w0[np.array(dense, int)]
+    n_rows = num_row_blocks(p.shape, axes[0], rule.chunk_elems or (
+        CPU_CHUNK_ELEMS if jax.default_backend() == "cpu" else CHUNK_ELEMS))
+    kept = tuple(1 if a in axes else n for a, n in enumerate(p.shape))
+    sums = fold_row_blocks(partial(_add_squares, dense=dense, axes=axes),
+                           jnp.zeros((len(dense),) + kept, jnp.float32), inputs, axes[0], n_rows)
+    scales = lax.rsqrt(NORM_EPS + sums / math.prod(p.shape[a] for a in axes))
+    blocked = p.shape[:axes[0]] + (p.shape[axes[0]] // n_rows, n_rows) + p.shape[axes[0] + 1:]
+    put = partial(_put_direction, n_inputs=len(inputs), dense=dense, scales=scales, w_dense=w_dense, theta=theta,
+                  rule=rule, axis=axes[0])
+    d = jnp.zeros(blocked, jnp.float32)
+    return fold_row_blocks(put, d, (*inputs, *terms), axes[0], n_rows).reshape(p.shape)
+
+
+def celo2_leaf_step(g, p, m, rms, v_row, v_col, v_diag, *, theta, w0, rule: Celo2Rule):
+    """One Celo2 step of one leaf: (step before the learning rate, new m, rms, v_row, v_col, v_diag).
+
+    With g <- clip(g, -1000, 1000) and EMAs new = beta old + (1 - beta) x (zero init, no bias correction):
+    m (3 decays) of g, rms (1 decay) of g^2, and Adafactor EMAs of g^2 + 1e-30 factored over the two largest
+    dims (v_row, v_col) or, for ndim <= 1, kept whole (v_diag). With G = g, R = rsqrt(rms + 1e-8), the
+    feature blocks are, in order (w0__0..w0__13):
       G, clip(G, +-0.1), p, m, rms, m R, R, fac_g, G R, row, col, rsqrt(row + 1e-8), rsqrt(col + 1e-8), m rf cf
     where fac_g = G rf cf (Adafactor-normalised g; G rsqrt(v_diag + 1e-9) for vectors), rf/cf are the row and
     column factors rsqrt(max(v_row / (mean(v_row) + 1e-9), 1e-9)), rsqrt(max(v_col, 1e-9)), and row/col are
@@ -145,88 +228,46 @@ def scale_by_celo2(theta=None, *, orthogonalize: bool = True,
         h = act(act(sum_i x_i w0__i + b0) w1 + b1);  o = h w2 + b2;  d = o[..., 0] exp(exp_mult o[..., 1])
         d <- NS(d) if orthogonalize and ndim >= 2;   step = rmsmult d rsqrt(1e-9 + mean(d^2))
 
-    with the means over the last two axes. ``theta``: a dict, a theta.state path, or None for the shipped
-    weights (``WEIGHTS_DIR``). ``chunk_elems`` only trades speed for transient memory; results are the same.
+    with the means over the last two axes. A scalar leaf runs as shape (1,).
     """
-    theta = _resolve_theta(theta, "celo2" if orthogonalize else "celo2-base")
-    for name, decays, n in [("initial_momentum_decays", initial_momentum_decays, 3),
-                            ("initial_rms_decays", initial_rms_decays, 1),
-                            ("initial_adafactor_decays", initial_adafactor_decays, 3)]:
-        if len(decays) != n:
-            raise ValueError(f"{name} must have {n} entries to match theta's input widths, got {decays}")
-    if mlp_activation not in ACTIVATIONS:
-        raise ValueError(f"mlp_activation must be one of {sorted(ACTIVATIONS)}, got {mlp_activation!r}")
-    act = ACTIVATIONS[mlp_activation]
-    decays = (initial_momentum_decays, initial_rms_decays, initial_adafactor_decays)
-    w0_all = jnp.concatenate([theta[f"w0__{i}"] for i in range(len(FEATURE_WIDTHS))])
-    n_out = 1 if exp_mult == 0 else 2  # exp(0 * magnitude) = 1: the magnitude output is not computed
+    if p.ndim == 0:  # run as shape (1,) and squeeze back
+        step, m, rms, v_row, v_col, v_diag = celo2_leaf_step(g[None], p[None], m[None], rms[None], v_row, v_col,
+                                                             v_diag[None], theta=theta, w0=w0, rule=rule)
+        return step[0], m[0], rms[0], v_row, v_col, v_diag[0]
+    g = jnp.clip(g, -GRAD_CLIP, GRAD_CLIP)
+    new_state, fac = accumulate(g, m, rms, v_row, v_col, v_diag, rule.decays)
+    d = celo2_direction((g, p, *new_state[:2], *fac), theta, w0, rule)
+    if rule.orthogonalize and p.ndim >= 2:
+        d = orthogonalize_ns(d, rule.ns_coeffs, rule.ns_iters, rule.ns_eps)
+    step = rule.rmsmult * d * _rms_normalizer(d, tuple(range(max(p.ndim - 2, 0), p.ndim)))
+    return (step.astype(p.dtype), *new_state)
 
-    def direction(channels, scales, terms, w_dense):
-        """d = o[0] exp(exp_mult o[1]) for one block of rows: the per-element channels, scaled, stacked on a
-        leading axis (channels-major, so each layer is one matmul with the elements as its long axis),
-        through the MLP; ``terms`` (broadcast, hidden last) complete the first layer."""
-        x = jnp.stack([c.astype(jnp.float32) * s for c, s in zip(channels, scales)])
-        col = lambda v: v.reshape(v.shape[:1] + (1,) * (x.ndim - 1))
-        h = jnp.tensordot(w_dense.T, x, 1) + col(theta["b0"])
-        h = act(h + sum(jnp.moveaxis(t, -1, 0) for t in terms))
-        h = act(jnp.tensordot(theta["w1"].T, h, 1) + col(theta["b1"]))
-        o = jnp.tensordot(theta["w2"][:, :n_out].T, h, 1) + col(theta["b2"][:n_out])
-        return o[0] if n_out == 1 else o[0] * jnp.exp(exp_mult * o[1])
 
-    def update_leaf(g, p, m, rms, v_row, v_col, v_diag):
-        if p.ndim == 0:  # run as shape (1,) and squeeze back
-            step, m, rms, v_row, v_col, v_diag = update_leaf(g[None], p[None], m[None], rms[None],
-                                                             v_row, v_col, v_diag[None])
-            return step[0], m[0], rms[0], v_row, v_col, v_diag[0]
-        g = jnp.clip(g, -GRAD_CLIP, GRAD_CLIP)
-        new_state, fac = accumulate(g, m, rms, v_row, v_col, v_diag, decays)
-        inputs = (g, p, *new_state[:2], *fac)
-        axes = tuple(range(max(p.ndim - 2, 0), p.ndim))  # input and output normalisation: last two axes
-        # Channels of p's full shape are per-element; the others are broadcast factored statistics, whose
-        # normalisation and first-layer term are computed at their own size (the full ones, unused here,
-        # are dropped by XLA: they are rebuilt per block of rows below).
-        whole = _channels(*inputs)
-        dense = [i for i, c in enumerate(whole) if c.shape == p.shape]
-        stats = [i for i, c in enumerate(whole) if c.shape != p.shape]
-        terms = _first_layer_terms([whole[i] for i in stats], axes, w0_all[np.array(stats, int)])
-        w_dense = w0_all[np.array(dense, int)]
-        # Features exist for at most ~chunk_elems elements at a time: the input normalisation of the dense
-        # channels and the MLP both run over blocks of rows along the first of the last two axes.
-        n_rows = num_row_blocks(p.shape, axes[0], chunk_elems or (
-            CPU_CHUNK_ELEMS if jax.default_backend() == "cpu" else CHUNK_ELEMS))
-        kept = tuple(1 if a in axes else n for a, n in enumerate(p.shape))
+def scale_by_celo2(theta, *, orthogonalize: bool = True, **rule_config: Any) -> optax.GradientTransformation:
+    """The Celo2 learned rule; ``update(grads, state, params)`` returns the step before the learning rate
+    (``celo2_leaf_step`` per leaf; docs/learned_optimizers.md#celo2).
 
-        def add_squares(sums, block, j):
-            channels = _channels(*block)
-            return sums + jnp.stack([jnp.sum(jnp.square(channels[i].astype(jnp.float32)), axes, keepdims=True)
-                                     for i in dense])
-
-        sums = fold_row_blocks(add_squares, jnp.zeros((len(dense),) + kept, jnp.float32), inputs, axes[0], n_rows)
-        scales = lax.rsqrt(NORM_EPS + sums / math.prod(p.shape[a] for a in axes))
-        blocked = p.shape[:axes[0]] + (p.shape[axes[0]] // n_rows, n_rows) + p.shape[axes[0] + 1:]
-
-        def put_direction(out, block, j):
-            channels = _channels(*block[:len(inputs)])
-            d = direction([channels[i] for i in dense], scales, block[len(inputs):], w_dense)
-            return lax.dynamic_update_index_in_dim(out, d, j, axes[0] + 1)
-
-        d = jnp.zeros(blocked, jnp.float32)
-        d = fold_row_blocks(put_direction, d, (*inputs, *terms), axes[0], n_rows).reshape(p.shape)
-        if orthogonalize and p.ndim >= 2:
-            d = orthogonalize_ns(d, ns_coeffs, ns_iters, ns_eps)
-        step = rmsmult * d * _rms_normalizer(d, axes)
-        return (step.astype(p.dtype), *new_state)
+    ``theta``: a dict or the path of a theta.state file (``load_theta``). ``rule_config``: the keywords of
+    ``celo2_rule`` (initial_momentum_decays, initial_rms_decays, initial_adafactor_decays, exp_mult, rmsmult,
+    mlp_activation, ns_coeffs, ns_iters, ns_eps, chunk_elems). ``chunk_elems`` only trades speed for transient
+    memory; results are the same. Without Newton-Schulz (``orthogonalize=False``) this is Celo2-base's rule.
+    """
+    theta = resolve_theta(theta, load_theta, check_theta)
+    rule = celo2_rule(orthogonalize, **rule_config)
+    w0 = jnp.concatenate([theta[f"w0__{i}"] for i in range(len(FEATURE_WIDTHS))])
+    momentum, rms, adafactor = rule.decays
 
     def init_fn(params):
         return ScaleByCelo2State(iteration=jnp.zeros([], jnp.int32), **init_accumulators(
-            params, len(initial_momentum_decays), len(initial_rms_decays), len(initial_adafactor_decays)))
+            params, len(momentum), len(rms), len(adafactor)))
 
     def update_fn(updates, state, params=None):
         if params is None:
             raise ValueError("scale_by_celo2 needs params: the parameter value is an input feature of the rule")
         treedef = jax.tree.structure(updates)
         trees = (updates, params, state.m, state.rms, state.v_row, state.v_col, state.v_diag)
-        outs = [update_leaf(*leaves) for leaves in zip(*(treedef.flatten_up_to(t) for t in trees))]
+        outs = [celo2_leaf_step(*leaves, theta=theta, w0=w0, rule=rule)
+                for leaves in zip(*(treedef.flatten_up_to(t) for t in trees))]
         step, m, rms, v_row, v_col, v_diag = (treedef.unflatten([o[i] for o in outs]) for i in range(6))
         return step, ScaleByCelo2State(optax.safe_increment(state.iteration), m, rms, v_row, v_col, v_diag)
 
@@ -234,16 +275,17 @@ def scale_by_celo2(theta=None, *, orthogonalize: bool = True,
 
 
 def param_labels(params):
-    """'adam' for leaves with ndim <= 1 or 'embed' in their key path, else 'celo2' (spec G.1)."""
+    """'adam' for leaves with ndim <= 1 or 'embed' in their key path, else 'celo2'
+    (docs/learned_optimizers.md#celo2-as-deployed)."""
     def label(path, p):
         return "adam" if len(p.shape) <= 1 or "embed" in jax.tree_util.keystr(path) else "celo2"
     return jax.tree_util.tree_map_with_path(label, params)
 
 
-def celo2(learning_rate: optax.ScalarOrSchedule, theta=None, *, weight_decay: float = 0.0,
+def celo2(learning_rate: optax.ScalarOrSchedule, theta, *, weight_decay: float = 0.0,
           mult_1d: float = 20.0, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
           **celo2_config: Any) -> optax.GradientTransformation:
-    """Celo2 as deployed (spec B.1, G.1-G.2): leaves labelled by ``param_labels``.
+    """Celo2 as deployed (docs/learned_optimizers.md#celo2-as-deployed): leaves labelled by ``param_labels``.
 
     'celo2' leaves: p <- p - lr_t (scale_by_celo2(orthogonalize=True) + wd p).
     'adam' leaves:  optax.adamw(mult_1d lr_t, b1, b2, eps, weight_decay=wd) (bias-corrected).
@@ -258,9 +300,10 @@ def celo2(learning_rate: optax.ScalarOrSchedule, theta=None, *, weight_decay: fl
     }, param_labels)
 
 
-def celo2_base(learning_rate: optax.ScalarOrSchedule, theta=None, *, weight_decay: float = 0.0,
+def celo2_base(learning_rate: optax.ScalarOrSchedule, theta, *, weight_decay: float = 0.0,
                **celo2_config: Any) -> optax.GradientTransformation:
-    """Celo2-base: p <- p - lr_t (scale_by_celo2(orthogonalize=False) + wd p) on every leaf."""
+    """Celo2-base (docs/learned_optimizers.md#celo2-base): on every leaf,
+    p <- p - lr_t (scale_by_celo2(orthogonalize=False) + wd p)."""
     return optax.chain(scale_by_celo2(theta, orthogonalize=False, **celo2_config),
                        optax.add_decayed_weights(weight_decay),
                        optax.scale_by_learning_rate(learning_rate))
@@ -277,8 +320,9 @@ def init_theta(key: jax.Array) -> dict:
 
 
 def init_theta_from_feature(key: jax.Array, block: int, channel: int = 0) -> dict:
-    """A theta whose rule is exactly ``d = x``, channel ``channel`` of feature block ``block`` (A.3, after
-    the input normalisation), with the rest of the network alive for meta-training to build on.
+    """A theta whose rule is exactly ``d = x``, channel ``channel`` of feature block ``block``
+    (docs/learned_optimizers.md#features, after the input normalisation), with the rest of the network alive
+    for meta-training to build on.
 
     Hidden units 0 and 1 of both layers carry x through the ReLUs, d = relu(x) - relu(-x) = x:
     w0__block[channel, :2] = (1, -1), w1[:2, :2] = I, w2[:2, 0] = (1, -1), and nothing else feeds them or
