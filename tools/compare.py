@@ -57,13 +57,10 @@ def run_name(opt: str, lr: float, seed: int) -> str:
 
 
 def _lrs(cfg, opt: str) -> list[float]:
-    """``compare.lrs`` of optimizer ``opt``, keyed by its name with '-' as '_' (``celo2_base``: a key that a
-    ``--config.compare.lrs.<key>=...`` flag can name), or by the name itself."""
-    key = opt if opt in cfg.compare.lrs else None
-    if key is None:
-        raise ValueError(f"compare.lrs has no learning rates for {opt!r}; add "
-                         f"--config.compare.lrs.{opt.replace('-', '_')}=...")
-    return [float(x) for x in str(cfg.compare.lrs[key]).split(",") if x.strip()]
+    """``compare.lrs`` of optimizer ``opt``: a comma list of peak learning rates, keyed by its name."""
+    if opt not in cfg.compare.lrs:
+        raise ValueError(f"compare.lrs has no learning rates for {opt!r}; add --config.compare.lrs.{opt}=...")
+    return [float(x) for x in str(cfg.compare.lrs[opt]).split(",") if x.strip()]
 
 
 def _read_done(workdir: str) -> dict | None:
