@@ -1,4 +1,4 @@
-"""Published-scale comparison: GPT-3 XL (1.3B) for 10B tokens per run (4768 steps of 1M tokens) with a
+"""Published-scale comparison: GPT-3 XL (1.3B) for 5.0B tokens per run (4768 steps of 512 x 2048 tokens) with a
 3-point lr sweep and 2 seeds at the best rate; for a multi-node GPU cluster or a TPU pod."""
 from configs.compare import compare_fields
 from configs.gpt3_xl import get_config as gpt3_xl

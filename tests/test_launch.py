@@ -1,5 +1,6 @@
 """launch.local: several JAX processes on 127.0.0.1 forming one job (4 CPU devices each, gloo)."""
 import io
+import json
 import os
 import pathlib
 import signal
@@ -67,8 +68,9 @@ def test_two_processes_match_one_and_resume_in_one(data_dir, tmp_path):  # noqa:
     assert 2 <= stop < 200
     assert f"[p0] stop requested by another process: checkpoint of step {stop}" in text
     assert f"[p1] SIGTERM received: checkpoint of step {stop}" in text
-    rows = metrics.read_text().splitlines()
-    assert len(rows) == stop  # one row per step: only process 0 writes metrics
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    train_rows = [r["step"] for r in rows if "loss" in r]
+    assert train_rows == list(range(1, stop + 1))  # one training row per step: only process 0 writes metrics
     multi = losses(cfg.workdir)
 
     # the 2-process checkpoint resumes in this single process (8 devices) ...

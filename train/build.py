@@ -51,6 +51,9 @@ def prepare_dataset(cfg) -> data.DatasetInfo:
     """The dataset of ``cfg.data``: prepared now (tokenizer trained, shards written) unless ``data.dir``
     already holds it."""
     c = cfg.data
+    if not c.dir:
+        raise ValueError("data.dir is empty: set --config.data.dir to a prepared data dir, or to where data.corpus "
+                         "is to be prepared")
     return data.ensure_prepared(c.dir, corpus=c.corpus, vocab_size=c.vocab_size)
 
 

@@ -4,7 +4,8 @@ Every command that builds a run (``train``, ``tools.compare``, ``tools.plan``, `
 ml_collections config file (``--config configs/<preset>.py``) with ``--config.<field>=<value>`` overrides and
 passes it through ``load_config`` before anything else:
 
-- local paths (``workdir``, ``data.dir``, ``init_from``) become absolute; URIs (``gs://...``) are kept;
+- local paths (``workdir``, ``data.dir``, ``init_from``) become absolute (an empty one stays empty); URIs
+  (``gs://...``) are kept;
 - ``optimizer.lr`` 0 becomes the optimizer's default peak rate and an empty ``optimizer.<name>.theta`` its
   shipped weight file (``optim.registry.resolve_defaults``);
 - the step counts, the loss chunk and the workdir are checked.
@@ -39,9 +40,9 @@ def load_config(cfg):
     cfg = cfg.copy_and_resolve_references()
     with cfg.unlocked():
         cfg.workdir = resolve(cfg.workdir)
-        cfg.data.dir = resolve(cfg.data.dir)
-        if cfg.init_from:
-            cfg.init_from = resolve(cfg.init_from)
+        for section, field in ((cfg.data, "dir"), (cfg, "init_from")):  # "" (none) stays empty
+            if section[field]:
+                section[field] = resolve(section[field])
         cfg.optimizer = resolve_defaults(cfg.optimizer)
     return cfg
 
