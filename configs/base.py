@@ -1,80 +1,105 @@
 """The full config schema with CPU-sized defaults; every preset starts from ``base_config()``.
 
-Every field can be overridden on the command line: ``--config.optimizer.lr=1e-3``.
+Every field is declared as ``(default, valid range)`` (the rules of ``infra/ranges.py``: ``int >= 1``,
+``float in [0, 1)``, ``one of a|b``, ...); a run's config is checked against the ranges when it is loaded,
+before anything is written. Every field can be overridden on the command line: ``--config.optimizer.lr=1e-3``.
 """
 import ml_collections
 
+from configs.compare import COMPARE_RANGES
+
+STEPS = "int >= 1"
+COUNT = "int >= 0"
+MESH_AXIS = "-1 or int >= 1"
+DECAY = "float in [0, 1)"
+EPS = "float > 0"
+MULTIPLIER = "float > 0"
+
+SCHEMA = {
+    "workdir": ("runs/default", "nonempty str"),
+    "seed": (0, COUNT),
+    "steps": (200, STEPS),  # total optimizer steps
+    "batch_size": (16, STEPS),  # global, in sequences
+    "seq_len": (256, STEPS),
+    "microbatches": (1, STEPS),  # gradient accumulation: batch_size is split into this many microbatches
+    "loss_chunk": (0, COUNT),  # positions per cross-entropy piece (train/loss.py): float32 logits are made and
+    #                            dropped piece by piece, never [B, L, V] at once; must divide seq_len; 0 = whole
+    "cpu_devices": (8, COUNT),  # simulated CPU devices; 0 leaves the platform alone (GPU/TPU runs)
+    "log_every": (10, STEPS),
+    "eval_every": (50, STEPS),
+    "eval_batches": (8, STEPS),  # held-out batches (of batch_size sequences) per periodic evaluation (the first)
+    "final_eval_batches": (0, COUNT),  # the evaluation after the last step: 0 = the whole held-out split
+    "checkpoint_every": (100, STEPS),
+    "keep_checkpoints": (3, STEPS),  # most recent checkpoints kept
+    "keep_every": (0, COUNT),  # also keep every K-th step's checkpoint (0: none)
+    "keep_set_aside": (2, COUNT),  # unreadable / unfinished checkpoints kept for inspection (per kind)
+    "start_over": (False, "bool"),  # checkpoints exist but none restores: False stops with an error naming each
+    #                                 and why; True sets them aside and trains from step 0
+    "init_from": ("", "str"),  # checkpoint dir to take params from (fine-tuning with a fresh optimizer)
+    "multiprocess": (False, "bool"),  # call jax.distributed.initialize() (SLURM / TPU pods / launch.local)
+    "mesh": {"data": (2, MESH_AXIS), "fsdp": (2, MESH_AXIS), "tensor": (2, MESH_AXIS)},  # one may be -1
+    "model": {
+        "name": ("cpu-small", "nonempty str"),  # a preset of models/presets.py (python -m models lists them)
+        "vocab_size": (0, COUNT),  # 0: the tokenizer's vocabulary
+        "vocab_multiple": (128, STEPS),  # pad the vocabulary to a multiple of this (shardable, faster matmuls)
+        "compute_dtype": ("float32", "one of float32|bfloat16"),  # parameters stay float32
+        "remat": ("none", "one of none|dots|dots_no_batch|full"),
+        "dropout": (0.0, "float in [0, 1)"),
+        "document_mask": (True, "bool"),
+        # the attention kernel (models/attention.py): xla | splash (TPU) | pallas_gpu | cudnn (GPU, causal only,
+        # bfloat16); auto picks by the devices' platform: TPU -> splash, GPU -> cudnn without document_mask in
+        # bfloat16, else pallas_gpu; CPU -> xla
+        "attention": ("auto", "one of auto|xla|splash|pallas_gpu|cudnn"),
+    },
+    "data": {
+        "corpus": ("shakespeare", "nonempty str"),  # a named corpus (shakespeare, kjv, or joined: shakespeare+kjv)
+        #                                             or your text
+        "dir": ("data_cache/shakespeare-bpe4096", "str"),  # the prepared data ("" for none: tools.bench)
+        "vocab_size": (4096, "int >= 2"),  # tokenizer vocabulary trained on the corpus
+        "num_threads": (2, STEPS),  # grain's loading threads per process
+    },
+    "optimizer": {
+        "name": ("adamw", "one of adamw|muon|celo2|celo2_base|velo"),  # optim.registry's names
+        "lr": (0.0, "float >= 0"),  # peak learning rate; 0: the optimizer's default (optim.registry records'
+        #                             default_lr: adamw 3e-3, muon 0.02, celo2 / celo2_base 1e-3, velo 1 = as
+        #                             published), filled in when the config is loaded
+        "schedule": ("cosine", "one of cosine|constant|wsd"),
+        "warmup_steps": (30, COUNT),
+        "min_lr_ratio": (0.1, "float in [0, 1]"),  # the schedule's last lr, as a share of the peak
+        "decay_fraction": (0.2, "float in (0, 1]"),  # wsd: share of the steps spent decaying
+        "weight_decay": (0.1, "float >= 0"),  # on matrices and embeddings only
+        "clip_norm": (1.0, "float >= 0"),  # global-norm clipping, 0 disables
+        # each optimizer's own settings (the defaults of optim.registry records' ``settings``)
+        "adamw": {"b1": (0.9, DECAY), "b2": (0.95, DECAY), "eps": (1e-8, EPS)},
+        # adam_lr_mult: lr of the AdamW branch (embeddings, vectors) relative to lr
+        "muon": {"beta": (0.95, DECAY), "nesterov": (True, "bool"), "adam_lr_mult": (0.15, MULTIPLIER),
+                 "b1": (0.9, DECAY), "b2": (0.95, DECAY), "eps": (1e-8, EPS)},
+        # theta: weight file (the official format); "": the shipped weights, filled in when the config is
+        # loaded. celo2's adam_lr_mult: 20 = the meta-training mult_1d
+        "celo2": {"theta": ("", "str"), "adam_lr_mult": (20.0, MULTIPLIER), "b1": (0.9, DECAY),
+                  "b2": (0.95, DECAY), "eps": (1e-8, EPS)},
+        "celo2_base": {"theta": ("", "str")},
+        "velo": {"theta": ("", "str")},
+    },
+}
+
+
+def _split(schema: dict, prefix: str = "") -> tuple[dict, dict]:
+    """(the defaults as nested dicts, {dotted field: range}) of a schema of (default, range) leaves."""
+    defaults, ranges = {}, {}
+    for name, value in schema.items():
+        if isinstance(value, dict):
+            defaults[name], inner = _split(value, f"{prefix}{name}.")
+            ranges.update(inner)
+        else:
+            defaults[name], ranges[prefix + name] = value
+    return defaults, ranges
+
 
 def base_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.workdir = "runs/default"
-    c.seed = 0
-    c.steps = 200  # total optimizer steps
-    c.batch_size = 16  # global, in sequences
-    c.seq_len = 256
-    c.microbatches = 1  # gradient accumulation: batch_size is split into this many microbatches
-    c.loss_chunk = 0  # positions per cross-entropy piece (train/loss.py): float32 logits are made and dropped
-    #                   piece by piece, never [B, L, V] at once; must divide seq_len; 0 = the whole sequence
-    c.cpu_devices = 8  # simulated CPU devices; 0 leaves the platform alone (GPU/TPU runs)
-    c.log_every = 10
-    c.eval_every = 50
-    c.eval_batches = 8  # held-out batches (of batch_size sequences) per periodic evaluation (the first ones)
-    c.final_eval_batches = 0  # the evaluation after the last step: 0 = the whole held-out split
-    c.checkpoint_every = 100
-    c.keep_checkpoints = 3  # most recent checkpoints kept
-    c.keep_every = 0  # also keep every K-th step's checkpoint (0: none)
-    c.keep_set_aside = 2  # unreadable / unfinished checkpoints kept for inspection (per kind); older are deleted
-    c.start_over = False  # checkpoints exist but none restores: False stops with an error naming each and why;
-    #                       True sets them aside and trains from step 0
-    c.init_from = ""  # checkpoint dir to take params from (fine-tuning with a fresh optimizer)
-    c.multiprocess = False  # call jax.distributed.initialize() (SLURM / TPU pods / launch.local set this)
-
-    c.mesh = ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2))  # one entry may be -1
-
-    c.model = ml_collections.ConfigDict(dict(
-        name="cpu-small",
-        vocab_size=0,  # 0: the tokenizer's vocabulary
-        vocab_multiple=128,  # pad the vocabulary to a multiple of this (shardable, faster matmuls)
-        compute_dtype="float32",
-        remat="none",
-        dropout=0.0,
-        document_mask=True,
-        attention="auto",  # kernel (models/attention.py): xla | splash (TPU) | pallas_gpu | cudnn (GPU, causal
-        #                    only, bfloat16); auto picks by the devices' platform: TPU -> splash, GPU -> cudnn
-        #                    without document_mask in bfloat16, else pallas_gpu; CPU -> xla
-    ))
-
-    c.data = ml_collections.ConfigDict(dict(
-        corpus="shakespeare",  # a named corpus (shakespeare, kjv, or joined: shakespeare+kjv) or your text
-        dir="data_cache/shakespeare-bpe4096",
-        vocab_size=4096,  # tokenizer vocabulary trained on the corpus
-        num_threads=2,
-    ))
-
-    c.optimizer = optimizer_config()
-    return c
+    return ml_collections.ConfigDict(_split(SCHEMA)[0])
 
 
-def optimizer_config() -> ml_collections.ConfigDict:
-    """The shared optimizer fields and one section per optimizer (``optimizer.<name>``), whose defaults are the
-    optimizer's own (optim.registry records' ``settings``)."""
-    adam = dict(b1=0.9, b2=0.95, eps=1e-8)
-    return ml_collections.ConfigDict(dict(
-        name="adamw",  # adamw | muon | celo2 | celo2_base | velo
-        lr=0.0,  # peak learning rate; 0: the optimizer's default (optim.registry records' default_lr: adamw 3e-3,
-        #          muon 0.02, celo2 / celo2_base 1e-3, velo 1 = as published), filled in when the config is loaded
-        schedule="cosine",  # cosine | constant | wsd
-        warmup_steps=30,
-        min_lr_ratio=0.1,
-        decay_fraction=0.2,  # wsd: share of the steps spent decaying
-        weight_decay=0.1,  # on matrices and embeddings only
-        clip_norm=1.0,  # global-norm clipping, 0 disables
-        adamw=ml_collections.ConfigDict(dict(adam)),
-        # adam_lr_mult: lr of the AdamW branch (embeddings, vectors) relative to lr
-        muon=ml_collections.ConfigDict(dict(beta=0.95, nesterov=True, adam_lr_mult=0.15, **adam)),
-        # theta: weight file (the official format); "": the shipped weights, filled in when the config is loaded.
-        # celo2's adam_lr_mult: 20 = the meta-training mult_1d
-        celo2=ml_collections.ConfigDict(dict(theta="", adam_lr_mult=20.0, **adam)),
-        celo2_base=ml_collections.ConfigDict(dict(theta="")),
-        velo=ml_collections.ConfigDict(dict(theta="")),
-    ))
+def ranges() -> dict[str, str]:
+    """{dotted field: valid range} of every field of the schema and of the comparison presets' section."""
+    return {**_split(SCHEMA)[1], **COMPARE_RANGES}

@@ -1,6 +1,10 @@
 """The ``compare`` section shared by the comparison presets."""
 import ml_collections
 
+# the valid ranges of the section's fields (the rules of infra/ranges.py); compare.lrs.<name> are comma lists
+# of positive numbers, checked when the comparison reads them
+COMPARE_RANGES = {"compare.optimizers": "nonempty str", "compare.seeds": "int >= 1", "compare.redo_mismatched": "bool"}
+
 
 def compare_fields(optimizers: str, seeds: int, lrs: dict) -> ml_collections.ConfigDict:
     """optimizers: comma list of optimizer names (optim.registry); lrs: per optimizer, keyed by its name

@@ -8,6 +8,7 @@ from data.info import META, load_info
 from data.prepare import default_workers, ensure_prepared, prepare_corpus, prepare_lock, print_summary
 from infra.cli import user_errors
 from infra.files import exists, join, resolve
+from infra.ranges import flag_type
 
 
 def _prepare_parser(sub) -> None:
@@ -28,17 +29,20 @@ def _prepare_parser(sub) -> None:
     p.add_argument("--on_error", choices=("stop", "skip"), default="stop",
                    help="bad input (unreadable file, invalid line, missing field, empty file): stop with its file and "
                         "line, or skip it, counted and listed in meta.json [default: %(default)s]")
-    p.add_argument("--vocab_size", type=int, default=4096, help="BPE vocabulary size [default: %(default)s]")
+    p.add_argument("--vocab_size", type=flag_type("int >= 2"), default=4096,
+                   help="BPE vocabulary size [default: %(default)s]")
     p.add_argument("--tokenizer", default=None,
                    help="use this sentencepiece .model instead of training one (then --vocab_size is ignored)")
-    p.add_argument("--tokenizer_sample_mb", type=float, default=100,
+    p.add_argument("--tokenizer_sample_mb", type=flag_type("float > 0"), default=100,
                    help="train the tokenizer on at most this many MB (millions of characters) of training "
                         "documents, a seeded sample [default: %(default)s]")
-    p.add_argument("--eval_fraction", type=float, default=0.05,
+    p.add_argument("--eval_fraction", type=flag_type("float in (0, 1)"), default=0.05,
                    help="each document is held out with this probability, by a hash of its id [default: %(default)s]")
-    p.add_argument("--chunk_size", type=int, default=4096, help="tokens per ArrayRecord record [default: %(default)s]")
-    p.add_argument("--shard_mb", type=float, default=256, help="MB of tokens per output shard [default: %(default)s]")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--chunk_size", type=flag_type("int >= 1"), default=4096,
+                   help="tokens per ArrayRecord record [default: %(default)s]")
+    p.add_argument("--shard_mb", type=flag_type("float > 0"), default=256,
+                   help="MB of tokens per output shard [default: %(default)s]")
+    p.add_argument("--workers", type=flag_type("int >= 1"), default=None,
                    help=f"tokenizing processes [default: the cores available, here {default_workers()}]")
     p.add_argument("--engine", choices=("local", "beam"), default="local",
                    help="local worker processes, or an Apache Beam pipeline (pip install -e '.[beam]'; the output "

@@ -25,17 +25,20 @@ from tqdm.auto import tqdm
 from data import corpus as corpus_lib
 from data.prepare import tokenizer_sample
 from data.tokenizer import Tokenizer
+from infra.ranges import flag_type
 
 
 def add_parser(sub) -> None:
     b = sub.add_parser("bench", help="measure preparation throughput and memory on a generated ~1 GB corpus",
                        description=__doc__.split("\n\n", 1)[1])
     b.add_argument("--dir", default="data_cache/bench", help="where the corpus and outputs go [default: %(default)s]")
-    b.add_argument("--size_gb", type=float, default=1.0, help="corpus size in GB [default: %(default)s]")
-    b.add_argument("--shards", type=int, default=32, help="jsonl input files [default: %(default)s]")
+    b.add_argument("--size_gb", type=flag_type("float > 0"), default=1.0,
+                   help="corpus size in GB [default: %(default)s]")
+    b.add_argument("--shards", type=flag_type("int >= 1"), default=32, help="jsonl input files [default: %(default)s]")
     b.add_argument("--workers", default="1,2", help="worker counts to compare [default: %(default)s]")
-    b.add_argument("--vocab_size", type=int, default=16384, help="BPE vocabulary [default: %(default)s]")
-    b.add_argument("--tokenizer_sample_mb", type=float, default=20, help="[default: %(default)s]")
+    b.add_argument("--vocab_size", type=flag_type("int >= 2"), default=16384,
+                   help="BPE vocabulary [default: %(default)s]")
+    b.add_argument("--tokenizer_sample_mb", type=flag_type("float > 0"), default=20, help="[default: %(default)s]")
     b.add_argument("--json", default=None, help="also write the results to this JSON file")
 
 

@@ -47,8 +47,8 @@ from data import corpus as corpus_lib
 from data import shards
 from data.info import FORMAT_VERSION, META, SPLITS, TOKENIZER, DatasetInfo, load_info
 from data.tokenizer import TRAINER_SEED, TRAINER_SETTINGS, Tokenizer
-from infra.files import (epath, exists, is_uri, join, list_objects, makedirs, move_tree, read_bytes, read_text,
-                         resolve, write_atomic)
+from infra.files import (check_storage, epath, exists, is_uri, join, list_objects, makedirs, move_tree, read_bytes,
+                         read_text, resolve, write_atomic)
 from infra.lease import LeaseError, WorkdirLease
 
 PLAN = "plan.json"
@@ -542,6 +542,8 @@ def ensure_prepared(
     use local dirs each prepare their own, identical, copy.)
     """
     out = resolve(data_dir)
+    for path in (out, corpus, tokenizer or ""):
+        check_storage(path)
     if not exists(join(out, META)):
         with prepare_lock(out, verbose):
             if not exists(join(out, META)):

@@ -162,12 +162,17 @@ class _PartWriter:
         self._part_tokens, self._part_chunks = 0, 0
 
     def discard(self) -> None:
-        """Drops the part being written, if any (the unit failed): its temporary file is removed."""
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        if self._tmp is not None and os.path.exists(self._tmp):
-            os.remove(self._tmp)
+        """Drops the part being written, if any (the unit failed): its temporary file is removed, also when the
+        writer cannot close it (a full disk fails its last flush again: that error is the one already raised)."""
+        writer, self._writer = self._writer, None
+        try:
+            if writer is not None:
+                writer.close()
+        except Exception:  # noqa: BLE001 - the part is dropped whatever its writer says (the first error is raised)
+            pass
+        finally:
+            if self._tmp is not None and os.path.exists(self._tmp):
+                os.remove(self._tmp)
 
 
 def prepare_unit(job: UnitJob, unit: corpus_lib.Unit, progress: Callable[[int], None] | None = None) -> dict:

@@ -449,18 +449,18 @@ def restore_params(path: str, abstract_params):
     """(step, params) of the newest usable checkpoint at ``path`` (see ``candidates``), without its
     optimizer state; ``abstract_params`` carries the target shardings.
 
-    Raises ``CheckpointError`` if the parameter shapes differ; unreadable or corrupted checkpoints are
-    skipped with a warning.
+    Raises ``CheckpointError`` if the parameter shapes differ, or when no checkpoint restores (each named with
+    its reason); an unreadable or corrupted checkpoint is skipped with a warning while an older one is left.
     """
-    dirs = candidates(path)
+    dirs, reasons = candidates(path), []
     for step_dir in dirs:
         try:
             return _restore_params_from(step_dir, abstract_params)
         except CheckpointError:
             raise
-        except Exception as e:  # noqa: BLE001
-            if len(dirs) == 1:
-                raise
-            warn(f"parameters of {step_dir} could not be restored ({_reason(e)}); "
-                 f"trying the previous checkpoint")
-    raise FileNotFoundError(f"no usable checkpoint in {path}")
+        except Exception as e:  # noqa: BLE001 - a damaged checkpoint, reported with the others below
+            reasons.append(f"{step_dir}: {_reason(e)}")
+            if step_dir != dirs[-1]:
+                warn(f"parameters of {step_dir} could not be restored ({_reason(e)}); trying the previous checkpoint")
+    raise CheckpointError(f"no checkpoint at {path} can be restored ({'; '.join(reasons)}); it is damaged: "
+                          f"restore it from a copy, or name a checkpoint step dir that is intact")

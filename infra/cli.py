@@ -8,6 +8,7 @@ as a long traceback before the program's own code runs.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 
@@ -26,18 +27,35 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(text).split())
 
 
+def explain(error: BaseException) -> str | None:
+    """The cause and the fix of an error that libraries raise for a problem of the machine or the setup rather
+    than of the program (a full disk, missing cloud credentials or libraries), or None."""
+    text = str(error)
+    if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in text:
+        return (f"no space left on the device ({_one_line(error)}); free space (or choose another directory) and "
+                "rerun the same command: it resumes where it stopped")
+    if type(error).__name__ == "DefaultCredentialsError":
+        return ("gs:// needs Google Cloud credentials, and none were found: run `gcloud auth application-default "
+                "login`, or set GOOGLE_APPLICATION_CREDENTIALS to a service account's key file")
+    if isinstance(error, ImportError) and any(m in text for m in ("google.cloud", "gcsfs", "google-cloud")):
+        return f'gs:// paths need the gcs extra ({_one_line(error)}): pip install -e ".[gcs]"'
+    return None
+
+
 def exit_with(error: BaseException) -> None:
-    print(f"error: {_one_line(error)}\n(set TRAIN_DEBUG=1 for the traceback)", file=sys.stderr, flush=True)
+    message = explain(error) or _one_line(error)
+    print(f"error: {message}\n(set TRAIN_DEBUG=1 for the traceback)", file=sys.stderr, flush=True)
     sys.exit(2)
 
 
 @contextlib.contextmanager
 def user_errors(*more: type[BaseException]):
-    """Turn ``USER_ERRORS`` (and ``more``) raised in the block into one line and exit code 2."""
+    """Turn ``USER_ERRORS`` (and ``more``) raised in the block, and the library errors that ``explain``
+    recognises, into one line and exit code 2."""
     try:
         yield
-    except USER_ERRORS + more as e:
-        if os.environ.get("TRAIN_DEBUG"):
+    except Exception as e:
+        if os.environ.get("TRAIN_DEBUG") or not (isinstance(e, USER_ERRORS + more) or explain(e)):
             raise
         exit_with(e)
 

@@ -24,6 +24,18 @@ def is_uri(path: str | os.PathLike) -> bool:
     return bool(sep) and head.isidentifier()
 
 
+def check_storage(path: str | os.PathLike) -> None:
+    """ValueError naming the extra to install when ``path`` is on Google Cloud Storage and the libraries that
+    read and write it there (the ``gcs`` extra) are missing: said before any work, not at the first write."""
+    if not str(path).startswith("gs://"):
+        return
+    try:
+        import gcsfs  # noqa: F401
+        import google.cloud.storage  # noqa: F401
+    except ImportError as e:
+        raise ValueError(f'{path}: gs:// paths need the gcs extra ({e}): pip install -e ".[gcs]"') from None
+
+
 def resolve(path: str | os.PathLike) -> str:
     """A URI unchanged (``os.path.abspath`` would turn ``gs://b/x`` into ``<cwd>/gs:/b/x``); a local path
     made absolute (relative to the current directory)."""

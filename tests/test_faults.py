@@ -99,10 +99,21 @@ def test_stale_lease_is_taken_over(data_dir, tmp_path, capsys, record):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    ({"optimizer.name": "velo", "optimizer.lr": -1.0}, "optimizer.lr=-1.0 must be positive"),
-    ({"optimizer.name": "adamw", "optimizer.lr": -1e-3}, "optimizer.lr=-0.001 must be positive"),
-    ({"workdir": ""}, "workdir is empty"),
-    ({"eval_batches": 0}, "eval_batches=0 must be a positive integer"),
+    ({"optimizer.name": "velo", "optimizer.lr": -1.0}, "optimizer.lr=-1.0 is out of range: it must be a finite number"),
+    ({"optimizer.name": "adamw", "optimizer.lr": -1e-3}, "optimizer.lr=-0.001 is out of range"),
+    ({"optimizer.lr": float("nan")}, "optimizer.lr=nan is out of range: it must be a finite number >= 0"),
+    ({"optimizer.lr": float("inf")}, "optimizer.lr=inf is out of range"),
+    ({"optimizer.adamw.eps": -1.0}, r"optimizer.adamw.eps=-1.0 is out of range: it must be a finite number > 0"),
+    ({"optimizer.min_lr_ratio": -1.0}, r"optimizer.min_lr_ratio=-1.0 .* in \[0, 1\]"),
+    ({"optimizer.adamw.b2": 1.5}, r"optimizer.adamw.b2=1.5 .* in \[0, 1\)"),
+    ({"optimizer.weight_decay": -1.0}, "optimizer.weight_decay=-1.0 is out of range"),
+    ({"optimizer.decay_fraction": 2.0}, r"optimizer.decay_fraction=2.0 .* in \(0, 1\]"),
+    ({"optimizer.name": "sgd"}, "optimizer.name='sgd' is out of range: it must be one of adamw, muon, celo2"),
+    ({"cpu_devices": -3}, "cpu_devices=-3 is out of range: it must be an integer >= 0"),
+    ({"mesh.data": 0}, "mesh.data=0 is out of range: it must be -1 or an integer >= 1"),
+    ({"model.vocab_size": 100}, r"model.vocab_size=100 is smaller than the tokenizer's vocabulary \(400\)"),
+    ({"workdir": ""}, "workdir=an empty string is out of range: it must be a non-empty string"),
+    ({"eval_batches": 0}, "eval_batches=0 is out of range: it must be an integer >= 1"),
 ])
 def test_bad_values_stop_before_anything_is_written(data_dir, tmp_path, overrides, message):
     wd = tmp_path / "run"
@@ -110,7 +121,10 @@ def test_bad_values_stop_before_anything_is_written(data_dir, tmp_path, override
     (wd / "config.json").write_text("{}")  # a previous run's: must survive
     cfg = make_config(wd, data_dir)
     for key, value in overrides.items():
-        node, leaf = (cfg.optimizer, key.split(".")[1]) if key.startswith("optimizer.") else (cfg, key)
+        *parents, leaf = key.split(".")
+        node = cfg
+        for name in parents:
+            node = node[name]
         node[leaf] = value
     with pytest.raises(ValueError, match=message):
         train(cfg)

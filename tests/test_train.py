@@ -32,7 +32,7 @@ def test_cpu_tiny_trains_on_shakespeare_on_a_2x2x2_mesh(tmp_path, shakespeare):
     (dict(mesh=dict(data=1, fsdp=1, tensor=8)), "4 heads, not divisible by mesh.tensor=8"),
     (dict(batch_size=6), "not divisible by data\\*fsdp=4"),
     (dict(seq_len=4096), "exceeds the context"),
-    (dict(steps=0), "steps=0 must be a positive integer"),
+    (dict(steps=0), "steps=0 is out of range: it must be an integer >= 1"),
 ])
 def test_bad_configs_fail_before_compiling(tmp_path, shakespeare, overrides, message):
     cfg = tiny_config(tmp_path / "run", shakespeare)

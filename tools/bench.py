@@ -50,7 +50,7 @@ def _define_flags() -> None:
     flags.DEFINE_list("optimizers", ["adamw", "muon", "celo2", "celo2_base", "velo"],
                       "optimizers whose update to time (optim.registry names; empty: none)")
     flags.DEFINE_list("aot", [], "presets to compile only (abstract shapes)")
-    flags.DEFINE_integer("steps", 5, "timed repeats after warm-up")
+    flags.DEFINE_integer("steps", 5, "timed repeats after warm-up", lower_bound=1)
     flags.DEFINE_bool("matmuls", False, "also time every matmul of each timed preset's step alone: the MFU "
                       "ceiling they allow")
     flags.DEFINE_string("json", "", "also write the numbers to this JSON file")

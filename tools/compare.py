@@ -42,6 +42,7 @@ from ml_collections import config_flags
 import configs
 from infra.cli import parse_flags_or_exit, user_errors
 from infra.files import exists, join, makedirs, move_tree, read_text, resolve, save_figure, write_text
+from infra.ranges import check
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(configs.__file__), "compare_cpu.py"), "Comparison config.")
@@ -57,10 +58,17 @@ def run_name(opt: str, lr: float, seed: int) -> str:
 
 
 def _lrs(cfg, opt: str) -> list[float]:
-    """``compare.lrs`` of optimizer ``opt``: a comma list of peak learning rates, keyed by its name."""
+    """``compare.lrs`` of optimizer ``opt``: a comma list of peak learning rates (positive numbers), keyed by its
+    name."""
     if opt not in cfg.compare.lrs:
         raise ValueError(f"compare.lrs has no learning rates for {opt!r}; add --config.compare.lrs.{opt}=...")
-    return [float(x) for x in str(cfg.compare.lrs[opt]).split(",") if x.strip()]
+    try:
+        lrs = [float(x) for x in str(cfg.compare.lrs[opt]).split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"compare.lrs.{opt}={cfg.compare.lrs[opt]!r} is not a comma list of numbers") from None
+    for lr in lrs:
+        check(f"compare.lrs.{opt}", lr, "float > 0")
+    return lrs
 
 
 def _read_done(workdir: str) -> dict | None:

@@ -45,7 +45,7 @@ def _define_flags() -> None:
                                     "Run config (a python file).")
     flags.DEFINE_string("topology", "", "TPU topology to compile for: v5p:4x4x4, v5e:16x16, v5p-128, ...")
     flags.DEFINE_string("gpu", "", "GPU to estimate memory for (analytic): a100, h100 or h200")
-    flags.DEFINE_integer("gpus", 8, "number of GPUs of the --gpu run")
+    flags.DEFINE_integer("gpus", 8, "number of GPUs of the --gpu run", lower_bound=1)
     flags.DEFINE_string("json", "", "also write the plan to this JSON file")
     flags.DEFINE_bool("search", False, "when the run does not fit, compile candidates until one fits")
 

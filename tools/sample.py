@@ -22,6 +22,7 @@ import numpy as np
 
 from infra.cli import user_errors
 from infra.files import exists, join, read_text
+from infra.ranges import flag_type
 from flax import nnx
 
 
@@ -98,21 +99,15 @@ def sample(workdir: str, prompt: str, *, temperature: float = 0.8, top_k: int = 
     return tok.decode(np.asarray(out))
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m tools.sample", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="run directory (holds config.json and checkpoints/)")
     p.add_argument("--prompt", default="", help="text to continue")
-    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    p.add_argument("--top_k", type=int, default=40, help="sample among the k most likely tokens (0: all)")
-    p.add_argument("--max_tokens", type=_positive, default=200)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=flag_type("float >= 0"), default=0.8, help="0: greedy")
+    p.add_argument("--top_k", type=flag_type("int >= 0"), default=40,
+                   help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--max_tokens", type=flag_type("int >= 1"), default=200)
+    p.add_argument("--seed", type=flag_type("int >= 0"), default=0)
     p.add_argument("--checkpoint", default=None, help="a checkpoint step dir (default: the latest)")
     a = p.parse_args(argv)
     with user_errors():

@@ -33,8 +33,8 @@ def main(argv) -> None:
     if "note" in summary:
         print(summary["note"])
         return
-    losses = ", ".join(f"{name} {summary[key]:.4f}" for key, name in (("loss", "train loss"), ("eval_loss", "eval loss"))
-                       if key in summary)  # a run stopped before its first evaluation has no eval loss
+    named = (("loss", "train loss"), ("eval_loss", "eval loss"))  # a run stopped before its first evaluation
+    losses = ", ".join(f"{name} {summary[key]:.4f}" for key, name in named if key in summary)  # has no eval loss
     msg = (f"done: step {summary['step']}, {losses} (unigram entropy {summary['unigram_entropy']:.4f}); outputs in "
            f"{resolve(cfg.workdir)}")
     if "plot" in summary:

@@ -8,7 +8,8 @@ passes it through ``load_config`` before anything else:
   (``gs://...``) are kept;
 - ``optimizer.lr`` 0 becomes the optimizer's default peak rate and an empty ``optimizer.<name>.theta`` its
   shipped weight file (``optim.registry.resolve_defaults``);
-- the step counts, the loss chunk and the workdir are checked.
+- every field is checked against the valid range declared beside its definition (``configs/base.py``), and
+  the loss chunk against the sequence length.
 
 ``with_dataset`` then takes the model's vocabulary from the prepared dataset: ``model.vocab_size`` 0 becomes
 the tokenizer's vocabulary, padded up to a multiple of ``model.vocab_multiple`` (a shardable size with faster
@@ -21,20 +22,34 @@ import math
 
 import ml_collections
 
-from infra.files import resolve
+from configs.base import ranges
+from infra.files import check_storage, resolve
+from infra.ranges import check
 from optim.registry import REGISTRY, resolve_defaults
 
-POSITIVE = ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches", "checkpoint_every")
+
+
+def check_ranges(cfg) -> None:
+    """ValueError naming the first field of ``cfg`` outside the valid range declared beside its definition
+    (``configs.base.SCHEMA``, ``configs.compare.COMPARE_RANGES``)."""
+    rules = ranges()
+    for name, value in _leaves(cfg.to_dict()):
+        if name in rules:
+            check(name, value, rules[name])
+
+
+def _leaves(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield prefix + key, value
 
 
 def load_config(cfg):
     """The resolved copy of ``cfg`` (see the module docstring); a config that cannot work raises ValueError."""
-    if not str(cfg.workdir).strip():
-        raise ValueError("workdir is empty: set --config.workdir to the run's directory")
-    for name in POSITIVE:
-        if int(cfg[name]) < 1:
-            raise ValueError(f"{name}={cfg[name]} must be a positive integer")
-    if cfg.loss_chunk < 0 or (cfg.loss_chunk and cfg.seq_len % cfg.loss_chunk):
+    check_ranges(cfg)
+    if cfg.loss_chunk and cfg.seq_len % cfg.loss_chunk:
         raise ValueError(f"loss_chunk={cfg.loss_chunk} must be 0 (no chunking) or a positive divisor of "
                          f"seq_len={cfg.seq_len}")
     cfg = cfg.copy_and_resolve_references()
@@ -43,6 +58,8 @@ def load_config(cfg):
         for section, field in ((cfg.data, "dir"), (cfg, "init_from")):  # "" (none) stays empty
             if section[field]:
                 section[field] = resolve(section[field])
+        for path in (cfg.workdir, cfg.data.dir, cfg.init_from, cfg.data.corpus):
+            check_storage(path)
         cfg.optimizer = resolve_defaults(cfg.optimizer)
     return cfg
 
@@ -56,13 +73,12 @@ def with_dataset(cfg, tokenizer_vocab: int):
     """A copy of the loaded ``cfg`` whose ``model.vocab_size`` is the one the model is built with: the
     tokenizer's (``tokenizer_vocab``) when it is 0, padded to ``model.vocab_multiple``."""
     m = cfg.model
-    vocab = padded_vocab(m.vocab_size or tokenizer_vocab, m.vocab_multiple)
-    if vocab < tokenizer_vocab:
-        raise ValueError(f"model.vocab_size={vocab} is smaller than the tokenizer's vocabulary ({tokenizer_vocab}) "
-                         f"of {cfg.data.dir}: token ids would index past the embedding; set "
+    if 0 < m.vocab_size < tokenizer_vocab:
+        raise ValueError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's vocabulary "
+                         f"({tokenizer_vocab}) of {cfg.data.dir}: token ids would index past the embedding; set "
                          f"--config.model.vocab_size={tokenizer_vocab} or 0 (the tokenizer's)")
     cfg = cfg.copy_and_resolve_references()
-    cfg.model.vocab_size = vocab
+    cfg.model.vocab_size = padded_vocab(m.vocab_size or tokenizer_vocab, m.vocab_multiple)
     return cfg
 
 

@@ -37,6 +37,7 @@ import numpy as np
 
 from infra.cli import user_errors
 from infra.files import write_atomic
+from infra.ranges import flag_type
 from optim import registry
 from optim.learned.meta import pes, run
 from optim.learned.meta import tasks as tasks_lib
@@ -75,15 +76,16 @@ def main(argv=None):
     p.add_argument("--variant", default="celo2", choices=list(registry.META_TRAINABLE))
     p.add_argument("--out", help="output directory for eval.json / eval.png (default: next to --theta)")
     p.add_argument("--tasks", default=",".join(tasks_lib.VALID_TASKS), help="comma-separated validation tasks")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=flag_type("int >= 1"), default=3)
     p.add_argument("--lrs", default=",".join(f"{x:g}" for x in DEFAULT_LRS), help="AdamW lrs to sweep")
-    p.add_argument("--lr", type=float, default=None, help="the learned optimizer's lr, its meta-training "
-                                                            "step_mult (default 1e-3; velo: 1)")
-    p.add_argument("--mult_1d", type=float, default=20.0, help="bias lr multiplier (celo2)")
+    p.add_argument("--lr", type=flag_type("float > 0"), default=None,
+                   help="the learned optimizer's lr, its meta-training step_mult (default 1e-3; velo: 1)")
+    p.add_argument("--mult_1d", type=flag_type("float > 0"), default=20.0, help="bias lr multiplier (celo2)")
     p.add_argument("--plot_run", help="a meta-training workdir: plot its objective and validation losses")
     p.add_argument("--objective", help="a meta-training workdir: measure the meta-objective of its --snapshots")
     p.add_argument("--snapshots", default="0", help="comma-separated snapshot iterations for --objective")
-    p.add_argument("--problems", type=int, default=64, help="whole inner problems per family for --objective")
+    p.add_argument("--problems", type=flag_type("int >= 1"), default=64,
+                   help="whole inner problems per family for --objective")
     p.add_argument("--select", help="a meta-training workdir: evaluate its snapshot with the lowest quick-"
                                     "validation training loss (instead of --theta)")
     p.add_argument("--cache_dir", default=None)

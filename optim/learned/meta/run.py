@@ -29,6 +29,7 @@ from infra.checkpoint import Checkpointer
 from infra.files import write_atomic
 from infra.metrics import MetricsLogger
 from infra.preemption import StopRequest
+from infra.ranges import flag_type
 from optim import registry
 from optim.learned.meta import inner as inner_lib
 from optim.learned.meta import pes
@@ -48,24 +49,25 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", default="celo2", choices=list(registry.META_TRAINABLE))
     p.add_argument("--workdir", required=True)
-    p.add_argument("--outer_iterations", type=int, default=100_000, help="total outer updates")
-    p.add_argument("--num_particles", type=int, default=8, help="PES particles per task family (x2 antithetic)")
-    p.add_argument("--trunc_length", type=int, default=50, help="inner steps per truncation")
-    p.add_argument("--min_unroll", type=int, default=100)
-    p.add_argument("--max_unroll", type=int, default=2000)
+    p.add_argument("--outer_iterations", type=flag_type("int >= 1"), default=100_000, help="total outer updates")
+    p.add_argument("--num_particles", type=flag_type("int >= 1"), default=8,
+                   help="PES particles per task family (x2 antithetic)")
+    p.add_argument("--trunc_length", type=flag_type("int >= 1"), default=50, help="inner steps per truncation")
+    p.add_argument("--min_unroll", type=flag_type("int >= 1"), default=100)
+    p.add_argument("--max_unroll", type=flag_type("int >= 1"), default=2000)
     p.add_argument("--reparam_range", default="1e-3,1e3",
                    help="global reparametrisation scales s ~ log-uniform(lo, hi) (the paper's: 1e-3,1e3; "
                         "docs/meta_training.md#task-augmentation)")
-    p.add_argument("--outer_lr", type=float, default=None, help="default: " + ", ".join(
+    p.add_argument("--outer_lr", type=flag_type("float > 0"), default=None, help="default: " + ", ".join(
         f"{registry.get(name).meta.outer_lr:g} ({name})" for name in registry.META_TRAINABLE))
-    p.add_argument("--std", type=float, default=0.01, help="PES perturbation std")
-    p.add_argument("--step_mult", type=float, default=None, help="inner lr of the learned rule (for VeLO the "
-                   "multiplier of its own step); default: " + ", ".join(
+    p.add_argument("--std", type=flag_type("float > 0"), default=0.01, help="PES perturbation std")
+    p.add_argument("--step_mult", type=flag_type("float > 0"), default=None,
+                   help="inner lr of the learned rule (for VeLO the multiplier of its own step); default: " + ", ".join(
                        f"{registry.get(name).meta.step_mult:g} ({name})" for name in registry.META_TRAINABLE))
-    p.add_argument("--mult_1d", type=float, default=20.0, help="bias lr multiplier (variants that route biases "
-                                                                  "to Adam: " + ", ".join(_ADAM_1D) + ")")
+    p.add_argument("--mult_1d", type=flag_type("float > 0"), default=20.0,
+                   help="bias lr multiplier (variants that route biases to Adam: " + ", ".join(_ADAM_1D) + ")")
     p.add_argument("--regex_1d", default=r"/b$", help="leaves routed to Adam (" + ", ".join(_ADAM_1D) + ")")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=flag_type("int >= 0"), default=0)
     p.add_argument("--init", default="random", choices=("random", "rule"),
                    help="theta to start from: 'random' (the paper's Haiku init) or 'rule', a hand-designed rule "
                         "with the rest of the MLP random (" + "; ".join(
@@ -74,12 +76,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--init_theta", default="", help="start from this weight file (e.g. shipped weights) "
                                                     "instead of --init")
     p.add_argument("--tasks", default=",".join(tasks_lib.TRAIN_TASKS), help="task families (comma-separated)")
-    p.add_argument("--log_every", type=int, default=10)
-    p.add_argument("--checkpoint_every", type=int, default=100)
-    p.add_argument("--snapshot_every", type=int, default=1000, help="theta_{i}.state every this many updates")
-    p.add_argument("--eval_every", type=int, default=250, help="quick held-out validation (0: off)")
-    p.add_argument("--eval_steps", type=int, default=1000)
-    p.add_argument("--max_minutes", type=float, default=0.0, help="stop cleanly after this wall time (0: off)")
+    p.add_argument("--log_every", type=flag_type("int >= 1"), default=10)
+    p.add_argument("--checkpoint_every", type=flag_type("int >= 1"), default=100)
+    p.add_argument("--snapshot_every", type=flag_type("int >= 1"), default=1000,
+                   help="theta_{i}.state every this many updates")
+    p.add_argument("--eval_every", type=flag_type("int >= 0"), default=250, help="quick held-out validation (0: off)")
+    p.add_argument("--eval_steps", type=flag_type("int >= 1"), default=1000)
+    p.add_argument("--max_minutes", type=flag_type("float >= 0"), default=0.0,
+                   help="stop cleanly after this wall time (0: off)")
     p.add_argument("--cache_dir", default=None, help="data cache (default $CELO2_HARNESS_CACHE or "
                                                      "~/.cache/celo2_harness)")
     p.add_argument("--no_progress", action="store_true")

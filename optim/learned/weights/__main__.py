@@ -21,6 +21,7 @@ import sys
 import numpy as np
 
 from infra.files import write_atomic
+from infra.ranges import flag_type
 from optim import registry
 from optim.learned.celo2_file import theta_file
 from optim.learned.msgpack_file import tree_from_bytes
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
     c.add_argument("dst")
     c.add_argument("--layout", default="official", choices=("official", "wrapped"))
     c.add_argument("--gen_id", default="", help="wrapped layout: the checkpoint's gen_id")
-    c.add_argument("--step", type=int, default=0, help="wrapped layout: the checkpoint's step")
+    c.add_argument("--step", type=flag_type("int >= 0"), default=0, help="wrapped layout: the checkpoint's step")
     a = p.parse_args(argv)
     try:
         print(inspect(a.path) if a.command == "inspect" else convert(a.src, a.dst, a.layout, a.gen_id, a.step))
