@@ -28,6 +28,7 @@ order, so the value does not depend on the mesh, the sharding or the number of p
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -42,6 +43,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from infra.cli import explain
 from infra.files import epath, is_uri, join, move_tree, read_text, resolve
 
 FORMAT = 1
@@ -50,6 +52,11 @@ FORMAT = 1
 class CheckpointError(ValueError):
     """A checkpoint exists but this run must not use it (other model/optimizer, other data order), or none
     of the existing checkpoints can be read."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """An asynchronous save failed (a full disk, a storage error): the run stops, its last complete
+    checkpoint is where a rerun resumes."""
 
 
 def warn(msg: str) -> None:
@@ -234,6 +241,9 @@ class Checkpointer:
                     "config": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         self.last_save_blocking_s = 0.0
+        self._saving = None  # the step of the latest save started
+        self._checked = None  # the step of the latest save seen complete
+        self._failed = False  # a failed save was reported: closing does not report it again
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -265,8 +275,37 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         if config is not None:
             items["config"] = ocp.args.JsonSave(config)
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        try:  # orbax waits for the previous save before it starts one: a failure there is the previous save's
+            self.manager.wait_until_finished()
+            self._saving = int(step)
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as e:  # noqa: BLE001 - reported as one error naming the failed step
+            raise self._save_error(e) from e
         self.last_save_blocking_s = time.perf_counter() - t0
+
+    def check(self) -> None:
+        """Raise ``CheckpointSaveError`` if the latest asynchronous save has ended in failure. Cheap while it is
+        in progress (a flag orbax sets on every process at once); once it has ended, waiting for it returns at
+        once and raises its error."""
+        if self._saving is None or self._checked == self._saving or self.manager.is_saving_in_progress():
+            return
+        try:
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001 - whatever orbax's save thread raised, reported as one error
+            raise self._save_error(e) from e
+        self._checked = self._saving
+
+    def _save_error(self, error: BaseException) -> CheckpointSaveError:
+        """The error of a failed save: the step, why, and the last complete checkpoint."""
+        self._failed = True
+        # from the directory itself: orbax's own list has the failed step, and no longer the one before it
+        self.manager.reload()
+        done = [s for s in self.steps() if s != self._saving]
+        last = (f"the last complete checkpoint is {self.step_dir(done[-1])}, where a rerun resumes" if done else
+                "no checkpoint was completed before it, so a rerun starts from step 0")
+        return CheckpointSaveError(f"saving the checkpoint of step {self._saving} in {self.directory} failed "
+                                   f"({explain(error) or _reason(error)}); {last}")
 
     def meta(self, step: int) -> dict:
         return read_meta(self.step_dir(step))
@@ -408,8 +447,17 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Wait until the last save is complete (``CheckpointSaveError`` if it failed and was not reported yet),
+        then close."""
+        try:
+            self.manager.wait_until_finished()  # raises a failed save's error
+            self.manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001 - reported once, as one error
+            if not self._failed:
+                raise self._save_error(e) from e
+        finally:
+            with contextlib.suppress(Exception):  # a manager whose save failed may fail to close too
+                self.manager.close()
 
 
 # ------------------------------------------------------------------------- params only (init_from, sample)

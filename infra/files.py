@@ -132,6 +132,7 @@ def write_atomic(path: str | os.PathLike, buf: bytes) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".part")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would survive the rename: the mode open() would give
         with os.fdopen(fd, "wb") as f:
             f.write(buf)
             f.flush()
@@ -141,6 +142,18 @@ def write_atomic(path: str | os.PathLike, buf: bytes) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask can only be read by setting it, which would
+    race with other threads creating files), where Linux shows it; else by setting it back at once."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -222,3 +222,152 @@ def test_a_stopped_comparison_run_stops_the_comparison_resumably(tmp_path, monke
     with pytest.raises(Stopped, match="stopped early .*rerun the command to resume"):
         comparison.execute()
     assert not glob.glob(str(tmp_path / "cmp" / "runs" / "*" / "done.json"))
+
+
+def _one_error_line(proc, message: str) -> None:
+    """The command failed with exit code 2 and one ``error:`` line holding ``message``, and no traceback."""
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+
+
+def _command(args, **kwargs):
+    import subprocess
+    import sys
+
+    from tests.test_checkpoint import ROOT
+
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=300, **kwargs)
+
+
+def test_sampling_a_corrupt_checkpoint_is_one_line(data_dir, tmp_path_factory, tmp_path):
+    wd = copy_run(reference("adamw", data_dir, tmp_path_factory), tmp_path / "run")
+    for array_file in glob.glob(str(wd / "checkpoints" / "*" / "state" / "ocdbt.process_*" / "d" / "*")):
+        with open(array_file, "r+b") as f:  # every array cut in half: the parameters' too
+            f.truncate(os.path.getsize(array_file) // 2)
+    proc = _command(["-m", "tools.sample", "--workdir", str(wd), "--max_tokens", "4"])
+    _one_error_line(proc, f"no checkpoint at {wd} can be restored")
+    assert "restore it from a copy" in proc.stderr
+    assert "Exception ignored" not in proc.stderr and len(proc.stderr.splitlines()) < 20
+
+
+@pytest.fixture
+def without_gcs_libraries(tmp_path):
+    """An environment in which gcsfs and google.cloud cannot be imported, as without the gcs extra."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _Missing:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'gcsfs' or name.startswith('google.cloud'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, _Missing())\n")
+    return dict(os.environ, PYTHONPATH=str(site))
+
+
+def test_gs_paths_without_the_gcs_extra_name_it(without_gcs_libraries, tmp_path):
+    proc = _command(["-m", "train", "--config", "configs/cpu_tiny.py", "--config.workdir=gs://bucket/run"],
+                    env=without_gcs_libraries)
+    _one_error_line(proc, 'gs://bucket/run: gs:// paths need the gcs extra')
+    assert 'pip install -e ".[gcs]"' in proc.stderr
+    proc = _command(["-m", "data", "prepare", "--corpus", "shakespeare", "--out", "gs://bucket/data"],
+                    env=without_gcs_libraries)
+    _one_error_line(proc, 'pip install -e ".[gcs]"')
+
+
+def test_missing_google_credentials_are_explained():
+    from google.auth.exceptions import DefaultCredentialsError
+
+    from infra.cli import explain
+
+    assert "gcloud auth application-default login" in explain(DefaultCredentialsError("Your default credentials "
+                                                                                      "were not found."))
+    assert explain(ValueError("an ordinary error")) is None
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """``small_disk(size)``: a directory on a file system of ``size`` (a tmpfs, "1m", "8m"), where writing more
+    fails with ENOSPC; the test is skipped where mounting is not allowed."""
+    import subprocess
+
+    mounts = []
+
+    def mount(size: str):
+        path = tmp_path / f"disk{len(mounts)}"
+        path.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode:
+            pytest.skip("mounting a small tmpfs is not allowed here")
+        mounts.append(path)
+        return path
+
+    yield mount
+    for path in mounts:
+        subprocess.run(["umount", str(path)], check=False)
+
+
+def test_a_full_disk_during_preparation_is_one_line_and_leaves_no_temporary_file(small_disk):
+    full_disk = small_disk("1m")  # Shakespeare's 1.6M tokens need 3 MB
+    proc = _command(["-m", "data", "prepare", "--corpus", "shakespeare", "--out", str(full_disk / "data"),
+                     "--vocab_size", "512", "--workers", "1"])
+    _one_error_line(proc, "no space left on the device")
+    assert "rerun the same command" in proc.stderr
+    left = [p for p in glob.glob(str(full_disk / "**" / "*"), recursive=True) if ".tmp" in os.path.basename(p)]
+    assert not left, left
+
+
+def test_a_failed_checkpoint_save_stops_the_run_at_once_with_one_line(small_disk, data_dir):
+    """On a full disk the second checkpoint (5.3 MB beside the first) cannot be written: the run stops at the
+    first step after the failure, not at the next save, naming the step and the checkpoint a rerun resumes from."""
+    from tests.test_checkpoint import cli_args
+
+    wd = small_disk("8m") / "run"
+    cfg = make_config(wd, data_dir, steps=60, checkpoint_every=20)
+    proc = _command(["-m", "train", *cli_args(cfg), "--config.keep_checkpoints=1"])
+    _one_error_line(proc, f"saving the checkpoint of step 40 in {wd / 'checkpoints'} failed (no space left")
+    assert f"the last complete checkpoint is {wd / 'checkpoints' / '20'}, where a rerun resumes" in proc.stderr
+    assert len(proc.stderr.splitlines()) < 30 and "Exception in thread" not in proc.stderr
+    steps = [r["step"] for r in read_metrics(str(wd)) if "loss" in r]
+    assert max(steps) < 60  # stopped before the next save was due
+    assert "No space left on device" in (wd / "library.log").read_text()  # the libraries' reports, kept
+
+
+def test_restoring_corrupt_checkpoints_keeps_library_noise_off_the_terminal(data_dir, tmp_path_factory, tmp_path):
+    """Every checkpoint damaged: the run stops with its one error (naming each checkpoint and why) and the
+    library log; orbax's and tensorstore's thousands of lines of reports go to that log."""
+    from tests.test_checkpoint import cli_args
+
+    wd = copy_run(reference("adamw", data_dir, tmp_path_factory), tmp_path / "run")
+    for step in Checkpointer(wd / "checkpoints").steps():
+        _break(wd / "checkpoints" / str(step))
+    proc = _command(["-m", "train", *cli_args(make_config(wd, data_dir, steps=STEPS))])
+    _one_error_line(proc, "none of the 2 checkpoint(s)")
+    assert len(proc.stderr.splitlines()) < 40 and "Exception ignored" not in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_files_written_atomically_get_the_mode_open_would_give(tmp_path, umask):
+    import stat
+
+    from infra.files import write_atomic
+
+    old = os.umask(umask)
+    try:
+        write_atomic(tmp_path / "config.json", b"{}")
+        with open(tmp_path / "plain", "w"):
+            pass
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE(os.stat(tmp_path / "config.json").st_mode)
+    assert mode == 0o666 & ~umask == stat.S_IMODE(os.stat(tmp_path / "plain").st_mode)
+
+
+def test_a_prepared_data_dir_is_readable_like_its_shards(data_dir):
+    """meta.json and tokenizer.model (written atomically) have the mode of the shards beside them."""
+    import stat
+
+    modes = {os.path.relpath(p, data_dir): stat.S_IMODE(os.stat(p).st_mode)
+             for p in glob.glob(os.path.join(data_dir, "**", "*"), recursive=True) if os.path.isfile(p)}
+    assert len(set(modes.values())) == 1, modes

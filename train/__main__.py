@@ -10,7 +10,7 @@ from absl import app, logging
 from ml_collections import config_flags
 
 import configs
-from infra.cli import parse_flags_or_exit, user_errors
+from infra.cli import library_log, parse_flags_or_exit, user_errors
 
 # The default config is the installed one, wherever the command runs from; a given --config path is relative
 # to the current directory, like the paths inside a config (workdir, data.dir, init_from).
@@ -21,13 +21,15 @@ _CONFIG = config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname
 def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
-    from infra.files import resolve
+    from infra.files import is_uri, resolve
     from infra.lease import LeaseError
     from train.build import setup_platform
     from train.loop import NonFiniteLoss, train
 
     with user_errors(NonFiniteLoss, LeaseError):
         cfg = _CONFIG.value  # a config file that failed to load raises when first read
+        if not is_uri(cfg.workdir):  # what libraries report at length while the run fails: beside the run
+            library_log(os.path.join(resolve(cfg.workdir), "library.log"))
         setup_platform(cfg)
         summary = train(cfg)
     if "note" in summary:

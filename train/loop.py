@@ -252,18 +252,30 @@ def _train(run: Run, stop: StopRequest, stop_at: int | None) -> dict:
     trainer.add_metrics_hook(throughput, cfg.log_every)
     trainer.add_hook(_evaluation(run), cfg.eval_every)
     trainer.add_hook(save, cfg.checkpoint_every, on_stop=True, checked=True)
+    trainer.add_hook(lambda info: ckpt.check(), every=1)  # a failed asynchronous save stops the run at once
     trainer.add_hook(plot, cfg.eval_every, on_stop=True, checked=True)
     try:
         trainer.fit(state, start_step, batches)
     except NonFiniteLoss as e:
+        _close_quietly(logger)
         steps = ckpt.steps()
         where = (f"rerunning resumes from its last checkpoint, {ckpt.step_dir(steps[-1])}" if steps else
                  "no checkpoint was written yet, so rerunning starts from step 0")
         raise NonFiniteLoss(f"{e}; {where}") from None
+    except BaseException:
+        _close_quietly(logger)
+        raise
     finally:
         t0 = time.perf_counter()
         ckpt.close()  # waits until the last save is durable (also when the loop failed)
     return _summary(run, trainer, logger, ckpt, time.perf_counter() - t0)
+
+
+def _close_quietly(logger: MetricsLogger) -> None:
+    """Close the outputs of a failing run: its progress bar ends before the error is printed, and a second
+    error while closing (a full disk) does not hide the first."""
+    with contextlib.suppress(Exception):
+        logger.close()
 
 
 def _summary(run: Run, trainer: Trainer, logger: MetricsLogger, ckpt: Checkpointer, durable_s: float) -> dict:
