@@ -55,7 +55,7 @@ SCHEMA = {
         "corpus": ("shakespeare", "nonempty str"),  # a named corpus (shakespeare, kjv, or joined: shakespeare+kjv)
         #                                             or your text
         "dir": ("data_cache/shakespeare-bpe4096", "str"),  # the prepared data ("" for none: tools.bench)
-        "vocab_size": (4096, "int >= 2"),  # tokenizer vocabulary trained on the corpus
+        "vocab_size": (4096, "int >= 300"),  # tokenizer vocabulary trained on the corpus (byte fallback: 259 ids)
         "num_threads": (2, STEPS),  # grain's loading threads per process
     },
     "optimizer": {

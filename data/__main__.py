@@ -29,7 +29,7 @@ def _prepare_parser(sub) -> None:
     p.add_argument("--on_error", choices=("stop", "skip"), default="stop",
                    help="bad input (unreadable file, invalid line, missing field, empty file): stop with its file and "
                         "line, or skip it, counted and listed in meta.json [default: %(default)s]")
-    p.add_argument("--vocab_size", type=flag_type("int >= 2"), default=4096,
+    p.add_argument("--vocab_size", type=flag_type("int >= 300"), default=4096,
                    help="BPE vocabulary size [default: %(default)s]")
     p.add_argument("--tokenizer", default=None,
                    help="use this sentencepiece .model instead of training one (then --vocab_size is ignored)")

@@ -36,7 +36,7 @@ def add_parser(sub) -> None:
                    help="corpus size in GB [default: %(default)s]")
     b.add_argument("--shards", type=flag_type("int >= 1"), default=32, help="jsonl input files [default: %(default)s]")
     b.add_argument("--workers", default="1,2", help="worker counts to compare [default: %(default)s]")
-    b.add_argument("--vocab_size", type=flag_type("int >= 2"), default=16384,
+    b.add_argument("--vocab_size", type=flag_type("int >= 300"), default=16384,
                    help="BPE vocabulary [default: %(default)s]")
     b.add_argument("--tokenizer_sample_mb", type=flag_type("float > 0"), default=20, help="[default: %(default)s]")
     b.add_argument("--json", default=None, help="also write the results to this JSON file")

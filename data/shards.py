@@ -123,7 +123,9 @@ class _PartWriter:
         os.makedirs(os.path.join(self._out, self._split), exist_ok=True)
         return os.path.join(self._out, self._name()) + ".tmp"
 
-    def write_document(self, ids: np.ndarray) -> None:
+    def write_document(self, ids: np.ndarray, end: bool = True) -> None:
+        """Append a document's ids (or, with ``end`` False, the first ones of a document continued by the next
+        call); a part is closed only where a document ends."""
         if self._writer is None:
             self._tmp = self._temporary()
             self._writer = ArrayRecordWriter(self._tmp, _WRITER_OPTIONS)
@@ -135,7 +137,7 @@ class _PartWriter:
             ids = ids[take:]
             if self._fill == self._chunk:
                 self._flush()
-        if self._part_tokens >= self._shard_tokens:
+        if end and self._part_tokens >= self._shard_tokens:
             self.close()
 
     def _flush(self) -> None:
@@ -187,12 +189,27 @@ def prepare_unit(job: UnitJob, unit: corpus_lib.Unit, progress: Callable[[int], 
     bos = np.array([tok.bos_id], dtype)
     pending, pending_chars, reported = [], 0, 0
 
+    def write(ids, split: str, end: bool = True) -> None:
+        ids = np.asarray(ids, dtype)
+        writers[split].write_document(ids, end)
+        if split == "train":
+            np.add(counts, np.bincount(ids, minlength=tok.vocab_size), out=counts)
+
     def encode_pending():
+        """The pending documents in one batch; a document longer than a batch (it comes last: it filled the
+        batch) in pieces of a batch's size, so that no document needs more memory than a batch."""
+        long = pending.pop() if pending and len(pending[-1][0].text) > _ENCODE_CHARS else None
         for (doc, split), ids in zip(pending, tok.sp.EncodeAsIds([d.text for d, _ in pending], num_threads=1)):
-            ids = np.concatenate([bos, np.asarray(ids, dtype)])
-            writers[split].write_document(ids)
-            if split == "train":
-                np.add(counts, np.bincount(ids, minlength=tok.vocab_size), out=counts)
+            write(np.concatenate([bos, np.asarray(ids, dtype)]), split)
+        if long is not None:
+            doc, split = long
+            write(bos, split, end=False)
+            pieces = tok.encode_pieces(doc.text, _ENCODE_CHARS)
+            ids = next(pieces)
+            for following in pieces:
+                write(ids, split, end=False)
+                ids = following
+            write(ids, split)
         pending.clear()
 
     try:

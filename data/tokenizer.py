@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import threading
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import sentencepiece as spm
@@ -40,6 +41,7 @@ TRAINER_SETTINGS = dict(
 )
 TRAINER_SEED = 0
 _MAX_LINE_CHARS = 4096
+_PIECE_CUT = re.compile(r"(?<=[^ ]) ")  # where a run of spaces begins after other text (encode_pieces)
 
 
 class Tokenizer:
@@ -80,6 +82,22 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.sp.EncodeAsIds(text)
+
+    def encode_pieces(self, text: str, max_chars: int) -> Iterator[list[int]]:
+        """The ids of ``text`` in consecutive pieces of about ``max_chars`` characters (a piece without a place to
+        cut is longer), equal together to ``encode(text)``: cut only where a run of spaces begins after other
+        text, which is where sentencepiece splits words too (its pieces never span one), so that a document of
+        any length is tokenized within bounded memory."""
+        start = 0
+        while len(text) - start > max_chars:
+            cuts = [m.start() for m in _PIECE_CUT.finditer(text, start + 1, start + max_chars + 1)]
+            following = _PIECE_CUT.search(text, start + max_chars + 1) if not cuts else None
+            if not cuts and following is None:
+                break
+            cut = cuts[-1] if cuts else following.start()
+            yield self.sp.EncodeAsIds(text[start:cut])
+            start = cut
+        yield self.sp.EncodeAsIds(text[start:])
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self.sp.EncodeAsIds(list(texts), num_threads=TRAINER_SETTINGS["num_threads"])

@@ -230,6 +230,31 @@ def test_prepare_with_given_tokenizer(info, corpus_dir, tmp_path):
     prepare_corpus(tmp_path / "e", corpus_dir, tokenizer=tmp_path / "bad.model", verbose=False)
 
 
+def test_documents_longer_than_a_batch_are_tokenized_in_pieces_exactly(info, corpus_dir, tmp_path, monkeypatch):
+  """A document longer than an encoding batch is tokenized piece by piece (bounded memory, however long the
+  document), cut where a run of spaces begins: the shards are byte for byte those of whole-document encoding."""
+  monkeypatch.setattr(shards, "_ENCODE_CHARS", 300)  # every document here is longer than that
+  calls = []
+  encode_pieces = Tokenizer.encode_pieces
+  monkeypatch.setattr(Tokenizer, "encode_pieces", lambda self, *a: calls.append(a) or encode_pieces(self, *a))
+  got = prepare_corpus(tmp_path / "d", corpus_dir, None, tokenizer=info.tokenizer_path, eval_fraction=0.2,
+                       chunk_size=CHUNK, workers=1, verbose=False)
+  files = sorted(str(p.relative_to(got.data_dir)) for p in pathlib.Path(got.data_dir).rglob("*.array_record"))
+  assert files and files == sorted(str(p.relative_to(info.data_dir))
+                                   for p in pathlib.Path(info.data_dir).rglob("*.array_record"))
+  for name in files:
+    assert (pathlib.Path(got.data_dir) / name).read_bytes() == (pathlib.Path(info.data_dir) / name).read_bytes()
+  assert len(calls) == sum(got.n_docs.values())  # (the workers=1 preparation runs in this process)
+
+
+def test_encode_pieces_cuts_only_before_runs_of_spaces(info):
+  tok = info.tokenizer
+  text = "the king  said\n   nothing;\tgood night, sweet\u00a0prince" * 20
+  pieces = list(tok.encode_pieces(text, 50))
+  assert len(pieces) > 10 and [i for p in pieces for i in p] == tok.encode(text)
+  assert list(tok.encode_pieces("x" * 200, 50)) == [tok.encode("x" * 200)]  # nowhere to cut: one piece
+
+
 # --------------------------------------------------------------------------------------------- pipeline
 
 @pytest.mark.parametrize("seq_len", [7, 64, 150])
