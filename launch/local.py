@@ -13,8 +13,9 @@ processes agree on; a second one exits at once). The children run in their own s
 terminal's Ctrl-C reaches them once, through the launcher. If a process fails (non-zero exit), the others
 are killed: a multi-controller job cannot go on, nor checkpoint, without one of its processes.
 
-Exit code: 0 if every process exited 0, else the exit code of the first process that failed (a signal N
-counts as 128 + N); the processes the launcher killed afterwards do not count.
+Exit code: 0 if every process exited 0, else the worst exit code of the processes that ended on their own
+(death by a signal N, counted as 128 + N, is worse than a failure, which is worse than bad input, 2; among
+equals the first process's); the processes the launcher killed after a failure do not count.
 """
 from __future__ import annotations
 
@@ -106,18 +107,16 @@ def launch(processes: int, devices_per_process: int, args: list[str], *, module:
                 p.send_signal(signal.SIGTERM)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    failed = None  # (process index, exit code) of the first failure
+    killed = set()  # the processes this launcher killed after another one failed
     try:
         while any(p.poll() is None for p in procs):
-            if failed is None:
-                for i, p in enumerate(procs):
-                    if p.poll() not in (None, 0):
-                        failed = (i, _exit_code(p.returncode))
-                        out.line(f"[launch] process {i} failed with exit code {failed[1]}; killing the others")
-                        for q in procs:
-                            if q.poll() is None:
-                                q.kill()
-                        break
+            failed = next((i for i, p in enumerate(procs) if p.poll() not in (None, 0)), None)
+            if failed is not None and not killed:
+                out.line(f"[launch] process {failed} failed with exit code {_exit_code(procs[failed].returncode)}; "
+                         "killing the others")
+                killed = {i for i, q in enumerate(procs) if q.poll() is None}
+                for i in killed:
+                    procs[i].kill()
             time.sleep(0.05)
     finally:
         for s, h in previous.items():
@@ -128,14 +127,18 @@ def launch(processes: int, devices_per_process: int, args: list[str], *, module:
                 p.kill()
         for t in threads:
             t.join(max(0.0, deadline - time.time()))
-    if failed is None:
-        for i, p in enumerate(procs):
-            if p.returncode != 0:
-                failed = (i, _exit_code(p.returncode))
-                break
-    code = 0 if failed is None else failed[1]
-    out.line(f"[launch] done: exit codes {[_exit_code(p.returncode) for p in procs]} -> {code}")
+    codes = [_exit_code(p.returncode) for p in procs]
+    code = job_exit_code(codes, killed)
+    out.line(f"[launch] done: exit codes {codes} -> {code}")
     return code
+
+
+def job_exit_code(codes: list[int], killed: set[int]) -> int:
+    """The job's exit code: the worst of the processes' ``codes`` but those in ``killed`` (module docstring)."""
+    def severity(code: int) -> int:  # success, bad input (2), a failure, death by a signal (>= 128)
+        return 0 if code == 0 else 1 if code == 2 else 3 if code >= 128 else 2
+
+    return max((c for i, c in enumerate(codes) if i not in killed), key=severity, default=0)
 
 
 def main(argv=None) -> int:

@@ -44,6 +44,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 from models.partitioning import logical_to_spec
 
 IMPLS = ("xla", "splash", "pallas_gpu", "cudnn")
+KERNEL_PLATFORMS = {"xla": ("cpu", "gpu", "tpu"), "splash": ("tpu",), "pallas_gpu": ("gpu",), "cudnn": ("gpu",)}
 FUSED_BLOCK = 128  # the fused kernels' sequence lengths must be multiples of this
 SPLASH_BLOCKS = (512, 256, 128)  # splash block sizes by preference; the first that divides L is used
 
@@ -56,8 +57,12 @@ CUDNN_NO_DOCUMENTS = (
 def resolve_attention(impl: str, platform: str, document_mask: bool, compute_dtype: str) -> str:
     """The implementation ``impl`` names on ``platform`` ("cpu", "gpu", "tpu"): "auto" becomes splash on TPU;
     on GPU cuDNN when it can run this model (no document mask, bfloat16), else pallas_gpu; xla elsewhere.
-    Other names are returned unchanged."""
+    Other names are returned unchanged, or refused with the kernels that do run there (``KERNEL_PLATFORMS``)."""
     if impl != "auto":
+        if platform not in KERNEL_PLATFORMS.get(impl, (platform,)):
+            runs = [k for k, platforms in KERNEL_PLATFORMS.items() if platform in platforms]
+            raise ValueError(f"model.attention={impl!r} runs on {'/'.join(KERNEL_PLATFORMS[impl]).upper()} only; "
+                             f"on {platform.upper()} use {' or '.join(runs)} (or auto, which picks by platform)")
         return impl
     if platform == "tpu":
         return "splash"

@@ -7,6 +7,7 @@ to mask documents is tested. The slow test compiles a train step with splash for
 """
 import functools
 import os
+import re
 import types
 
 import jax
@@ -176,6 +177,16 @@ def _cfg(**model):
 ])
 def test_auto_attention_follows_the_platform(platform, model, expected):
     assert build_model_config(_cfg(**model), platform).attention == expected
+
+
+@pytest.mark.parametrize("impl,platform,message", [
+    ("splash", "cpu", "model.attention='splash' runs on TPU only; on CPU use xla"),
+    ("pallas_gpu", "tpu", "model.attention='pallas_gpu' runs on GPU only; on TPU use xla or splash"),
+    ("cudnn", "cpu", "runs on GPU only; on CPU use xla"),
+])
+def test_a_kernel_named_for_another_platform_is_refused_with_those_that_run(impl, platform, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_model_config(_cfg(attention=impl, compute_dtype="bfloat16"), platform)
 
 
 def test_run_resolves_attention_from_its_devices():

@@ -11,6 +11,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 from launch.local import launch
 from tests.test_checkpoint import ROOT, cli_args, compilation_cache, data_dir, losses, make_config  # noqa: F401
@@ -38,6 +39,18 @@ def test_launcher_prefixes_output_and_kills_the_rest_when_one_fails(tmp_path, mo
     assert "[p0] hello from 0 of 2 at 127.0.0.1:" in text and "[p1] hello from 1 of 2" in text
     assert "[p1] args: --x=1 --config.multiprocess=True --config.cpu_devices=4" in text
     assert "process 1 failed with exit code 3; killing the others" in text
+
+
+@pytest.mark.parametrize("codes,killed,expected", [
+    ([0, 0], set(), 0), ([0, 3], {0}, 3), ([2, 1], set(), 1), ([2, 137], set(), 137), ([137, 2], {0}, 2),
+    ([3, 1], set(), 3),
+])
+def test_the_job_exits_with_its_worst_code(codes, killed, expected):
+    """Death by a signal is worse than a failure, which is worse than bad input; processes the launcher killed
+    do not count; among equals the first."""
+    from launch.local import job_exit_code
+
+    assert job_exit_code(codes, killed) == expected
 
 
 def test_two_processes_match_one_and_resume_in_one(data_dir, tmp_path):  # noqa: F811
