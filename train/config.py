@@ -5,7 +5,7 @@ ml_collections config file (``--config configs/<preset>.py``) with ``--config.<f
 passes it through ``load_config`` before anything else:
 
 - local paths (``workdir``, ``data.dir``, ``init_from``) become absolute (an empty one stays empty); URIs
-  (``gs://...``) are kept;
+  (``gs://...``) are kept, and refused at once when the libraries that reach them are not installed;
 - ``optimizer.lr`` 0 becomes the optimizer's default peak rate and an empty ``optimizer.<name>.theta`` its
   shipped weight file (``optim.registry.resolve_defaults``);
 - every field is checked against the valid range declared beside its definition (``configs/base.py``), and
@@ -26,7 +26,6 @@ from configs.base import ranges
 from infra.files import check_storage, resolve
 from infra.ranges import check
 from optim.registry import REGISTRY, resolve_defaults
-
 
 
 def check_ranges(cfg) -> None:
