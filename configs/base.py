@@ -37,6 +37,7 @@ SCHEMA = {
     #                                 and why; True sets them aside and trains from step 0
     "init_from": ("", "str"),  # checkpoint dir to take params from (fine-tuning with a fresh optimizer)
     "multiprocess": (False, "bool"),  # call jax.distributed.initialize() (SLURM / TPU pods / launch.local)
+    "profile_steps": ("", "str"),  # "START,END": a jax.profiler trace of those steps into <workdir>/profile/
     "mesh": {"data": (2, MESH_AXIS), "fsdp": (2, MESH_AXIS), "tensor": (2, MESH_AXIS)},  # one may be -1
     "model": {
         "name": ("cpu-small", "nonempty str"),  # a preset of models/presets.py (python -m models lists them)

@@ -1,4 +1,5 @@
 """launch.local: several JAX processes on 127.0.0.1 forming one job (4 CPU devices each, gloo)."""
+import glob
 import io
 import json
 import os
@@ -58,7 +59,7 @@ def test_two_processes_match_one_and_resume_in_one(data_dir, tmp_path):  # noqa:
     checkpoint; that checkpoint resumes in a single process."""
     cfg = make_config(tmp_path / "multi", data_dir, steps=200, checkpoint_every=1000, eval_every=1000)
     cmd = [sys.executable, "-m", "launch.local", "--processes", "2", "--devices-per-process", "4", "--",
-           *cli_args(cfg)]
+           *cli_args(cfg), "--config.profile_steps=1,2"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, TQDM_MININTERVAL="0"))
     lines = []
@@ -85,6 +86,8 @@ def test_two_processes_match_one_and_resume_in_one(data_dir, tmp_path):  # noqa:
     train_rows = [r["step"] for r in rows if "loss" in r]
     assert train_rows == list(range(1, stop + 1))  # one training row per step: only process 0 writes metrics
     multi = losses(cfg.workdir)
+    for process in (0, 1):  # each process traced its steps 1-2
+        assert glob.glob(f"{cfg.workdir}/profile/process_{process}/plugins/profile/*/*.xplane.pb"), process
 
     # the 2-process checkpoint resumes in this single process (8 devices) ...
     train(cfg, stop_at=stop + 2)

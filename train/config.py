@@ -9,7 +9,7 @@ passes it through ``load_config`` before anything else:
 - ``optimizer.lr`` 0 becomes the optimizer's default peak rate and an empty ``optimizer.<name>.theta`` its
   shipped weight file (``optim.registry.resolve_defaults``);
 - every field is checked against the valid range declared beside its definition (``configs/base.py``), and
-  the loss chunk against the sequence length.
+  the loss chunk against the sequence length, the profiled steps against the run's.
 
 ``with_dataset`` then takes the model's vocabulary from the prepared dataset: ``model.vocab_size`` 0 becomes
 the tokenizer's vocabulary, padded up to a multiple of ``model.vocab_multiple`` (a shardable size with faster
@@ -26,6 +26,7 @@ from configs.base import ranges
 from infra.files import check_storage, resolve
 from infra.ranges import check
 from optim.registry import REGISTRY, resolve_defaults
+from train.profiler import profile_window
 
 
 def check_ranges(cfg) -> None:
@@ -48,6 +49,7 @@ def _leaves(tree: dict, prefix: str = ""):
 def load_config(cfg):
     """The resolved copy of ``cfg`` (see the module docstring); a config that cannot work raises ValueError."""
     check_ranges(cfg)
+    profile_window(cfg.profile_steps, cfg.steps)
     if cfg.loss_chunk and cfg.seq_len % cfg.loss_chunk:
         raise ValueError(f"loss_chunk={cfg.loss_chunk} must be 0 (no chunking) or a positive divisor of "
                          f"seq_len={cfg.seq_len}")

@@ -33,6 +33,7 @@ from train.build import Run, build_run, prepare_dataset
 from train.config import load_config, with_dataset
 from train.flops import peak_flops
 from train.plots import plot_losses
+from train.profiler import Profiler, profile_window
 from train.resume import start_state
 
 
@@ -240,20 +241,14 @@ def _train(run: Run, stop: StopRequest, stop_at: int | None) -> dict:
     if run.optimizer.labels is not None:
         params = run.layout.abstract.params
         logger.print(f"{cfg.optimizer.name} routing:\n" + routing_table(params, run.optimizer.labels(params)))
-
-    def save(info: StepInfo) -> dict:
-        ckpt.save(info.step, info.state, batches, saved_config, extra_meta)
-        return {"checkpoint_s": ckpt.last_save_blocking_s}
-
-    def plot(info: StepInfo) -> None:  # loss.png, redrawn as the run goes
-        if jax.process_index() == 0:
-            plot_losses(cfg.workdir, run.data.unigram_entropy_nats)
-
+    window = profile_window(cfg.profile_steps, cfg.steps)
+    profiler = Profiler(cfg.workdir, window, start_step) if window else None
+    if profiler:
+        trainer.add_hook(profiler, every=1)
+        logger.print(f"tracing steps {window[0]}-{window[1]} with jax.profiler into {profiler.directory}")
     trainer.add_metrics_hook(throughput, cfg.log_every)
-    trainer.add_hook(_evaluation(run), cfg.eval_every)
-    trainer.add_hook(save, cfg.checkpoint_every, on_stop=True, checked=True)
-    trainer.add_hook(lambda info: ckpt.check(), every=1)  # a failed asynchronous save stops the run at once
-    trainer.add_hook(plot, cfg.eval_every, on_stop=True, checked=True)
+    _add_output_hooks(run, trainer, ckpt, lambda step, state: ckpt.save(step, state, batches, saved_config,
+                                                                          extra_meta))
     try:
         trainer.fit(state, start_step, batches)
     except NonFiniteLoss as e:
@@ -266,9 +261,28 @@ def _train(run: Run, stop: StopRequest, stop_at: int | None) -> dict:
         _close_quietly(logger)
         raise
     finally:
+        if profiler:
+            profiler.close()
         t0 = time.perf_counter()
         ckpt.close()  # waits until the last save is durable (also when the loop failed)
     return _summary(run, trainer, logger, ckpt, time.perf_counter() - t0)
+
+
+def _add_output_hooks(run: Run, trainer: Trainer, ckpt: Checkpointer, save: Callable) -> None:
+    """Evaluation, checkpoints (``save(step, state)``; whether the last asynchronous save failed is looked at
+    after every step) and the loss plot."""
+    def checkpoint(info: StepInfo) -> dict:
+        save(info.step, info.state)
+        return {"checkpoint_s": ckpt.last_save_blocking_s}
+
+    def plot(info: StepInfo) -> None:  # loss.png, redrawn as the run goes
+        if jax.process_index() == 0:
+            plot_losses(run.cfg.workdir, run.data.unigram_entropy_nats)
+
+    trainer.add_hook(_evaluation(run), run.cfg.eval_every)
+    trainer.add_hook(checkpoint, run.cfg.checkpoint_every, on_stop=True, checked=True)
+    trainer.add_hook(lambda info: ckpt.check(), every=1)  # a failed asynchronous save stops the run at once
+    trainer.add_hook(plot, run.cfg.eval_every, on_stop=True, checked=True)
 
 
 def _close_quietly(logger: MetricsLogger) -> None:

@@ -35,7 +35,7 @@ def make_train_step(layout: Layout, tx, schedule, mesh, *, microbatches: int, se
     graphdef = layout.graphdef
     grad_fn = jax.value_and_grad(lambda p, b, k: _loss_sum(graphdef, p, b, k, loss_chunk))
 
-    def step(state: TrainState, batch):
+    def train_step(state: TrainState, batch):
         n_tokens = jnp.maximum(batch["loss_mask"].sum(), 1.0)
         key = jax.random.fold_in(jax.random.key(seed), state.step) if dropout else None
         if microbatches == 1:
@@ -61,15 +61,15 @@ def make_train_step(layout: Layout, tx, schedule, mesh, *, microbatches: int, se
         return TrainState(state.step + 1, params, opt_state), metrics
 
     replicated = NamedSharding(mesh, P())
-    return jax.jit(step, in_shardings=(layout.shardings, batch_sharding(mesh)),
+    return jax.jit(train_step, in_shardings=(layout.shardings, batch_sharding(mesh)),
                    out_shardings=(layout.shardings, replicated), donate_argnums=(0,))
 
 
 def make_eval_step(layout: Layout, mesh, loss_chunk: int = 0):
     """(sum of masked CE, number of masked tokens) for one held-out batch."""
-    def step(params, batch):
+    def eval_step(params, batch):
         return _loss_sum(layout.graphdef, params, batch, None, loss_chunk), batch["loss_mask"].sum()
 
     replicated = NamedSharding(mesh, P())
-    return jax.jit(step, in_shardings=(layout.shardings.params, batch_sharding(mesh)),
+    return jax.jit(eval_step, in_shardings=(layout.shardings.params, batch_sharding(mesh)),
                    out_shardings=(replicated, replicated))
