@@ -38,6 +38,8 @@ SCHEMA = {
     "init_from": ("", "str"),  # checkpoint dir to take params from (fine-tuning with a fresh optimizer)
     "multiprocess": (False, "bool"),  # call jax.distributed.initialize() (SLURM / TPU pods / launch.local)
     "profile_steps": ("", "str"),  # "START,END": a jax.profiler trace of those steps into <workdir>/profile/
+    # Weights & Biases (the wandb extra): on with a project; the run's rows and config, resumed with the run
+    "wandb": {"project": ("", "str"), "entity": ("", "str"), "group": ("", "str"), "name": ("", "str")},
     "mesh": {"data": (2, MESH_AXIS), "fsdp": (2, MESH_AXIS), "tensor": (2, MESH_AXIS)},  # one may be -1
     "model": {
         "name": ("cpu-small", "nonempty str"),  # a preset of models/presets.py (python -m models lists them)

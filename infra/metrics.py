@@ -1,4 +1,5 @@
-"""Run outputs: ``metrics.jsonl`` (one JSON object per logged step), TensorBoard scalars and a progress bar.
+"""Run outputs: ``metrics.jsonl`` (one JSON object per logged step), TensorBoard scalars, a progress bar, and
+optionally the same rows in Weights & Biases (``infra.wandb_run``).
 
 ``metrics.jsonl`` is strict JSON: a NaN or infinite value is written as the string "nan", "inf" or "-inf" and
 its name listed under ``"nonfinite"`` (``read_metrics`` turns them back into floats).
@@ -29,6 +30,7 @@ import jax
 from tqdm import tqdm
 
 from infra.files import is_uri, join, makedirs, read_text, write_atomic
+from infra.wandb_run import WandbRun
 
 
 class MetricsLogger:
@@ -36,12 +38,15 @@ class MetricsLogger:
     drives a progress bar from ``start`` to ``total`` (``progress=False``: no bar)."""
 
     def __init__(self, workdir: str, total: int, start: int, *, key: str = "step", desc: str = "train",
-                 progress: bool = True):
+                 progress: bool = True, wandb: dict | None = None, config: dict | None = None):
+        """``wandb``: the run's ``wandb`` settings (``infra.wandb_run``; off without a project), ``config``
+        the config W&B records."""
         self.enabled = jax.process_index() == 0
         self.key = key
         self.rows: list[dict] = []
         if not self.enabled:
             return
+        self._wandb = WandbRun(workdir, wandb, config or {}) if wandb and wandb.get("project") else None
         from tensorboardX import SummaryWriter
 
         makedirs(workdir)
@@ -67,6 +72,8 @@ class MetricsLogger:
             if k != self.key and math.isfinite(v):
                 self._tb.add_scalar(k, v, step)
         self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(step, {k: v for k, v in row.items() if k != self.key})
         self._upload_events()
 
     def _upload_events(self) -> None:
@@ -88,6 +95,8 @@ class MetricsLogger:
 
     def close(self) -> None:
         if self.enabled:
+            if self._wandb is not None:
+                self._wandb.finish()
             self._bar.close()
             self._file.close()
             self._tb.close()

@@ -138,6 +138,7 @@ class Comparison:
             del cfg["compare"]
         cfg.workdir, cfg.seed = workdir, seed
         cfg.optimizer.name, cfg.optimizer.lr = opt, lr
+        cfg.wandb.group = cfg.wandb.group or os.path.basename(self.root.rstrip("/"))  # W&B: the comparison's runs
         self.check_settings(cfg, workdir)
         done = _read_done(workdir)
         if done is not None:

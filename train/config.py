@@ -25,6 +25,7 @@ import ml_collections
 from configs.base import ranges
 from infra.files import check_storage, resolve
 from infra.ranges import check
+from infra.wandb_run import check_wandb
 from optim.registry import REGISTRY, resolve_defaults
 from train.profiler import profile_window
 
@@ -61,6 +62,7 @@ def load_config(cfg):
                 section[field] = resolve(section[field])
         for path in (cfg.workdir, cfg.data.dir, cfg.init_from, cfg.data.corpus):
             check_storage(path)
+        check_wandb(cfg.wandb)
         cfg.optimizer = resolve_defaults(cfg.optimizer)
     return cfg
 

@@ -234,7 +234,7 @@ def _train(run: Run, stop: StopRequest, stop_at: int | None) -> dict:
     if jax.process_index() == 0:
         makedirs(cfg.workdir)
         write_text(join(cfg.workdir, "config.json"), cfg.to_json_best_effort(indent=2))
-    logger = MetricsLogger(cfg.workdir, cfg.steps, start_step)
+    logger = MetricsLogger(cfg.workdir, cfg.steps, start_step, wandb=cfg.wandb.to_dict(), config=saved_config)
     trainer = Trainer(run, logger, stop, stop_at)
     throughput = Throughput(run)
     logger.print(_header(run, throughput, origin))
