@@ -297,8 +297,14 @@ class Checkpointer:
         self._checked = self._saving
 
     def _save_error(self, error: BaseException) -> CheckpointSaveError:
-        """The error of a failed save: the step, why, and the last complete checkpoint."""
+        """The error of a failed save: the step, why, and the last complete checkpoint. What the save wrote
+        is deleted (by process 0): a failed save leaves no partial checkpoint (on a full disk, no stranded
+        bytes either)."""
         self._failed = True
+        if jax.process_index() == 0:
+            for partial in self.incomplete():
+                if os.path.basename(partial.rstrip("/")).split(".")[0] == str(self._saving):
+                    epath(partial).rmtree()
         # from the directory itself: orbax's own list has the failed step, and no longer the one before it
         self.manager.reload()
         done = [s for s in self.steps() if s != self._saving]

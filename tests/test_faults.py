@@ -332,6 +332,7 @@ def test_a_failed_checkpoint_save_stops_the_run_at_once_with_one_line(small_disk
     steps = [r["step"] for r in read_metrics(str(wd)) if "loss" in r]
     assert max(steps) < 60  # stopped before the next save was due
     assert "No space left on device" in (wd / "library.log").read_text()  # the libraries' reports, kept
+    assert sorted(os.listdir(wd / "checkpoints")) == ["20"]  # the failed save left nothing behind
 
 
 def test_restoring_corrupt_checkpoints_keeps_library_noise_off_the_terminal(data_dir, tmp_path_factory, tmp_path):
