@@ -38,6 +38,9 @@ SCHEMA = {
     "init_from": ("", "str"),  # checkpoint dir to take params from (fine-tuning with a fresh optimizer)
     "multiprocess": (False, "bool"),  # call jax.distributed.initialize() (SLURM / TPU pods / launch.local)
     "profile_steps": ("", "str"),  # "START,END": a jax.profiler trace of those steps into <workdir>/profile/
+    # loss spikes: with a factor, a step whose loss exceeds factor x the median of the last `window` losses keeps
+    # the params and optimizer state it had (the data moves on); `max_skips` such steps in a row stop the run
+    "loss_spike": {"factor": (0.0, "float >= 0"), "window": (100, "int >= 1"), "max_skips": (10, "int >= 1")},
     # Weights & Biases (the wandb extra): on with a project; the run's rows and config, resumed with the run
     "wandb": {"project": ("", "str"), "entity": ("", "str"), "group": ("", "str"), "name": ("", "str")},
     "mesh": {"data": (2, MESH_AXIS), "fsdp": (2, MESH_AXIS), "tensor": (2, MESH_AXIS)},  # one may be -1

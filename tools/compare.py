@@ -130,6 +130,7 @@ class Comparison:
     def run(self, opt: str, lr: float, seed: int) -> dict:
         """Train one run (or resume it, or return its recorded result if it finished)."""
         from train.loop import NonFiniteLoss, train
+        from train.spikes import LossSpikes
 
         name = run_name(opt, lr, seed)
         workdir = self.run_dir(name)
@@ -154,7 +155,7 @@ class Comparison:
             assert final["step"] == cfg.steps, f"{name}: no eval at the last step"
             # the whole held-out split decides; the periodic evaluations' sample is kept beside it
             final_loss, sampled = final.get("eval_loss_full", final["eval_loss"]), final["eval_loss"]
-        except NonFiniteLoss as e:  # a diverging learning rate is a result of the sweep, not a failure
+        except (NonFiniteLoss, LossSpikes) as e:  # a diverging learning rate is a result of the sweep, not a failure
             print(f"{name} diverged: {e}", flush=True)
             final_loss = sampled = None
         result = {"optimizer": opt, "lr": lr, "seed": seed, "final_eval_loss": final_loss,

@@ -25,8 +25,9 @@ def main(argv) -> None:
     from infra.lease import LeaseError
     from train.build import setup_platform
     from train.loop import NonFiniteLoss, train
+    from train.spikes import LossSpikes
 
-    with user_errors(NonFiniteLoss, LeaseError):
+    with user_errors(NonFiniteLoss, LossSpikes, LeaseError):
         cfg = _CONFIG.value  # a config file that failed to load raises when first read
         if not is_uri(cfg.workdir):  # what libraries report at length while the run fails: beside the run
             library_log(os.path.join(resolve(cfg.workdir), "library.log"))

@@ -122,7 +122,8 @@ class Run:
     def train_step(self):
         return make_train_step(self.layout, self.optimizer.tx, self.optimizer.schedule, self.mesh,
                                microbatches=self.cfg.microbatches, seed=self.cfg.seed,
-                               dropout=self.model_cfg.dropout > 0, loss_chunk=self.cfg.loss_chunk)
+                               dropout=self.model_cfg.dropout > 0, loss_chunk=self.cfg.loss_chunk,
+                               skip_spikes=self.cfg.loss_spike.factor > 0)
 
     @cached_property
     def eval_step(self):

@@ -35,6 +35,7 @@ from train.flops import peak_flops
 from train.plots import plot_losses
 from train.profiler import Profiler, profile_window
 from train.resume import start_state
+from train.spikes import SpikeGuard
 
 
 class NonFiniteLoss(RuntimeError):
@@ -70,8 +71,9 @@ class Trainer:
     ``logger``; stops when the run is done, on a signal (``stop``: every process stops after the same step)
     or after ``stop_at`` steps."""
 
-    def __init__(self, run: Run, logger: MetricsLogger, stop: StopRequest, stop_at: int | None = None):
-        self.run, self.logger, self.stop, self.stop_at = run, logger, stop, stop_at
+    def __init__(self, run: Run, logger: MetricsLogger, stop: StopRequest, stop_at: int | None = None,
+                 guard: SpikeGuard | None = None):
+        self.run, self.logger, self.stop, self.stop_at, self.guard = run, logger, stop, stop_at, guard
         self.hooks: list[Hook] = []
         self.metrics_hooks: list[Hook] = []
         self.stopping = False
@@ -100,10 +102,14 @@ class Trainer:
             raise NonFiniteLoss(
                 f"training loss became {m['loss']} at step {step} (grad norm {m['grad_norm']:.3g}); lower "
                 f"--config.optimizer.lr or enable clipping (--config.optimizer.clip_norm)")
+        if self.guard is not None:
+            self.guard.record(step, m)
         self.last.update(step=step, **m)
         for hook in self.metrics_hooks:
             if hook.due(step, self.run.cfg.steps, False):
                 self._record(step, hook.fn(StepInfo(step, metrics=m, hook_seconds=self.hook_seconds)))
+        if self.guard is not None:
+            self.guard.check(step, m)  # after the step's row is written
 
     def _call_hooks(self, done: int, state, pending):
         """The step hooks due after ``done`` steps; returns the metrics still unchecked."""
@@ -124,8 +130,9 @@ class Trainer:
         self.last = {"step": start_step}
         with jax.set_mesh(self.run.mesh):
             for step in range(start_step, last):
-                state, metrics = self.run.train_step(state, self.run.to_global(next(batches)))
                 done = step + 1
+                guarded = () if self.guard is None else (self.guard.max_loss(done),)
+                state, metrics = self.run.train_step(state, self.run.to_global(next(batches)), *guarded)
                 # every process gets the same answer at the same step (see infra.preemption)
                 self.stopping = agree(self.stop.requested) or (self.stop_at is not None and done >= self.stop_at)
                 if pending is not None:
@@ -235,7 +242,10 @@ def _train(run: Run, stop: StopRequest, stop_at: int | None) -> dict:
         makedirs(cfg.workdir)
         write_text(join(cfg.workdir, "config.json"), cfg.to_json_best_effort(indent=2))
     logger = MetricsLogger(cfg.workdir, cfg.steps, start_step, wandb=cfg.wandb.to_dict(), config=saved_config)
-    trainer = Trainer(run, logger, stop, stop_at)
+    spikes = cfg.loss_spike
+    guard = SpikeGuard(spikes.factor, spikes.window, spikes.max_skips, ckpt.meta(start_step).get("loss_spike")
+                       if origin.startswith("resumed") else None) if spikes.factor else None
+    trainer = Trainer(run, logger, stop, stop_at, guard)
     throughput = Throughput(run)
     logger.print(_header(run, throughput, origin))
     if run.optimizer.labels is not None:
@@ -247,8 +257,8 @@ def _train(run: Run, stop: StopRequest, stop_at: int | None) -> dict:
         trainer.add_hook(profiler, every=1)
         logger.print(f"tracing steps {window[0]}-{window[1]} with jax.profiler into {profiler.directory}")
     trainer.add_metrics_hook(throughput, cfg.log_every)
-    _add_output_hooks(run, trainer, ckpt, lambda step, state: ckpt.save(step, state, batches, saved_config,
-                                                                          extra_meta))
+    _add_output_hooks(run, trainer, ckpt, lambda step, state: ckpt.save(
+        step, state, batches, saved_config, {**extra_meta, "loss_spike": guard.state()} if guard else extra_meta))
     try:
         trainer.fit(state, start_step, batches)
     except NonFiniteLoss as e:

@@ -31,7 +31,10 @@ def _loss_sum(graphdef, params, batch, dropout_key, loss_chunk: int):
 
 
 def make_train_step(layout: Layout, tx, schedule, mesh, *, microbatches: int, seed: int, dropout: bool,
-                    loss_chunk: int = 0):
+                    loss_chunk: int = 0, skip_spikes: bool = False):
+    """The jitted ``train_step(state, batch) -> (state, metrics)``; with ``skip_spikes``,
+    ``train_step(state, batch, max_loss)`` keeps the params and optimizer state of a step whose loss exceeds
+    ``max_loss`` (its step count still advances, as the data does) and reports ``skipped`` (0 or 1)."""
     graphdef = layout.graphdef
     grad_fn = jax.value_and_grad(lambda p, b, k: _loss_sum(graphdef, p, b, k, loss_chunk))
 
@@ -60,7 +63,17 @@ def make_train_step(layout: Layout, tx, schedule, mesh, *, microbatches: int, se
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
         return TrainState(state.step + 1, params, opt_state), metrics
 
+    def guarded_step(state: TrainState, batch, max_loss):
+        new, metrics = train_step(state, batch)
+        skip = metrics["loss"] > max_loss
+        kept = jax.tree.map(lambda n, o: jnp.where(skip, o, n), (new.params, new.opt_state),
+                            (state.params, state.opt_state))
+        return TrainState(new.step, *kept), {**metrics, "skipped": skip.astype(jnp.float32)}
+
     replicated = NamedSharding(mesh, P())
+    if skip_spikes:
+        return jax.jit(guarded_step, in_shardings=(layout.shardings, batch_sharding(mesh), replicated),
+                       out_shardings=(layout.shardings, replicated), donate_argnums=(0,))
     return jax.jit(train_step, in_shardings=(layout.shardings, batch_sharding(mesh)),
                    out_shardings=(layout.shardings, replicated), donate_argnums=(0,))
 
