@@ -112,15 +112,32 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BxLxD, segment_ids_BxL, dropout_key=None):
         """Causal self-attention, within documents when ``segment_ids_BxL`` is given (``models.attention``)."""
+        q, k, v = (constrain(t, ("batch", "length", "act_heads", None)) for t in self._qkv(x_BxLxD))
+        y_BxLxNxH = attend(q, k, v, segment_ids_BxL, impl=self.cfg.attention)
+        return _dropout(self._out(y_BxLxNxH), self.cfg.dropout, dropout_key)
+
+    def decode(self, x_BxD, position, cache_k_BxTxNxH, cache_v_BxTxNxH):
+        """One new position's attention over the cached keys and values of positions 0 .. ``position`` (the
+        new one written into the cache first): (y [B, D], the updated caches). One document: no segments."""
+        q_BxNxH, k_BxNxH, v_BxNxH = (t[:, 0] for t in self._qkv(x_BxD[:, None]))
+        cache_k = jax.lax.dynamic_update_index_in_dim(cache_k_BxTxNxH, k_BxNxH, position, 1)
+        cache_v = jax.lax.dynamic_update_index_in_dim(cache_v_BxTxNxH, v_BxNxH, position, 1)
+        scores_BxNxT = jnp.einsum("bnh,btnh->bnt", q_BxNxH, cache_k).astype(jnp.float32) / math.sqrt(q_BxNxH.shape[-1])
+        scores_BxNxT = jnp.where(jnp.arange(cache_k.shape[1]) <= position, scores_BxNxT, jnp.finfo(jnp.float32).min)
+        y_BxNxH = jnp.einsum("bnt,btnh->bnh", jax.nn.softmax(scores_BxNxT, -1).astype(q_BxNxH.dtype), cache_v)
+        return self._out(y_BxNxH[:, None])[:, 0], cache_k, cache_v
+
+    def _qkv(self, x_BxLxD):
+        """q, k, v [B, L, N, H] of the inputs: the per-head projections and their biases."""
         cfg, dt = self.cfg, x_BxLxD.dtype
         qkv_bias_3xNxH = self.qkv_bias[...].reshape(3, cfg.n_heads, cfg.head_dim)
         qkv_3xBxLxNxH = jnp.einsum("bld,kndh->kblnh", x_BxLxD, self.qkv_kernel[...].astype(dt))
-        qkv_3xBxLxNxH = qkv_3xBxLxNxH + qkv_bias_3xNxH[:, None, None].astype(dt)
-        q, k, v = (constrain(t, ("batch", "length", "act_heads", None)) for t in qkv_3xBxLxNxH)
-        y_BxLxNxH = attend(q, k, v, segment_ids_BxL, impl=cfg.attention)
-        y_BxLxD = jnp.einsum("blnh,nhd->bld", y_BxLxNxH, self.out_kernel[...].astype(dt))
-        y_BxLxD = y_BxLxD + self.out_bias[...].astype(dt)
-        return _dropout(y_BxLxD, cfg.dropout, dropout_key)
+        return qkv_3xBxLxNxH + qkv_bias_3xNxH[:, None, None].astype(dt)
+
+    def _out(self, y_BxLxNxH):
+        """The heads' outputs [B, L, N, H] projected back to [B, L, D]."""
+        dt = y_BxLxNxH.dtype
+        return jnp.einsum("blnh,nhd->bld", y_BxLxNxH, self.out_kernel[...].astype(dt)) + self.out_bias[...].astype(dt)
 
 
 class MLP(nnx.Module):
@@ -150,6 +167,12 @@ class Block(nnx.Module):
         self.ln2 = LayerNorm(cfg.d_model, cfg.ln_eps)
         self.mlp = MLP(cfg, rngs)
 
+    def decode(self, x_BxD, position, cache_k, cache_v):
+        """The block at one new position, attending over the cache (``Attention.decode``)."""
+        y_BxD, cache_k, cache_v = self.attn.decode(self.ln1(x_BxD), position, cache_k, cache_v)
+        x_BxD = x_BxD + y_BxD
+        return x_BxD + self.mlp(self.ln2(x_BxD)), cache_k, cache_v
+
     def __call__(self, x_BxLxD, segment_ids_BxL, dropout_key=None):
         k1, k2 = (None, None) if dropout_key is None else jax.random.split(dropout_key)
         x_BxLxD = x_BxLxD + self.attn(self.ln1(x_BxLxD), segment_ids_BxL, k1)
@@ -174,6 +197,26 @@ class GPT(nnx.Module):
         dt = jnp.dtype(self.cfg.compute_dtype)
         logits_BxLxV = jnp.einsum("bld,vd->blv", x_BxLxD, self.token_embed[...].astype(dt))
         return constrain(logits_BxLxV, ("batch", "length", "act_vocab")).astype(jnp.float32)
+
+    def empty_cache(self, batch: int, length: int):
+        """Zero key and value caches for ``length`` positions: two [n_layers, B, T, N, H] arrays."""
+        cfg = self.cfg
+        shape = (cfg.n_layers, batch, length, cfg.n_heads, cfg.head_dim)
+        return jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype)
+
+    def decode(self, tokens_B, position, cache):
+        """Next-token logits [B, V] after ``tokens_B`` at ``position``, attending over the cached positions
+        before it (a KV cache, ``empty_cache``), and the updated cache: the model's forward pass one position at
+        a time, each position's keys and values computed once."""
+        cache_k, cache_v = cache
+        dt = jnp.dtype(self.cfg.compute_dtype)
+        x_BxD = (self.token_embed[...][tokens_B] + self.pos_embed[...][position]).astype(dt)
+        new_k, new_v = [], []
+        for i, block in enumerate(self.blocks):
+            x_BxD, k, v = block.decode(x_BxD, position, cache_k[i], cache_v[i])
+            new_k.append(k)
+            new_v.append(v)
+        return self.logits(self.ln_f(x_BxD)[:, None])[:, 0], (jnp.stack(new_k), jnp.stack(new_v))
 
     def hidden(self, tokens_BxL, segment_ids_BxL=None, dropout_key=None):
         """The final hidden states [B, L, D] (after the last LayerNorm), in the compute dtype."""

@@ -423,6 +423,8 @@ def test_sample_generates_text(data_dir, tmp_path_factory, capsys):
     assert sample.sample(src, "The king", max_tokens=24, seed=1) != a
     greedy = sample.sample(src, "The king", max_tokens=24, temperature=0.0)
     assert greedy == sample.sample(src, "The king", max_tokens=24, temperature=0.0, seed=5)
+    assert greedy == sample.sample(src, "The king", max_tokens=24, temperature=0.0, cache=False)  # no KV cache
+    assert sample.sample(src, "The king", max_tokens=24, seed=0, top_p=1e-6) == greedy  # only the likeliest
     capsys.readouterr()  # what training the reference run printed, when this test made it
     sample.main(["--workdir", src, "--prompt", "The queen", "--max_tokens", "12"])
     assert capsys.readouterr().out.startswith("The queen")

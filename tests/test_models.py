@@ -63,6 +63,18 @@ def test_forward_shapes_and_causality():
     assert not np.allclose(model(changed)[:, 10:], logits[:, 10:])
 
 
+def test_decoding_with_a_kv_cache_gives_the_forward_pass_logits():
+    """Position by position through ``GPT.decode`` (each position's keys and values cached once) equals the
+    whole sequence through the model, at every position."""
+    model = _tiny()
+    tokens = jax.random.randint(jax.random.key(2), (2, 12), 0, 97)
+    full = model(tokens)
+    cache = model.empty_cache(2, 12)
+    for t in range(12):
+        logits, cache = model.decode(tokens[:, t], t, cache)
+        np.testing.assert_allclose(logits, full[:, t], rtol=1e-5, atol=1e-5)
+
+
 def test_document_mask_isolates_documents():
     model = _tiny()
     tokens = jax.random.randint(jax.random.key(2), (1, 16), 0, 97)
