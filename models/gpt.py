@@ -116,16 +116,20 @@ class Attention(nnx.Module):
         y_BxLxNxH = attend(q, k, v, segment_ids_BxL, impl=self.cfg.attention)
         return _dropout(self._out(y_BxLxNxH), self.cfg.dropout, dropout_key)
 
-    def decode(self, x_BxD, position, cache_k_BxTxNxH, cache_v_BxTxNxH):
-        """One new position's attention over the cached keys and values of positions 0 .. ``position`` (the
-        new one written into the cache first): (y [B, D], the updated caches). One document: no segments."""
+    def decode(self, x_BxD, position, cache, layer: int):
+        """One new position's attention over the cached keys and values of positions 0 .. ``position``: its
+        own are written first into ``cache`` (keys, values [n_layers, B, T, N, H], at ``layer``, in place).
+        Returns (y [B, D], the updated cache). One document: no segments."""
         q_BxNxH, k_BxNxH, v_BxNxH = (t[:, 0] for t in self._qkv(x_BxD[:, None]))
-        cache_k = jax.lax.dynamic_update_index_in_dim(cache_k_BxTxNxH, k_BxNxH, position, 1)
-        cache_v = jax.lax.dynamic_update_index_in_dim(cache_v_BxTxNxH, v_BxNxH, position, 1)
-        scores_BxNxT = jnp.einsum("bnh,btnh->bnt", q_BxNxH, cache_k).astype(jnp.float32) / math.sqrt(q_BxNxH.shape[-1])
-        scores_BxNxT = jnp.where(jnp.arange(cache_k.shape[1]) <= position, scores_BxNxT, jnp.finfo(jnp.float32).min)
-        y_BxNxH = jnp.einsum("bnt,btnh->bnh", jax.nn.softmax(scores_BxNxT, -1).astype(q_BxNxH.dtype), cache_v)
-        return self._out(y_BxNxH[:, None])[:, 0], cache_k, cache_v
+        cache = tuple(jax.lax.dynamic_update_slice(c, new[None, :, None].astype(c.dtype), (layer, 0, position, 0, 0))
+                      for c, new in zip(cache, (k_BxNxH, v_BxNxH)))
+        keys_BxTxNxH, values_BxTxNxH = cache[0][layer], cache[1][layer]
+        scores_BxNxT = jnp.einsum("bnh,btnh->bnt", q_BxNxH, keys_BxTxNxH).astype(jnp.float32)
+        scores_BxNxT = jnp.where(jnp.arange(keys_BxTxNxH.shape[1]) <= position,
+                                 scores_BxNxT / math.sqrt(q_BxNxH.shape[-1]), jnp.finfo(jnp.float32).min)
+        weights_BxNxT = jax.nn.softmax(scores_BxNxT, -1).astype(q_BxNxH.dtype)
+        y_BxNxH = jnp.einsum("bnt,btnh->bnh", weights_BxNxT, values_BxTxNxH)
+        return self._out(y_BxNxH[:, None])[:, 0], cache
 
     def _qkv(self, x_BxLxD):
         """q, k, v [B, L, N, H] of the inputs: the per-head projections and their biases."""
@@ -167,11 +171,11 @@ class Block(nnx.Module):
         self.ln2 = LayerNorm(cfg.d_model, cfg.ln_eps)
         self.mlp = MLP(cfg, rngs)
 
-    def decode(self, x_BxD, position, cache_k, cache_v):
+    def decode(self, x_BxD, position, cache, layer: int):
         """The block at one new position, attending over the cache (``Attention.decode``)."""
-        y_BxD, cache_k, cache_v = self.attn.decode(self.ln1(x_BxD), position, cache_k, cache_v)
+        y_BxD, cache = self.attn.decode(self.ln1(x_BxD), position, cache, layer)
         x_BxD = x_BxD + y_BxD
-        return x_BxD + self.mlp(self.ln2(x_BxD)), cache_k, cache_v
+        return x_BxD + self.mlp(self.ln2(x_BxD)), cache
 
     def __call__(self, x_BxLxD, segment_ids_BxL, dropout_key=None):
         k1, k2 = (None, None) if dropout_key is None else jax.random.split(dropout_key)
@@ -208,15 +212,11 @@ class GPT(nnx.Module):
         """Next-token logits [B, V] after ``tokens_B`` at ``position``, attending over the cached positions
         before it (a KV cache, ``empty_cache``), and the updated cache: the model's forward pass one position at
         a time, each position's keys and values computed once."""
-        cache_k, cache_v = cache
         dt = jnp.dtype(self.cfg.compute_dtype)
         x_BxD = (self.token_embed[...][tokens_B] + self.pos_embed[...][position]).astype(dt)
-        new_k, new_v = [], []
-        for i, block in enumerate(self.blocks):
-            x_BxD, k, v = block.decode(x_BxD, position, cache_k[i], cache_v[i])
-            new_k.append(k)
-            new_v.append(v)
-        return self.logits(self.ln_f(x_BxD)[:, None])[:, 0], (jnp.stack(new_k), jnp.stack(new_v))
+        for layer, block in enumerate(self.blocks):
+            x_BxD, cache = block.decode(x_BxD, position, cache, layer)
+        return self.logits(self.ln_f(x_BxD)[:, None])[:, 0], cache
 
     def hidden(self, tokens_BxL, segment_ids_BxL=None, dropout_key=None):
         """The final hidden states [B, L, D] (after the last LayerNorm), in the compute dtype."""

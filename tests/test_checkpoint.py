@@ -428,3 +428,9 @@ def test_sample_generates_text(data_dir, tmp_path_factory, capsys):
     capsys.readouterr()  # what training the reference run printed, when this test made it
     sample.main(["--workdir", src, "--prompt", "The queen", "--max_tokens", "12"])
     assert capsys.readouterr().out.startswith("The queen")
+    (tmp_path_factory.getbasetemp() / "prompts.txt").write_text("The king\n\nA horse\n")
+    sample.main(["--workdir", src, "--prompt", "The queen", "--prompts_file",
+                 str(tmp_path_factory.getbasetemp() / "prompts.txt"), "--temperature", "0", "--max_tokens", "24"])
+    texts = capsys.readouterr().out.rstrip("\n").split("\n" + "-" * 40 + "\n")
+    assert len(texts) == 3 and all(t.startswith(p) for t, p in zip(texts, ["The queen", "The king", "A horse"]))
+    assert texts[1] == "The king" + greedy  # batched with other prompts: the same greedy tokens as alone

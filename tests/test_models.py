@@ -75,6 +75,25 @@ def test_decoding_with_a_kv_cache_gives_the_forward_pass_logits():
         np.testing.assert_allclose(logits, full[:, t], rtol=1e-5, atol=1e-5)
 
 
+
+def test_batched_generation_with_a_cache_equals_the_sliding_window():
+    """Prompts of different lengths decoded as one batch with the KV cache give, greedily, the tokens each
+    prompt gets alone without a cache, also past the context (ctx 24: the last tokens come from the window)."""
+    from tools.sample import Settings, generate
+
+    model = _tiny(ctx=24)
+    graphdef, params = nnx.split(model, nnx.Param)
+    prompts = [[1, 5, 9], [1, 7, 3, 3, 8, 2, 11], [1]]
+    kw = dict(max_tokens=30, ctx=24, vocab_limit=90, settings=Settings(temperature=0.0))
+    batched = generate(graphdef, params, prompts, **kw)
+    assert batched.shape == (3, 30) and batched.max() < 90
+    for row, prompt in zip(batched, prompts):
+        np.testing.assert_array_equal(row, generate(graphdef, params, [prompt], cache=False, **kw)[0])
+    short = generate(graphdef, params, prompts, **{**kw, "max_tokens": 10})  # within the context: cache only
+    np.testing.assert_array_equal(short, batched[:, :10])
+    sampled = generate(graphdef, params, prompts, **{**kw, "settings": Settings(temperature=1.0, top_k=0)})
+    assert sampled.shape == (3, 30) and sampled.max() < 90 and not np.array_equal(sampled, batched)
+
 def test_document_mask_isolates_documents():
     model = _tiny()
     tokens = jax.random.randint(jax.random.key(2), (1, 16), 0, 97)
