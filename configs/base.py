@@ -37,6 +37,7 @@ SCHEMA = {
     #                                 and why; True sets them aside and trains from step 0
     "init_from": ("", "str"),  # checkpoint dir to take params from (fine-tuning with a fresh optimizer)
     "multiprocess": (False, "bool"),  # call jax.distributed.initialize() (SLURM / TPU pods / launch.local)
+    "diagnostics_every": (0, COUNT),  # per-layer optimizer diagnostics every N steps (train/diagnostics.py); 0: off
     "profile_steps": ("", "str"),  # "START,END": a jax.profiler trace of those steps into <workdir>/profile/
     # loss spikes: with a factor, a step whose loss exceeds factor x the median of the last `window` losses keeps
     # the params and optimizer state it had (the data moves on); `max_skips` such steps in a row stop the run

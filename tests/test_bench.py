@@ -1,4 +1,5 @@
-"""tools.bench's matmul ceiling: the step's matmuls add up to the model's FLOPs, and the bench reports them."""
+"""tools.bench's matmul ceiling: the step's matmuls add up to the model's FLOPs, and the bench reports them (and the
+diagnostics step's time)."""
 import json
 import subprocess
 import sys
@@ -26,11 +27,14 @@ def test_step_matmuls_add_up_to_the_model_flops(preset, seq_len, vocab):
 def test_bench_reports_the_matmul_ceiling(tmp_path):
     out = subprocess.run([sys.executable, "-m", "tools.bench", "--presets", "cpu-tiny", "--optimizers", "",
                           "--config.data.dir=", "--config.batch_size=2", "--config.seq_len=64", "--steps", "1",
-                          "--matmuls", "--json", str(tmp_path / "b.json")], capture_output=True, text=True, timeout=600)
+                          "--config.diagnostics_every=10", "--matmuls", "--json", str(tmp_path / "b.json")],
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "attention q k^T" in out.stdout and "MFU ceiling with nothing else taking time" in out.stdout
+    assert "diagnostics step" in out.stdout and "every 10 steps" in out.stdout
     row = json.loads((tmp_path / "b.json").read_text())["presets"][0]
     assert len(row["matmuls"]) == 21 and 0 < row["mfu_ceiling"] and row["matmul_seconds"] > 0
+    assert row["diagnostics_step_seconds"] > 0 and row["diagnostics_every"] == 10
 
 
 def test_bench_matmuls_need_one_device():

@@ -89,6 +89,7 @@ def test_plan_run_and_report_on_a_half_done_comparison(tmp_path, shakespeare):
     from tools.compare import plan
 
     cfg = small_comparison(tmp_path / "cmp", shakespeare)
+    cfg.diagnostics_every, cfg.compare.diagnostics = 2, "update_ratio, update_cos/attn_qkv.01"
     comp = Comparison(cfg)
     overrides = {"workdir": str(tmp_path / "cmp"), "steps": 4}
     rows = plan(comp, "configs/compare_cpu.py", overrides)
@@ -109,6 +110,18 @@ def test_plan_run_and_report_on_a_half_done_comparison(tmp_path, shakespeare):
     summary = open(tmp_path / "cmp" / "summary.md").read()
     assert "| adamw | – | sweep unfinished |" in summary and "Unfinished runs, not counted (3)" in summary
     assert not os.path.exists(tmp_path / "cmp" / "runs" / "adamw_lr0.001_s0")
+    for name in ("diagnostics_update_ratio.png", "diagnostics_update_cos_attn_qkv.01.png"):
+        assert os.path.getsize(tmp_path / "cmp" / name) > 10_000, name
+
+
+def test_diagnostics_to_plot_are_checked(tmp_path, shakespeare):
+    cfg = small_comparison(tmp_path / "cmp", shakespeare)
+    cfg.compare.diagnostics = "update_ratio"
+    with pytest.raises(ValueError, match="diagnostics_every steps, which is 0 \\(off\\): add --config.diagnostics_every=N"):
+        Comparison(cfg)
+    cfg.diagnostics_every, cfg.compare.diagnostics = 10, "update_size"
+    with pytest.raises(ValueError, match="'update_size' is not a diagnostic: the metrics are grad_norm, "):
+        Comparison(cfg)
 
 
 def test_train_seconds_sum_step_times_and_leave_out_compilation(tmp_path):

@@ -1,6 +1,7 @@
 """The config schema: every field declares a valid range beside its definition, and loading a config refuses
 a value outside it (naming the field and the range) before anything is built or written; the commands with
 plain flags check theirs the same way."""
+import json
 import math
 import pathlib
 import re
@@ -89,3 +90,17 @@ def test_commands_refuse_flags_out_of_range(argv, message):
     proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2 and message in " ".join(proc.stderr.split()), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_a_config_saved_by_an_earlier_version_reads_as_today_s():
+    """config.json of a default run made before the per-optimizer sections and the later features (profile,
+    loss spikes, W&B, diagnostics): upgraded, it equals today's default config, so resuming it warns of nothing."""
+    from configs.default import get_config
+    from train.config import load_config, upgrade_saved, with_dataset
+    from train.resume import config_changes
+
+    old = json.loads((pathlib.Path(__file__).parent / "data" / "config_2026-12-01.json").read_text())
+    assert "loss_spike" not in old and "muon_beta" in old["optimizer"]
+    now = json.loads(with_dataset(load_config(get_config()), 4096).to_json_best_effort())
+    changes = config_changes(upgrade_saved(old, 4096), now)
+    assert set(changes) <= {"workdir", "data.dir"}, changes  # paths: made absolute when loaded

@@ -13,6 +13,8 @@
 (c) with ``--matmuls``, per timed preset: every matmul of its train step timed alone (``tools.matmul_ceiling``),
     their sum (the matmul time: no step with these kernels is faster) and the MFU ceiling it allows, model FLOPs
     / matmul time / best matmul rate;
+    with ``--config.diagnostics_every=N``, the train step with the per-layer diagnostics (``train.diagnostics``)
+    timed interleaved with the plain one, and their cost per step when every N-th step is one;
 (d) per optimizer: the update alone (jitted ``tx.update`` + apply on the preset's parameters, median),
     its share of the step, optimizer-state bytes per parameter and the update's temporary memory.
 
@@ -219,6 +221,14 @@ def _time_step(run, compiled, steps: int) -> dict:
 
     matmul, matmul_flops = _matmul(jax.numpy.dtype(run.cfg.model.compute_dtype))
     timed = {"step": one_step, "matmul": matmul}
+    if run.cfg.diagnostics_every:
+        holder["previous"] = run.zero_updates(holder["state"].params)
+
+        def diagnostics_step():
+            holder["state"], m, holder["previous"] = run.diagnostics_step(holder["state"], batch, holder["previous"])
+            m["loss"].block_until_ready()
+
+        timed["diagnostics_step"] = diagnostics_step
     feed, loop_steps = _input_feed(run.cfg, run.mesh), 4
     if feed is not None:
         timed.update(input=feed, loop=_loop(compiled, holder, feed, loop_steps),
@@ -230,6 +240,9 @@ def _time_step(run, compiled, steps: int) -> dict:
     row = dict(step_seconds=dt, tokens_per_sec=run.tokens_per_step / dt, achieved_flops_per_sec=flops / dt,
                matmul_interleaved_flops_per_sec=matmul_flops / t["matmul"],
                matmul_devices=n_devices if peak_sheet else 1)
+    if "diagnostics_step" in t:  # every N-th step is the diagnostics step: its extra time spread over N steps
+        row.update(diagnostics_step_seconds=t["diagnostics_step"], diagnostics_every=run.cfg.diagnostics_every,
+                   diagnostics_overhead=(t["diagnostics_step"] - dt) / run.cfg.diagnostics_every / dt)
     if feed is not None:
         row.update(input_seconds=t["input"],
                    input_wait_seconds=max(0.0, t["loop"] - t["loop_fixed_batch"]) / loop_steps)
@@ -302,6 +315,9 @@ def _preset_line(preset: str, row: dict) -> str:
                  f"{row['matmul_interleaved_flops_per_sec'] / 1e9:.1f} GFLOP/s)")
         if "mfu_datasheet" in row:
             line += f"  MFU(datasheet) {100 * row['mfu_datasheet']:5.1f}%"
+        if "diagnostics_step_seconds" in row:
+            line += (f"  diagnostics step {row['diagnostics_step_seconds'] * 1e3:.1f} ms: every "
+                     f"{row['diagnostics_every']} steps {100 * row['diagnostics_overhead']:+.2f}% of step time")
         if "input_seconds" in row:
             line += (f"  input {row['input_seconds'] * 1e3:.1f} ms/batch, wait "
                      f"{row['input_wait_seconds'] * 1e3:.1f} ms/step")

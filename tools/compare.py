@@ -12,7 +12,8 @@ TensorBoard, checkpoints): rerunning the command skips finished runs and resumes
 Outputs in ``<workdir>``: ``results.json`` (per optimizer: swept rates and their final losses, per-seed
 final eval loss, mean, std, best rate, tokens, wall time), ``summary.md`` (the table and the verdicts),
 ``curves.png`` (eval loss of each optimizer's best rate, mean over seeds with the min-max band) and
-``sweep.png`` (final eval loss against learning rate).
+``sweep.png`` (final eval loss against learning rate), and ``diagnostics_<name>.png`` for each diagnostic named
+in ``compare.diagnostics`` (each optimizer's best rate, seed 0; ``tools.diagnostics_plot``).
 
 Verdict rule (Welch's t): the 95% confidence interval of the difference in mean final eval loss between
 optimizer X and AdamW, from their seed runs (unequal variances). X is better when the whole interval is below
@@ -43,6 +44,7 @@ import configs
 from infra.cli import parse_flags_or_exit, user_errors
 from infra.files import exists, join, makedirs, move_tree, read_text, resolve, save_figure, write_text
 from infra.ranges import check
+from tools.diagnostics_plot import check_name, plot_diagnostic
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(configs.__file__), "compare_cpu.py"), "Comparison config.")
@@ -123,6 +125,12 @@ class Comparison:
         if unknown:
             raise ValueError(f"compare.optimizers has unknown names {unknown}; known: {sorted(REGISTRY)}")
         self.sweep = {o: _lrs(cfg, o) for o in self.optimizers}
+        self.diagnostics = [d.strip() for d in cfg.compare.diagnostics.split(",") if d.strip()]
+        for name in self.diagnostics:
+            check_name(name)
+        if self.diagnostics and not cfg.diagnostics_every:
+            raise ValueError(f"compare.diagnostics={cfg.compare.diagnostics!r} plots what the runs log every "
+                             f"diagnostics_every steps, which is 0 (off): add --config.diagnostics_every=N")
 
     def run_dir(self, name: str) -> str:
         return join(self.root, "runs", name)
@@ -279,6 +287,10 @@ class Comparison:
         write_text(join(self.root, "results.json"), json.dumps(results, indent=2))
         write_text(join(self.root, "summary.md"), summary_markdown(results))
         plot_comparison(self, results)
+        best = {f"{o} (lr {e['best_lr']:g})": self.run_dir(run_name(o, e["best_lr"], 0))
+                for o, e in results["optimizers"].items() if e.get("best_lr") is not None}
+        for name in self.diagnostics:
+            plot_diagnostic(best, name, join(self.root, f"diagnostics_{name.replace('/', '_')}.png"))
         return results
 
 

@@ -24,7 +24,7 @@ from train import mesh as mesh_lib
 from train.config import padded_vocab
 from train.flops import flops_per_token
 from train.state import init_state, make_layout, params_layout, state_from_params
-from train.step import batch_sharding, make_eval_step, make_train_step
+from train.step import batch_sharding, make_eval_step, make_train_step, make_zero_updates
 
 def setup_platform(cfg) -> None:
     """Must run before JAX starts its backends: simulated CPU devices and multi-process init.
@@ -120,10 +120,22 @@ class Run:
 
     @cached_property
     def train_step(self):
+        return self._make_step(diagnostics=False)
+
+    @cached_property
+    def diagnostics_step(self):
+        """The train step that also computes ``train.diagnostics`` (see ``make_train_step``)."""
+        return self._make_step(diagnostics=True)
+
+    @cached_property
+    def zero_updates(self):
+        return make_zero_updates(self.layout)
+
+    def _make_step(self, diagnostics: bool):
         return make_train_step(self.layout, self.optimizer.tx, self.optimizer.schedule, self.mesh,
                                microbatches=self.cfg.microbatches, seed=self.cfg.seed,
                                dropout=self.model_cfg.dropout > 0, loss_chunk=self.cfg.loss_chunk,
-                               skip_spikes=self.cfg.loss_spike.factor > 0)
+                               skip_spikes=self.cfg.loss_spike.factor > 0, diagnostics=diagnostics)
 
     @cached_property
     def eval_step(self):

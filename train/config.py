@@ -22,7 +22,7 @@ import math
 
 import ml_collections
 
-from configs.base import ranges
+from configs.base import base_config, ranges
 from infra.files import check_storage, resolve
 from infra.ranges import check
 from infra.wandb_run import check_wandb
@@ -98,12 +98,13 @@ def upgrade_saved(saved: dict, vocab_size: int) -> dict:
     becomes the per-optimizer sections, the hyphenated ``celo2-base`` is ``celo2_base``, and the defaults it
     left unresolved (``lr`` 0, ``adam_lr_mult`` 0, ``theta`` "") are resolved as ``load_config`` does, a
     ``model.vocab_size`` of 0 as ``vocab_size`` (the model's, from the same dataset). A config in today's
-    layout is returned as it is."""
+    layout gets only the fields added since it was saved, at their defaults (every later feature is off by
+    default: what the run did without it)."""
     if saved.get("model", {}).get("vocab_size") == 0:
         saved = {**saved, "model": {**saved["model"], "vocab_size": vocab_size}}
     old = dict(saved.get("optimizer") or {})
     if not old or any(name in old for name in REGISTRY):
-        return saved
+        return _with_later_fields(saved)
     name = _FORMER_NAMES.get(old.get("name"), old.get("name"))
     new = {k: v for k, v in old.items() if k not in _FORMER_FIELDS}
     new.update(name=name, **{n: dict(spec.settings) for n, spec in REGISTRY.items()})
@@ -112,4 +113,16 @@ def upgrade_saved(saved: dict, vocab_size: int) -> dict:
         if name in new and moved in new[name] and not (field == "adam_lr_mult" and not value):
             new[name][moved] = value
     resolved = resolve_defaults(ml_collections.ConfigDict(new))
-    return {**saved, "optimizer": json.loads(resolved.to_json_best_effort())}
+    return _with_later_fields({**saved, "optimizer": json.loads(resolved.to_json_best_effort())})
+
+
+def _with_later_fields(saved: dict, defaults: dict | None = None) -> dict:
+    """``saved`` with the schema's fields it lacks added at their defaults (nested sections too)."""
+    defaults = base_config().to_dict() if defaults is None else defaults
+    out = dict(saved)
+    for k, v in defaults.items():
+        if k not in out:
+            out[k] = v
+        elif isinstance(v, dict) and isinstance(out[k], dict):
+            out[k] = _with_later_fields(out[k], v)
+    return out

@@ -31,6 +31,7 @@ from infra.preemption import StopAgreement, StopRequest
 from optim.registry import routing_table
 from train.build import Run, build_run, prepare_dataset
 from train.config import load_config, with_dataset
+from train.diagnostics import is_diagnostic
 from train.flops import peak_flops
 from train.plots import plot_losses
 from train.profiler import Profiler, profile_window
@@ -79,6 +80,7 @@ class Trainer:
         self.stopping = False
         self.last: dict = {}  # the latest value of every key of the rows so far, and the last checked step
         self.hook_seconds = 0.0  # wall time spent in step hooks (evaluation, checkpoints, plots) so far
+        self.previous_updates = None  # the updates of the last diagnostics step (train.diagnostics)
 
     def add_hook(self, fn: Callable, every: int, *, on_stop: bool = False, checked: bool = False) -> None:
         self.hooks.append(Hook(fn, every, on_stop, checked))
@@ -124,6 +126,19 @@ class Trainer:
                 self._record(done, row)
         return pending
 
+    def _step(self, done: int, state, batch):
+        """Step ``done``: the train step, or every ``diagnostics_every`` steps the one with diagnostics (given
+        the updates of the previous one, kept on the devices)."""
+        extra = () if self.guard is None else (self.guard.max_loss(done),)
+        every = self.run.cfg.diagnostics_every
+        if not every or done % every:
+            return self.run.train_step(state, batch, *extra)
+        if self.previous_updates is None:
+            self.previous_updates = self.run.zero_updates(state.params)
+        state, metrics, self.previous_updates = self.run.diagnostics_step(state, batch, self.previous_updates,
+                                                                          *extra)
+        return state, metrics
+
     def fit(self, state, start_step: int, batches):
         """Train from ``state`` at ``start_step``; returns the last state."""
         agree, pending, last = StopAgreement(), None, self.run.cfg.steps
@@ -131,8 +146,7 @@ class Trainer:
         with jax.set_mesh(self.run.mesh):
             for step in range(start_step, last):
                 done = step + 1
-                guarded = () if self.guard is None else (self.guard.max_loss(done),)
-                state, metrics = self.run.train_step(state, self.run.to_global(next(batches)), *guarded)
+                state, metrics = self._step(done, state, self.run.to_global(next(batches)))
                 # every process gets the same answer at the same step (see infra.preemption)
                 self.stopping = agree(self.stop.requested) or (self.stop_at is not None and done >= self.stop_at)
                 if pending is not None:
@@ -159,7 +173,8 @@ class Throughput:
         self.timer = None  # (time - hook time, step) of the previous row
 
     def __call__(self, info: StepInfo) -> dict:
-        now, row = time.perf_counter() - info.hook_seconds, dict(info.metrics)
+        now = time.perf_counter() - info.hook_seconds
+        row = {k: v for k, v in info.metrics.items() if not is_diagnostic(k)}
         if self.timer is not None:
             dt = (now - self.timer[0]) / (info.step - self.timer[1])
             row.update(step_time=dt, tokens_per_sec=self.run.tokens_per_step / dt,
@@ -257,6 +272,9 @@ def _train(run: Run, stop: StopRequest, stop_at: int | None) -> dict:
         trainer.add_hook(profiler, every=1)
         logger.print(f"tracing steps {window[0]}-{window[1]} with jax.profiler into {profiler.directory}")
     trainer.add_metrics_hook(throughput, cfg.log_every)
+    if cfg.diagnostics_every:  # update_cos is NaN on the first diagnostics step (no previous update): left out
+        trainer.add_metrics_hook(lambda info: {k: v for k, v in info.metrics.items()
+                                               if is_diagnostic(k) and math.isfinite(v)}, cfg.diagnostics_every)
     _add_output_hooks(run, trainer, ckpt, lambda step, state: ckpt.save(
         step, state, batches, saved_config, {**extra_meta, "loss_spike": guard.state()} if guard else extra_meta))
     try:

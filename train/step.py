@@ -18,6 +18,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from train.diagnostics import parameter_diagnostics
 from train.loss import cross_entropy_sum
 from train.state import Layout, TrainState
 
@@ -31,14 +32,17 @@ def _loss_sum(graphdef, params, batch, dropout_key, loss_chunk: int):
 
 
 def make_train_step(layout: Layout, tx, schedule, mesh, *, microbatches: int, seed: int, dropout: bool,
-                    loss_chunk: int = 0, skip_spikes: bool = False):
-    """The jitted ``train_step(state, batch) -> (state, metrics)``; with ``skip_spikes``,
-    ``train_step(state, batch, max_loss)`` keeps the params and optimizer state of a step whose loss exceeds
-    ``max_loss`` (its step count still advances, as the data does) and reports ``skipped`` (0 or 1)."""
+                    loss_chunk: int = 0, skip_spikes: bool = False, diagnostics: bool = False):
+    """The jitted ``train_step(state, batch) -> (state, metrics)``. With ``skip_spikes`` it takes one more
+    argument, ``max_loss``: a step whose loss exceeds it keeps its params and optimizer state (its step count
+    still advances, as the data does) and reports ``skipped`` (0 or 1). With ``diagnostics`` it takes the
+    previous diagnostic step's updates after the batch (donated), adds ``train.diagnostics`` to the metrics
+    and returns this step's updates too: ``(state, metrics, updates)``."""
     graphdef = layout.graphdef
     grad_fn = jax.value_and_grad(lambda p, b, k: _loss_sum(graphdef, p, b, k, loss_chunk))
 
-    def train_step(state: TrainState, batch):
+    def gradients(state: TrainState, batch):
+        """(mean loss, its gradient) over the batch, in ``microbatches`` slices."""
         n_tokens = jnp.maximum(batch["loss_mask"].sum(), 1.0)
         key = jax.random.fold_in(jax.random.key(seed), state.step) if dropout else None
         if microbatches == 1:
@@ -56,26 +60,36 @@ def make_train_step(layout: Layout, tx, schedule, mesh, *, microbatches: int, se
 
             zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
             (loss_sum, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(microbatches), micro))
-        loss = loss_sum / n_tokens
-        grads = jax.tree.map(lambda g: g / n_tokens, grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params, loss=loss)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
-        return TrainState(state.step + 1, params, opt_state), metrics
+        return loss_sum / n_tokens, jax.tree.map(lambda g: g / n_tokens, grads)
 
-    def guarded_step(state: TrainState, batch, max_loss):
-        new, metrics = train_step(state, batch)
-        skip = metrics["loss"] > max_loss
-        kept = jax.tree.map(lambda n, o: jnp.where(skip, o, n), (new.params, new.opt_state),
-                            (state.params, state.opt_state))
-        return TrainState(new.step, *kept), {**metrics, "skipped": skip.astype(jnp.float32)}
+    def train_step(state: TrainState, batch, *extra):
+        loss, grads = gradients(state, batch)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, loss=loss)
+        new = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+        if skip_spikes:
+            skip = loss > extra[-1]
+            kept = jax.tree.map(lambda n, o: jnp.where(skip, o, n), (new.params, new.opt_state),
+                                (state.params, state.opt_state))
+            new, metrics = TrainState(new.step, *kept), {**metrics, "skipped": skip.astype(jnp.float32)}
+        if not diagnostics:
+            return new, metrics
+        return new, {**metrics, **parameter_diagnostics(state.params, grads, updates, extra[0])}, updates
 
     replicated = NamedSharding(mesh, P())
-    if skip_spikes:
-        return jax.jit(guarded_step, in_shardings=(layout.shardings, batch_sharding(mesh), replicated),
-                       out_shardings=(layout.shardings, replicated), donate_argnums=(0,))
-    return jax.jit(train_step, in_shardings=(layout.shardings, batch_sharding(mesh)),
-                   out_shardings=(layout.shardings, replicated), donate_argnums=(0,))
+    params = layout.shardings.params
+    in_shardings = ((layout.shardings, batch_sharding(mesh)) + ((params,) if diagnostics else ())
+                    + ((replicated,) if skip_spikes else ()))
+    out_shardings = (layout.shardings, replicated) + ((params,) if diagnostics else ())
+    return jax.jit(train_step, in_shardings=in_shardings, out_shardings=out_shardings,
+                   donate_argnums=(0, 2) if diagnostics else (0,))
+
+
+def make_zero_updates(layout: Layout):
+    """The jitted ``zeros(params)``: updates of all zeros laid out like the parameters (the "previous
+    updates" of the first diagnostic step)."""
+    return jax.jit(lambda params: jax.tree.map(jnp.zeros_like, params), in_shardings=(layout.shardings.params,),
+                   out_shardings=layout.shardings.params)
 
 
 def make_eval_step(layout: Layout, mesh, loss_chunk: int = 0):
