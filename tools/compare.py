@@ -527,7 +527,9 @@ def main(argv) -> None:
             print(e, flush=True)
             return
     print(summary_markdown(results))
-    print(f"results in {comp.root}: results.json summary.md curves.png sweep.png")
+    figures = ["curves.png", "curves_wallclock.png", "sweep.png"] + [
+        f"diagnostics_{name.replace('/', '_')}.png" for name in comp.diagnostics]
+    print(f"results in {comp.root}: results.json summary.md {' '.join(figures)}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ projections, each with its bias, and the two LayerNorms; the final LayerNorm),
     update_sigma_max   sigma_1(M)                  M = the group's matrix, the update of its kernel as
     update_stable_rank ||M||_F^2 / sigma_1(M)^2        [d_model, everything else]; matrix groups only
 
-with norms over all of a group's leaves (Frobenius). sigma_1 is estimated by ``POWER_ITERATIONS`` power
+with norms over all of a group's leaves (Frobenius). sigma_1 is estimated (for the layers' matrices of one
+kind in one batch) by ``POWER_ITERATIONS`` power
 iterations on M^T M from a fixed start vector (it converges from below; for an orthogonalised update, whose
 singular values are nearly equal, any start is close). The stable rank lies in [1, rank M]: near 1 when one
 direction dominates the update (typical of AdamW's low-rank steps), near min(d_model, rest) when every
@@ -80,7 +81,7 @@ def parameter_diagnostics(params, grads, updates, previous) -> dict:
     """{``<metric>/<group>``: scalar} of one step (``params`` before it, ``previous`` the last diagnostic
     step's updates; ``update_cos`` is NaN when ``previous`` is all zeros: there was none)."""
     sums: dict[str, dict] = {}
-    matrices: dict[str, jax.Array] = {}
+    matrices: dict[tuple, dict[str, jax.Array]] = {}  # (kind, shape) -> {group: its update as a matrix}
     leaves = jax.tree_util.tree_leaves_with_path(params)
     for (path, p), g, u, u_prev in zip(leaves, jax.tree.leaves(grads), jax.tree.leaves(updates),
                                        jax.tree.leaves(previous)):
@@ -94,7 +95,8 @@ def parameter_diagnostics(params, grads, updates, previous) -> dict:
         s["dot"] += jnp.sum(u * u_prev)
         s["n"] += p.size
         if axis is not None:
-            matrices[group] = jnp.moveaxis(u, axis, 0).reshape(u.shape[axis], -1)
+            m = jnp.moveaxis(u, axis, 0).reshape(u.shape[axis], -1)
+            matrices.setdefault((group.split(".")[0], m.shape), {})[group] = m
     out = {}
     for group, s in sums.items():
         u_norm = jnp.sqrt(s["u"])
@@ -103,8 +105,11 @@ def parameter_diagnostics(params, grads, updates, previous) -> dict:
         out[f"update_rms/{group}"] = u_norm / jnp.sqrt(float(s["n"]))
         out[f"update_ratio/{group}"] = u_norm / jnp.sqrt(s["p"])
         out[f"update_cos/{group}"] = jnp.where(s["prev"] > 0, s["dot"] / (u_norm * jnp.sqrt(s["prev"])), jnp.nan)
-        if group in matrices:
-            sigma = _sigma_max(matrices[group])
-            out[f"update_sigma_max/{group}"] = sigma
-            out[f"update_stable_rank/{group}"] = jnp.sum(jnp.square(matrices[group])) / jnp.square(sigma)
+    for same_shape in matrices.values():  # the layers' matrices of one kind in one batch: fewer collectives
+        stacked = jnp.stack(list(same_shape.values()))
+        sigma = jax.vmap(_sigma_max)(stacked)
+        stable_rank = jnp.sum(jnp.square(stacked), axis=(1, 2)) / jnp.square(sigma)
+        for i, group in enumerate(same_shape):
+            out[f"update_sigma_max/{group}"] = sigma[i]
+            out[f"update_stable_rank/{group}"] = stable_rank[i]
     return out
