@@ -10,11 +10,19 @@ import pytest
 from configs.base import base_config
 from train.build import build_run
 from train.config import load_config
+from tools.gpu_compile import plugin_installed
 from tools.memory import estimate
 from tools.plan import candidates, make_plan, tpu_topology
 from tools.plan_table import table_line
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+HAS_CUDA_PLUGIN = plugin_installed()
+
+
+@pytest.fixture
+def analytic_gpu_plans(monkeypatch):
+    """GPU plans as without JAX's CUDA plugin (the analytic estimate), also where it is installed."""
+    monkeypatch.setattr("tools.gpu_compile.plugin_installed", lambda: False)
 
 
 @pytest.mark.parametrize("name,expected", [
@@ -69,7 +77,7 @@ def test_candidates_double_microbatches_then_recompute_more():
                    {"microbatches": 4, "remat": "full"}]
 
 
-def test_gpu_plan_that_does_not_fit_names_a_change_that_does():
+def test_gpu_plan_that_does_not_fit_names_a_change_that_does(analytic_gpu_plans):
     """GPT-3 XL without remat at 64 sequences per A100 does not fit in 80 GiB; the suggestion fits (estimate)."""
     plan = make_plan(_cfg(remat="none"), gpu="a100", gpus=8)
     assert not plan["fits"] and plan["analytic"]["total"] > plan["target"]["memory_per_device"]
@@ -88,10 +96,16 @@ def _plan_cli(*args, env_extra=None, timeout=600):
 
 
 def test_gpu_command_prints_an_estimate_and_writes_json(tmp_path):
+    """Without JAX's CUDA plugin (shadowed here by an empty ``jax_plugins``): the analytic estimate, with the
+    line that says how to compile instead."""
+    (tmp_path / "jax_plugins").mkdir()
+    (tmp_path / "jax_plugins" / "__init__.py").write_text("")
     out = tmp_path / "plan.json"
-    r = _plan_cli("--config", "configs/gpt2_small.py", "--gpu", "h100", "--gpus", "8", "--json", str(out))
+    r = _plan_cli("--config", "configs/gpt2_small.py", "--gpu", "h100", "--gpus", "8", "--json", str(out),
+                  env_extra={"PYTHONPATH": str(tmp_path)})
     assert r.returncode == 0, r.stderr
     assert "analytic estimate" in r.stdout and "fits" in r.stdout
+    assert "note: compiling for GPUs needs JAX's CUDA plugin: pip install -e '.[gpu-plan]'" in r.stdout
     plan = json.loads(out.read_text())
     assert plan["target"]["chip"] == "h100" and plan["config"]["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
 
@@ -160,7 +174,7 @@ def test_gpt2_small_preset_plans_on_v5p_8(tmp_path):
 
 @pytest.mark.parametrize("preset", ["default", "cpu_tiny", "gpt2_small", "gpt3_xl", "compare_cpu",
                                     "compare_gpt2_small", "compare_gpt3_xl"])
-def test_every_preset_plans_for_gpus(preset):
+def test_every_preset_plans_for_gpus(preset, analytic_gpu_plans):
     """Every shipped run config gets a plan (analytic, on H100s: 8, or as many as its mesh names), with its
     own model and batch."""
     import importlib
@@ -172,3 +186,36 @@ def test_every_preset_plans_for_gpus(preset):
     plan = make_plan(cfg, gpu="h100", gpus=8 if -1 in sizes else math.prod(sizes))
     assert plan["config"]["model"] == cfg.model.name and plan["config"]["batch_size"] == cfg.batch_size
     assert plan["analytic"]["total"] > plan["analytic"]["params"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="JAX's CUDA plugin is not installed (pip install -e '.[gpu-plan]')")
+@pytest.mark.parametrize("attention", ["xla", "pallas_gpu"])
+def test_small_model_compiles_for_eight_h100s(attention, tmp_path):
+    """cpu-tiny's real train step compiled for 1x1x8 H100s without a GPU: per-device memory from the compiled
+    program, XLA's FLOPs (plus the Pallas kernel's) near the model's, the Pallas kernels in the executable."""
+    out = tmp_path / "plan.json"
+    r = _plan_cli("--config", "configs/cpu_tiny.py", "--gpu", "h100", "--gpus", "8", "--config.data.dir=",
+                  f"--config.model.attention={attention}", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(out.read_text())
+    assert plan["target"]["topology"] == "1x1x8" and plan["fits"] and "compiled for 8 x h100 GPUs" in r.stdout
+    assert plan["per_device"]["temporary"] > 0 and plan["per_device"]["params"] == plan["analytic"]["params"]
+    flops = plan["xla_flops_per_step"] + plan["kernel_flops_not_in_xla"]
+    assert 0.95 < flops / plan["model_flops_per_step"] < 1.3
+    assert ("pallas mha_forward" in plan["kernels"]) == (attention == "pallas_gpu")
+    assert plan["lower_bound_step_seconds"] > 0 and "a lower bound, not an estimate" in r.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="JAX's CUDA plugin is not installed (pip install -e '.[gpu-plan]')")
+def test_a_gpu_program_over_the_memory_does_not_fit(tmp_path):
+    """XLA compiles a GPU program larger than the GPU (it only warns): the plan decides, and says so."""
+    out = tmp_path / "plan.json"
+    r = _plan_cli("--config", "configs/cpu_tiny.py", "--gpu", "a100", "--gpus", "8", "--config.data.dir=",
+                  "--config.model.attention=xla", "--config.batch_size=8192", "--config.seq_len=256",
+                  "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(out.read_text())
+    assert plan["per_device"]["total"] > plan["target"]["memory_per_device"] and not plan["fits"]
+    assert "DOES NOT FIT" in r.stdout and "Pallas kernels for an A100" in r.stdout

@@ -17,8 +17,11 @@ the chip's HBM does not compile: the plan then keeps XLA's figures. Topologies a
 (``v5p:4x4x4``, ``v5e:16x16``) or the Cloud names ``v5p-128`` / ``v4-32`` (TensorCores: two per chip) and
 ``v5e-256`` / ``v6e-64`` (chips).
 
-``--gpu`` cannot compile (XLA has no deviceless GPU target here): it states the analytic per-device memory
-of ``tools.memory`` (exact state bytes, estimated activations for every remat policy) against the GPU's.
+``--gpu`` compiles the same way for GPUs in hosts of 8 when JAX's CUDA plugin is installed (the ``gpu-plan``
+extra; ``tools.gpu_compile``), with a lower bound on the step time instead of XLA's estimate, which it does
+not make for GPUs; without the plugin it states the analytic per-device memory of ``tools.memory`` (exact
+state bytes, estimated activations for every remat policy) against the GPU's. Both print the analytic
+estimate.
 
 When the run does not fit, the plan names the first change that the estimate says would fit (more
 microbatches, then policies that recompute more); ``--search`` compiles it (and the next ones) to verify.
@@ -44,7 +47,8 @@ def _define_flags() -> None:
     config_flags.DEFINE_config_file("config", os.path.join(os.path.dirname(configs.__file__), "gpt3_xl.py"),
                                     "Run config (a python file).")
     flags.DEFINE_string("topology", "", "TPU topology to compile for: v5p:4x4x4, v5e:16x16, v5p-128, ...")
-    flags.DEFINE_string("gpu", "", "GPU to estimate memory for (analytic): a100, h100 or h200")
+    flags.DEFINE_string("gpu", "", "GPU to plan for: a100, h100 or h200 (compiled with the gpu-plan extra, else "
+                        "an analytic estimate)")
     flags.DEFINE_integer("gpus", 8, "number of GPUs of the --gpu run", lower_bound=1)
     flags.DEFINE_string("json", "", "also write the plan to this JSON file")
     flags.DEFINE_bool("search", False, "when the run does not fit, compile candidates until one fits")
@@ -149,12 +153,18 @@ def compile_step(run) -> dict:
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if cost is None:  # a GPU program compiled without a device: its HLO module's cost analysis, no time estimate
+        from tools.gpu_compile import hlo_cost, kernels
+
+        cost = hlo_cost(compiled)
+        out["kernels"] = kernels(compiled)
     per_device = {**state, "batch": mem.argument_size_in_bytes - sum(state.values()),
                   "outputs_not_aliased": mem.output_size_in_bytes - mem.alias_size_in_bytes,
                   "temporary": mem.temp_size_in_bytes, "code": mem.generated_code_size_in_bytes}
     per_device["total"] = sum(per_device.values())
     return {**out, "compile_seconds": seconds, "per_device": per_device, "host_peak_rss_bytes": _peak_rss(),
             "xla_flops_per_device": float(cost.get("flops", 0.0)),
+            "xla_bytes_accessed_per_device": float(cost.get("bytes accessed", 0.0)),
             "xla_estimated_seconds": float(cost.get("optimal_seconds", 0.0))}
 
 
@@ -261,8 +271,8 @@ def make_plan(cfg, *, topology: str = "", gpu: str = "", gpus: int = 8, search: 
             raise ValueError(f"--gpu {gpu!r} is not one of {', '.join(GPU_CHIPS)}")
         if gpus < 1:
             raise ValueError(f"--gpus={gpus} must be a positive number of GPUs")
-        chip_name, n_chips, devices = gpu.lower(), gpus, gpus
-        target = {"kind": "gpu"}
+        chip_name, n_chips = gpu.lower(), gpus
+        devices, target = _gpu_target(chip_name, gpus, notes)
     chip = CHIPS[chip_name]
     n_devices = devices if isinstance(devices, int) else len(devices)
     budget = chip.hbm_bytes * n_chips / n_devices
@@ -280,11 +290,13 @@ def make_plan(cfg, *, topology: str = "", gpu: str = "", gpus: int = 8, search: 
             "analytic": estimate(run),
             "analytic_total_per_remat": {r: estimate(run, r)["total"] for r in REMAT_ORDER}}
     compiled = None
-    if topology:
+    if not isinstance(devices, int):
         compiled = compile_step(run)
         plan.update(compiled)
         if "out_of_hbm" not in compiled:
             plan.update(_projection(run, compiled, n_chips, chip.peak_flops))
+        if gpu:
+            plan["lower_bound_step_seconds"] = _gpu_bound(plan, chip_name, n_chips, chip.peak_flops)
         total = compiled["per_device"]["total"]
     else:
         total = plan["analytic"]["total"]
@@ -292,6 +304,31 @@ def make_plan(cfg, *, topology: str = "", gpu: str = "", gpus: int = 8, search: 
     if not plan["fits"]:
         plan["suggestion"] = suggest(run, budget, compiled, search)
     return plan
+
+
+def _gpu_target(chip: str, gpus: int, notes: list) -> tuple:
+    """(the devices to build the run on, the plan's target) for ``gpus`` GPUs: abstract devices to compile
+    for when JAX's CUDA plugin is installed, else their number (the analytic estimate)."""
+    from tools.gpu_compile import INSTALL, gpu_devices, plugin_installed, topology_name
+
+    if not plugin_installed():
+        notes.append(INSTALL)
+        return gpus, {"kind": "gpu"}
+    notes.append("not checkable without a GPU: cuDNN attention's support and workspace (XLA builds no cuDNN "
+                 "graph without a device)" + ("; Pallas kernels for an A100 (Pallas assumes compute capability "
+                                             "9.0 without a device)" if chip == "a100" else ""))
+    return gpu_devices(chip, gpus), {"kind": "gpu", "topology": topology_name(gpus)}
+
+
+def _gpu_bound(plan: dict, chip: str, n_chips: int, peak: float) -> float:
+    """A lower bound on the step time of a program compiled for GPUs, which XLA does not estimate: its FLOPs
+    (XLA's, plus a fused attention kernel's, which XLA cannot see) at the datasheet peak, or its bytes at the
+    memory bandwidth, whichever takes longer."""
+    from tools.gpu_compile import target_number
+
+    flops = plan["xla_flops_per_step"] + plan["kernel_flops_not_in_xla"]
+    return max(flops / (n_chips * peak),
+               plan["xla_bytes_accessed_per_device"] / target_number(chip, "memory_bandwidth"))
 
 
 def _gib(n: float) -> str:
@@ -302,8 +339,10 @@ def format_plan(plan: dict) -> str:
     """The plan as the command prints it."""
     c, t, a = plan["config"], plan["target"], plan["analytic"]
     compiled = plan.get("per_device")
-    where = (f"the program compiled for TPU {t['topology']} ({t['chips']} chips, {t['devices']} devices; "
-             f"deviceless)" if compiled else f"an analytic estimate for {t['chips']} x {t['chip']} (nothing compiled)")
+    where = (f"an analytic estimate for {t['chips']} x {t['chip']} (nothing compiled)" if not compiled else
+             f"the program compiled for {t['chips']} x {t['chip']} GPUs, topology {t['topology']} (deviceless)"
+             if t["kind"] == "gpu" else
+             f"the program compiled for TPU {t['topology']} ({t['chips']} chips, {t['devices']} devices; deviceless)")
     lines = [f"plan: {where}",
              f"  {c['model']} {c['params'] / 1e6:.1f}M params, {c['optimizer']}, batch {c['batch_size']} x "
              f"{c['seq_len']} = {c['tokens_per_step']:,} tokens, microbatches {c['microbatches']}, remat "
@@ -349,6 +388,13 @@ def _flops_lines(plan: dict) -> list[str]:
     lines = [f"FLOPs per step: XLA {xla:.3e} (all devices)"
              + (f" + {kernel:.3e} in the {c['attention']} kernel (XLA cannot see them)" if kernel else "")
              + f", model {model:.3e} (6N + attention); ratio {(xla + kernel) / model:.2f}"]
+    if "kernels" in plan:
+        lines.append("custom kernels compiled: " + (", ".join(plan["kernels"]) or "none"))
+    if "lower_bound_step_seconds" in plan:
+        bound = plan["lower_bound_step_seconds"]
+        return lines + [f"step time at least {bound:.4f} s (a lower bound, not an estimate: FLOPs at the datasheet "
+                        f"peak or bytes at the memory bandwidth, whichever is longer; XLA gives no GPU time "
+                        f"estimate); MFU at most {100 * plan['model_flops_per_step'] / (t['chips'] * t['peak_flops_per_chip'] * bound):.1f}%"]
     step = plan["projected_step_seconds"]
     if not step:
         return lines + [f"XLA's cost model gave no usable step time for this topology "

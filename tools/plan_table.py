@@ -1,6 +1,7 @@
-"""The benchmarks file's plan table: ``tools.plan`` over presets x optimizers x TPU topologies.
+"""The benchmarks file's plan tables: ``tools.plan`` over presets x optimizers x TPU topologies, or x 8 and 64
+H100s (``--gpu``: the ``gpu-plan`` extra compiles for them; ``gpu_table.md``).
 
-    python -m tools.plan_table [--out results/plans] [--only gpt3-xl]
+    python -m tools.plan_table [--out results/plans] [--only gpt3-xl] [--gpu]
 
 Each row is one ``python -m tools.plan --json <out>/<row>.json`` (the real train step compiled for the
 topology, deviceless), in a process of its own; the markdown table goes to ``<out>/table.md`` and stdout.
@@ -28,6 +29,7 @@ MODELS = (
 )
 OPTIMIZERS = ("adamw", "muon", "celo2")
 TOPOLOGIES = ("v5p-8", "v5p-128", "v5e-256")
+GPU_COUNTS = (8, 64)  # H100s: one host, eight hosts
 # gpt3-xl on v5p-128 side by side: the XLA attention with whole-sequence logits against the fused kernel and
 # the chunked loss (each alone and together)
 VARIANTS = (
@@ -55,10 +57,23 @@ def rows(only: str = ""):
             yield f"gpt3-xl-adamw-v5p-128-variant{i}", f"gpt3-xl adamw, {label}", "gpt3_xl", overrides, "v5p-128"
 
 
-def plan_row(module: str, overrides: dict, topology: str, path: str) -> dict:
-    """``python -m tools.plan`` in its own process (a compile's host memory is returned when it exits)."""
+def gpu_rows(only: str = ""):
+    """(file name, label, config module, overrides, target flags) of every GPU row."""
+    for model, module, overrides in MODELS:
+        if only and model != only:
+            continue
+        for opt in OPTIMIZERS:
+            for n in GPU_COUNTS:
+                yield (f"{model}-{opt}-h100x{n}", f"{model} {opt}", module, {**overrides, "optimizer.name": opt},
+                       ["--gpu", "h100", "--gpus", str(n)])
+
+
+def plan_row(module: str, overrides: dict, target: str | list, path: str) -> dict:
+    """``python -m tools.plan`` in its own process (a compile's host memory is returned when it exits);
+    ``target``: a TPU topology, or the flags of a GPU target."""
     config = os.path.join(os.path.dirname(configs.__file__), f"{module}.py")
-    cmd = [sys.executable, "-m", "tools.plan", "--config", config, "--topology", topology, "--json", path,
+    target = ["--topology", target] if isinstance(target, str) else target
+    cmd = [sys.executable, "-m", "tools.plan", "--config", config, *target, "--json", path,
            *(f"--config.{k}={v}" for k, v in overrides.items())]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
@@ -88,6 +103,28 @@ def table_line(label: str, topology: str, plan: dict) -> str:
             f"{(d['params'] + d['optimizer_state']) / 2**30:.2f} | {d['temporary'] / 2**30:.2f} | "
             f"{d['total'] / 2**30:.2f} / {t['memory_per_device'] / 2**30:.0f} | {fits} | "
             f"{step} | {mfu} | {plan['compile_seconds']:.0f} |")
+
+
+def gpu_table_line(label: str, plan: dict) -> str:
+    """A GPU row: the compiled program's memory against the GPU's, the analytic estimate beside it (and their
+    ratio), the custom kernels, a lower bound on the step time."""
+    if "error" in plan:
+        return f"| {label} | {plan['error'][:160]} | | | | | | | | |"
+    c, t = plan["config"], plan["target"]
+    if "per_device" not in plan:
+        return f"| {label} | {t['chips']} x {t['chip']} | not compiled (analytic only: the gpu-plan extra) | | | | | | | |"
+    d, a = plan["per_device"], plan["analytic"]["total"]
+    bound = plan.get("lower_bound_step_seconds")
+    return (f"| {label} | {t['chips']} x {t['chip']} | {c['batch_size']} x {c['seq_len']}, {c['remat']} | "
+            f"{(d['params'] + d['optimizer_state']) / 2**30:.2f} | {d['temporary'] / 2**30:.2f} | "
+            f"{d['total'] / 2**30:.2f} / {t['memory_per_device'] / 2**30:.0f} | {_fits(plan)} | "
+            f"{a / 2**30:.2f} ({a / d['total']:.2f}x) | {', '.join(plan.get('kernels', [])) or 'none'} | "
+            f"{f'{bound:.3f}' if bound else '-'} | {plan['compile_seconds']:.0f} |")
+
+
+GPU_HEADER = ("| run | GPUs | batch x seq, remat | params + opt state GiB/GPU | temporaries GiB/GPU | total / memory GiB | "
+              "fits | analytic estimate GiB (x compiled) | custom kernels | step s, lower bound | compile s |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def _fits(plan: dict) -> str:
@@ -123,10 +160,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="results/plans")
     p.add_argument("--only", default="", help="one model's rows (gpt2-small, gpt2-xl, gpt3-xl)")
     p.add_argument("--cached", action="store_true", help="compile nothing: the table of the rows planned so far")
+    p.add_argument("--gpu", action="store_true", help="the GPU table (8 and 64 H100s) instead of the TPU table")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     lines = []
-    todo = list(rows(args.only))
+    todo = list(gpu_rows(args.only) if args.gpu else rows(args.only))
     for name, label, module, overrides, topology in tqdm(todo, desc="plans", unit="compile"):
         path = os.path.join(args.out, f"{name}.json")
         if os.path.exists(path):  # rerunning continues where a stopped table left off
@@ -139,9 +177,10 @@ def main(argv=None) -> int:
             if plan.get("error", "").startswith("does not build"):  # (a killed compile is planned again next time)
                 with open(path, "w") as f:
                     json.dump(plan, f)
-        lines.append(table_line(label, topology, plan))
-    table = HEADER + "\n" + "\n".join(lines) + "\n" + variant_ratios(args.out)
-    with open(os.path.join(args.out, "table.md"), "w") as f:
+        lines.append(gpu_table_line(label, plan) if args.gpu else table_line(label, topology, plan))
+    table = (GPU_HEADER + "\n" + "\n".join(lines) + "\n" if args.gpu else
+             HEADER + "\n" + "\n".join(lines) + "\n" + variant_ratios(args.out))
+    with open(os.path.join(args.out, "gpu_table.md" if args.gpu else "table.md"), "w") as f:
         f.write(table)
     print(table)
     return 0
