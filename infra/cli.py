@@ -62,14 +62,20 @@ class _LibraryLog:
         self.path, self._file = None, None
 
     def write(self, text: str) -> None:
-        if self._file is None:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            self._file = open(self.path, "a", buffering=1)
-        self._file.write(text)
+        """Best effort: text that cannot be written (the log's disk is full, as in the failures it records) is
+        dropped, never reported on the terminal it keeps clear."""
+        try:
+            if self._file is None:
+                os.makedirs(os.path.dirname(self.path), exist_ok=True)
+                self._file = open(self.path, "a", buffering=1)
+            self._file.write(text)
+        except OSError:
+            pass
 
     def flush(self) -> None:
         if self._file is not None:
-            self._file.flush()
+            with contextlib.suppress(OSError):
+                self._file.flush()
 
     def move(self, path: str) -> None:
         if self._file is not None:
