@@ -13,9 +13,8 @@ projections, each with its bias, and the two LayerNorms; the final LayerNorm),
     update_stable_rank ||M||_F^2 / sigma_1(M)^2        [d_model, everything else]; matrix groups only
 
 with norms over all of a group's leaves (Frobenius). sigma_1 is estimated (for the layers' matrices of one
-kind in one batch) by ``POWER_ITERATIONS`` power
-iterations on M^T M from a fixed start vector (it converges from below; for an orthogonalised update, whose
-singular values are nearly equal, any start is close). The stable rank lies in [1, rank M]: near 1 when one
+kind in one batch) by ``POWER_ITERATIONS`` power iterations on M^T M from a fixed start vector (it converges
+from below; for an orthogonalised update, whose singular values are nearly equal, any start is close). The stable rank lies in [1, rank M]: near 1 when one
 direction dominates the update (typical of AdamW's low-rank steps), near min(d_model, rest) when every
 direction gets the same size (Muon's orthogonalised steps).
 
