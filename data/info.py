@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from typing import Any
 
@@ -72,6 +73,19 @@ class DatasetInfo:
             return [Shard(join(self.data_dir, s["files"][0]), int(s["n_tokens"]), int(s["n_chunks"]))]
         return [Shard(join(self.data_dir, f["file"]), int(f["n_tokens"]), int(f["n_chunks"]))
                 for f in s["files"]]
+
+    def bytes_per_token(self, split: str = "eval") -> float | None:
+        """UTF-8 bytes of the split's document text per stored token (BOS tokens included); None for a data dir
+        prepared before bytes were counted (prepare it again)."""
+        n_bytes = self.meta["splits"][split].get("n_bytes")
+        return None if n_bytes is None else n_bytes / self.n_tokens[split]
+
+    def bits_per_byte(self, loss_nats: float, split: str = "eval") -> float | None:
+        """The held-out loss as bits per byte of text: ``loss / ln 2 / bytes_per_token``. A loss in nats per
+        token depends on the tokenizer; bits per byte does not (it is the code length of the same text), so
+        runs with different tokenizers compare on it. None where ``bytes_per_token`` is unknown."""
+        per_token = self.bytes_per_token(split)
+        return None if per_token is None else loss_nats / math.log(2) / per_token
 
     def files(self, split: str) -> list[str]:
         return [s.path for s in self.shards(split)]

@@ -241,6 +241,7 @@ def _assemble_meta(partial: str, units, manifests, tok_meta, plan, stats) -> dic
                      "n_chunks": sum(p["n_chunks"] for p in parts),
                      "n_docs": sum(m["splits"][s]["n_docs"] for m in manifests),
                      "n_chars": sum(m["splits"][s]["n_chars"] for m in manifests),
+                     "n_bytes": _total(m["splits"][s].get("n_bytes") for m in manifests),
                      "ids_sha256": hashlib.sha256("".join(m["splits"][s]["ids_sha256"] for m in manifests)
                                                   .encode()).hexdigest()}
     problems = corpus_lib.Problems("skip", verbose=False)
@@ -271,6 +272,12 @@ def _assemble_meta(partial: str, units, manifests, tok_meta, plan, stats) -> dic
         "prepare": stats,
         "created_unix": int(time.time()),
     }
+
+
+def _total(counts) -> int | None:
+    """The sum of per-unit counts; None when a unit lacks one (prepared before it was counted, then resumed)."""
+    counts = list(counts)
+    return None if None in counts else sum(counts)
 
 
 def _run_stats(manifests, engine, workers, seconds) -> dict:
@@ -391,7 +398,8 @@ def print_summary(info: DatasetInfo) -> None:
     for s in SPLITS:
         sm = m["splits"][s]
         print(f"  {s:5s}: {sm['n_docs']:8,d} docs, {sm['n_chars']:14,d} chars, {sm['n_tokens']:14,d} tokens "
-              f"({sm['n_chars'] / max(sm['n_tokens'], 1):.2f} chars/token), {len(info.files(s))} shard(s)")
+              f"({sm['n_chars'] / max(sm['n_tokens'], 1):.2f} chars/token, {_per_token(info.bytes_per_token(s))} "
+              f"bytes/token), {len(info.files(s))} shard(s)")
     print(f"  unigram entropy of the training tokens: {info.unigram_entropy_nats:.4f} nats "
           f"(the loss of a model that ignores context; uniform would be {math.log(info.vocab_size):.4f})")
     problems = m.get("problems", {})
@@ -407,6 +415,10 @@ def print_summary(info: DatasetInfo) -> None:
               f"{run['tokens_per_s']:,d} tokens/s ({run['input_mb_per_s_per_worker']:.2f} MB/s per busy worker); "
               f"peak RSS: main {rss['main']:.0f} MiB, largest worker {rss['largest_worker']:.0f} MiB, "
               f"at most {rss['bound']:.0f} MiB together")
+
+
+def _per_token(value: float | None) -> str:
+    return "?" if value is None else f"{value:.2f}"
 
 
 def _check_removable(out: str) -> None:

@@ -183,7 +183,7 @@ def prepare_unit(job: UnitJob, unit: corpus_lib.Unit, progress: Callable[[int], 
     tok = Tokenizer(job.tokenizer)
     dtype = token_dtype(tok.vocab_size)
     writers = {s: _PartWriter(job.out, s, unit.index, job.chunk_size, job.shard_tokens, dtype) for s in SPLITS}
-    stats = {s: {"n_docs": 0, "n_chars": 0, "ids": hashlib.sha256()} for s in SPLITS}
+    stats = {s: {"n_docs": 0, "n_chars": 0, "n_bytes": 0, "ids": hashlib.sha256()} for s in SPLITS}
     counts = np.zeros(tok.vocab_size, np.int64)
     problems = corpus_lib.Problems(job.on_error)
     bos = np.array([tok.bos_id], dtype)
@@ -218,6 +218,7 @@ def prepare_unit(job: UnitJob, unit: corpus_lib.Unit, progress: Callable[[int], 
             s = stats[split]
             s["n_docs"] += 1
             s["n_chars"] += len(doc.text)
+            s["n_bytes"] += len(doc.text.encode())
             s["ids"].update(doc.name.encode() + b"\n")
             pending.append((doc, split))
             pending_chars += len(doc.text)
@@ -248,6 +249,7 @@ def _write_manifest(job: UnitJob, unit: corpus_lib.Unit, writers: dict, stats: d
         "input_bytes": unit.size,
         "splits": {s: {"parts": writers[s].parts, "n_tokens": sum(p["n_tokens"] for p in writers[s].parts),
                        "n_docs": stats[s]["n_docs"], "n_chars": stats[s]["n_chars"],
+                       "n_bytes": stats[s]["n_bytes"],
                        "ids_sha256": stats[s]["ids"].hexdigest()} for s in SPLITS},
         "empty_documents": problems.empty_documents,
         "problems": {"count": problems.count, "examples": problems.examples},

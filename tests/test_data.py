@@ -502,3 +502,18 @@ def test_prepare_real_shakespeare_and_kjv(tmp_path):
                          cache_dir=tmp_path / "cache")
   assert info.corpus == "shakespeare+kjv" and info.n_docs["train"] + info.n_docs["eval"] == 42 + 66
   assert 2.6e6 < info.n_tokens["train"] < 3.0e6  # the long comparison's 2.05M tokens per run stay within one epoch
+
+
+def test_bytes_per_token_and_bits_per_byte(shakespeare):
+    """meta.json counts each split's UTF-8 bytes; bits per byte = loss / ln 2 / (bytes per token)."""
+    import math
+
+    from data.pipeline import TokenWindows
+
+    info = data.load_info(shakespeare)
+    windows = TokenWindows(info, "eval", 256)
+    tokens = windows.tokens(0, info.n_tokens["eval"])
+    text = info.tokenizer.decode(tokens[tokens != info.bos_id])
+    assert info.meta["splits"]["eval"]["n_bytes"] == len(text.encode())
+    assert info.bytes_per_token("eval") == len(text.encode()) / info.n_tokens["eval"]
+    assert info.bits_per_byte(2.0) == 2.0 / math.log(2) / info.bytes_per_token("eval")
