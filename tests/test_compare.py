@@ -3,6 +3,7 @@ import os
 
 import pytest
 
+import data
 from configs.compare import compare_fields
 from configs.cpu_tiny import get_config
 from tools.compare import Comparison, steps_to_reach, verdict, welch_interval
@@ -32,6 +33,8 @@ def test_comparison_writes_results_and_is_resumable(tmp_path, shakespeare, capsy
         assert e["best_lr"] == float(min(e["sweep"], key=e["sweep"].get))
         assert len(e["seed_losses"]) == 2 and e["tokens"] == 4 * 8 * 32
         assert abs(e["mean"] - sum(e["seed_losses"]) / 2) < 1e-9
+        info = data.load_info(shakespeare)
+        assert e["seed_bpb"] == [info.bits_per_byte(loss) for loss in e["seed_losses"]]
     assert results["optimizers"]["adamw"]["speedup_vs_adamw"] in (None, 1.0)
     adamw = results["optimizers"]["adamw"]
     if adamw["steps_to_adamw_loss"]:  # AdamW's seed-mean curve reaches its own mean final loss
@@ -41,6 +44,7 @@ def test_comparison_writes_results_and_is_resumable(tmp_path, shakespeare, capsy
     assert saved["optimizers"]["adamw"]["best_lr_at_grid_edge"]  # 2 rates: the best is at an edge
     assert not saved["optimizers"]["muon"]["best_lr_at_grid_edge"]  # a single rate is no grid
     assert "edge of its grid, widen the sweep:** adamw" in summary and "epochs of the training split" in summary
+    assert saved["tokenizer"]["source"] == "trained" and "Tokenizer: trained (sentencepiece, 4,096 tokens" in summary
     runs = sorted(os.listdir(root / "runs"))
     assert len(runs) == 5 and all(os.path.exists(root / "runs" / r / "tensorboard") for r in runs)
 
@@ -56,6 +60,14 @@ def test_comparison_writes_results_and_is_resumable(tmp_path, shakespeare, capsy
     with pytest.raises(ValueError, match="other settings than this comparison's \\(steps: run 4, comparison 5\\)"):
         Comparison(cfg).execute()
     cfg.steps = 4
+
+    # a run made with another tokenizer is a mismatched setting (its data dir prepared again under the same path)
+    done_file = root / "runs" / runs[1] / "done.json"
+    done = json.load(open(done_file))
+    json.dump({**done, "tokenizer": {**done["tokenizer"], "source": "gpt2", "sha256": "0" * 64}}, open(done_file, "w"))
+    with pytest.raises(ValueError, match="tokenizer: run 'gpt2', comparison 'trained'"):
+        Comparison(cfg).execute()
+    json.dump(done, open(done_file, "w"))
 
     # a run killed mid-way is resumed, and only the unfinished run trains
     os.remove(root / "runs" / runs[0] / "done.json")

@@ -15,6 +15,13 @@ final eval loss, mean, std, best rate, tokens, wall time), ``summary.md`` (the t
 ``sweep.png`` (final eval loss against learning rate), and ``diagnostics_<name>.png`` for each diagnostic named
 in ``compare.diagnostics`` (each optimizer's best rate, seed 0; ``tools.diagnostics_plot``).
 
+Every run of a comparison reads the same prepared data, so the same tokenizer: each run records the tokenizer
+it used (``done.json``), and a run made with another one (its data dir prepared again with another tokenizer)
+is a mismatched setting like any other. The report states the tokenizer and gives bits per byte beside every
+loss (``DatasetInfo.bits_per_byte``: the held-out loss per byte of text, which does not depend on the
+tokenizer); losses of comparisons made with different tokenizers must not be set side by side, their bits per
+byte may.
+
 Verdict rule (Welch's t): the 95% confidence interval of the difference in mean final eval loss between
 optimizer X and AdamW, from their seed runs (unequal variances). X is better when the whole interval is below
 zero, worse when it is above, and not distinguishable from AdamW otherwise; with one seed on either side there
@@ -132,6 +139,15 @@ class Comparison:
             raise ValueError(f"compare.diagnostics={cfg.compare.diagnostics!r} plots what the runs log every "
                              f"diagnostics_every steps, which is 0 (off): add --config.diagnostics_every=N")
 
+    def data_info(self):
+        """The comparison's prepared data (None before its first run prepared it)."""
+        import data
+
+        try:
+            return data.load_info(self.cfg.data.dir)
+        except ValueError:
+            return None
+
     def run_dir(self, name: str) -> str:
         return join(self.root, "runs", name)
 
@@ -166,9 +182,11 @@ class Comparison:
         except (NonFiniteLoss, LossSpikes) as e:  # a diverging learning rate is a result of the sweep, not a failure
             print(f"{name} diverged: {e}", flush=True)
             final_loss = sampled = None
+        info = self.data_info()
         result = {"optimizer": opt, "lr": lr, "seed": seed, "final_eval_loss": final_loss,
+                  "final_eval_bpb": None if final_loss is None else info.bits_per_byte(final_loss),
                   "final_eval_loss_sampled": sampled, "tokens": cfg.steps * cfg.batch_size * cfg.seq_len,
-                  "wall_seconds": time.time() - t}
+                  "tokenizer": tokenizer_of(info), "wall_seconds": time.time() - t}
         write_text(join(workdir, "done.json"), json.dumps(result, indent=2))
         return result
 
@@ -183,13 +201,10 @@ class Comparison:
 
     def epochs(self) -> float | None:
         """Passes over the training split that one run's tokens amount to (None before the data exists)."""
-        import data
-
-        try:
-            train_tokens = data.load_info(self.cfg.data.dir).n_tokens["train"]
-        except ValueError:
+        info = self.data_info()
+        if info is None:
             return None
-        return self.cfg.steps * self.cfg.batch_size * self.cfg.seq_len / train_tokens
+        return self.cfg.steps * self.cfg.batch_size * self.cfg.seq_len / info.n_tokens["train"]
 
     def check_settings(self, cfg, workdir: str) -> None:
         """A run in ``workdir`` must have been made with ``cfg``'s settings (``SETTINGS``): otherwise stop
@@ -207,6 +222,10 @@ class Comparison:
         saved = upgrade_saved(saved, now["model"]["vocab_size"])  # a run made by an earlier version
         diffs = {k: v for k, v in config_changes({k: saved.get(k) for k in SETTINGS},
                                                   {k: now.get(k) for k in SETTINGS}).items() if k not in NOT_SETTINGS}
+        recorded = (_read_done(workdir) or {}).get("tokenizer")
+        current = tokenizer_of(self.data_info())
+        if recorded and current and recorded["sha256"] != current["sha256"]:
+            diffs["tokenizer"] = (recorded["source"], current["source"])
         if not diffs:
             return
         listed = ", ".join(f"{k}: run {a!r}, comparison {b!r}" for k, (a, b) in diffs.items())
@@ -268,6 +287,10 @@ class Comparison:
         entry["unfinished"] += [run_name(o, best, s) for s, r in runs.items() if r is None]
         done = {s: r for s, r in runs.items() if r is not None and r["final_eval_loss"] is not None}
         losses = [r["final_eval_loss"] for r in done.values()]
+        info = self.data_info()  # (runs recorded before bits per byte were: from their loss and the data's bytes)
+        bpb = [r.get("final_eval_bpb") or (info and info.bits_per_byte(r["final_eval_loss"])) for r in done.values()]
+        if None not in bpb:
+            entry.update(seed_bpb=bpb, mean_bpb=statistics.fmean(bpb))
         sampled = [r.get("final_eval_loss_sampled") for r in done.values()]
         if None not in sampled:  # the last periodic evaluation: the batches the curves are made of
             entry["sampled_mean"] = statistics.fmean(sampled)
@@ -278,8 +301,10 @@ class Comparison:
         return entry
 
     def report(self) -> dict:
+        info = self.data_info()
         results = {"config": json.loads(self.cfg.to_json_best_effort()), "confidence": CONFIDENCE,
-                   "epochs": self.epochs(), "optimizers": {}}
+                   "epochs": self.epochs(), "tokenizer": tokenizer_of(info),
+                   "eval_bytes_per_token": info and info.bytes_per_token("eval"), "optimizers": {}}
         for o in self.optimizers:
             results["optimizers"][o] = self._entry(o)
         add_speedups(results, self)
@@ -292,6 +317,16 @@ class Comparison:
         for name in self.diagnostics:
             plot_diagnostic(best, name, join(self.root, f"diagnostics_{name.replace('/', '_')}.png"))
         return results
+
+
+def tokenizer_of(info) -> dict | None:
+    """What identifies a prepared data dir's tokenizer: its kind, where it came from, its vocabulary and the
+    sha256 of its file (None without data)."""
+    if info is None:
+        return None
+    t = info.meta["tokenizer"]
+    return {"kind": t.get("kind", "sentencepiece"), "source": t["source"], "vocab_size": info.vocab_size,
+            "sha256": t["sha256"]}
 
 
 def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
@@ -368,19 +403,20 @@ def summary_markdown(results: dict) -> str:
     ref = results["optimizers"].get("adamw", {})
     tokens = cfg["steps"] * cfg["batch_size"] * cfg["seq_len"]
     lines = [f"# Optimizer comparison: {cfg['model']['name']}, {tokens:,} tokens per run", "",
-             "| optimizer | best lr | eval loss (mean ± std over seeds) | steps to AdamW's final loss | "
-             "speed-up vs AdamW | train seconds to AdamW's final loss | wall-clock speed-up | verdict |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| optimizer | best lr | eval loss (mean ± std over seeds) | bits per byte | steps to AdamW's final loss "
+             "| speed-up vs AdamW | train seconds to AdamW's final loss | wall-clock speed-up | verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for o, e in results["optimizers"].items():
         if "mean" not in e:
             state = "sweep unfinished" if e.get("unfinished") else "diverged at every lr"
-            lines.append(f"| {o} | – | {state} | – | – | – | – | – |")
+            lines.append(f"| {o} | – | {state} | – | – | – | – | – | – |")
             continue
         steps = f"{e['steps_to_adamw_loss']:.0f}" if e.get("steps_to_adamw_loss") else "not reached"
         seconds = f"{e['seconds_to_adamw_loss']:.1f}" if e.get("seconds_to_adamw_loss") else "not reached"
         speed, wall = (f"{e[k]:.2f}x" if e.get(k) else "–" for k in ("speedup_vs_adamw", "wall_speedup_vs_adamw"))
+        bpb = f"{e['mean_bpb']:.4f}" if "mean_bpb" in e else "–"
         lines.append(f"| {o} | {e['best_lr']:g} | {e['mean']:.4f} ± {e['std']:.4f} (n={len(e['seed_losses'])}) "
-                     f"| {steps} | {speed} | {seconds} | {wall} | {'reference' if o == 'adamw' else verdict(e, ref)} |")
+                     f"| {bpb} | {steps} | {speed} | {seconds} | {wall} | {'reference' if o == 'adamw' else verdict(e, ref)} |")
     epochs = results.get("epochs")
     seeds = cfg["compare"]["seeds"]
     lines += ["", f"Verdict rule (decides): Welch's t {results['confidence']:.0%} confidence interval of the "
@@ -395,6 +431,14 @@ def summary_markdown(results: dict) -> str:
     if epochs is not None and epochs > 1:
         lines.append(f"**Warning: each run sees its training data {epochs:.1f} times: the comparison measures "
                      f"memorisation as much as optimisation.**")
+    tok = results.get("tokenizer")
+    if tok:
+        per_token = results.get("eval_bytes_per_token")
+        lines.append(f"Tokenizer: {tok['source']} ({tok['kind']}, {tok['vocab_size']:,} tokens, sha256 "
+                     f"{tok['sha256'][:12]}), the same for every run. Losses are in nats per token of this tokenizer "
+                     "and compare only with runs that used it; bits per byte (loss / ln 2 / "
+                     + (f"{per_token:.3f}" if per_token else "?") + " held-out bytes per token) compare across "
+                     "tokenizers.")
     edge = [f"{o} (best lr {e['best_lr']:g})" for o, e in results["optimizers"].items()
             if e.get("best_lr_at_grid_edge")]
     unfinished = [n for e in results["optimizers"].values() for n in e.get("unfinished", [])]
