@@ -36,6 +36,8 @@ SCHEMA = {
     "start_over": (False, "bool"),  # checkpoints exist but none restores: False stops with an error naming each
     #                                 and why; True sets them aside and trains from step 0
     "init_from": ("", "str"),  # checkpoint dir to take params from (fine-tuning with a fresh optimizer)
+    "compiled_step": ("", "str"),  # a train step saved by tools.plan --save: loaded instead of compiled when it was
+    #                                compiled for this program on devices like these (train/executable.py)
     "multiprocess": (False, "bool"),  # call jax.distributed.initialize() (SLURM / TPU pods / launch.local)
     "diagnostics_every": (0, COUNT),  # per-layer optimizer diagnostics every N steps (train/diagnostics.py); 0: off
     "profile_steps": ("", "str"),  # "START,END": a jax.profiler trace of those steps into <workdir>/profile/

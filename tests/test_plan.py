@@ -2,6 +2,7 @@
 (compiled deviceless through libtpu, in a subprocess) and on GPUs (analytic)."""
 import importlib.util
 import json
+import pickle
 import subprocess
 import sys
 
@@ -108,6 +109,9 @@ def test_gpu_command_prints_an_estimate_and_writes_json(tmp_path):
     assert "note: compiling for GPUs needs JAX's CUDA plugin: pip install -e '.[gpu-plan]'" in r.stdout
     plan = json.loads(out.read_text())
     assert plan["target"]["chip"] == "h100" and plan["config"]["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    r = _plan_cli("--config", "configs/gpt2_small.py", "--gpu", "h100", "--save", str(tmp_path / "step.jaxexe"),
+                  env_extra={"PYTHONPATH": str(tmp_path)})
+    assert r.returncode == 2 and "--save needs a compiled program, and nothing is compiled here" in r.stderr
 
 
 @pytest.mark.parametrize("args,message", [
@@ -133,9 +137,12 @@ def test_small_model_compiles_for_a_tpu_topology(tmp_path):
     out = tmp_path / "plan.json"
     r = _plan_cli("--config", "configs/default.py", "--topology", "v5p:2x2x1", "--config.mesh.data=1",
                   "--config.mesh.fsdp=-1", "--config.mesh.tensor=1", "--config.model.vocab_size=4096",
-                  "--config.optimizer.name=muon", "--json", str(out))
+                  "--config.optimizer.name=muon", "--json", str(out), "--save", str(tmp_path / "step.jaxexe"))
     assert r.returncode == 0, r.stderr
     plan = json.loads(out.read_text())
+    key = pickle.load(open(tmp_path / "step.jaxexe", "rb"))["key"]  # for a run on those chips (not here)
+    assert key["platform"] == "tpu" and key["devices"] == 4 and key["optimizer"]["name"] == "muon"
+    assert f"wrote the compiled train step to {tmp_path / 'step.jaxexe'}" in r.stdout
     assert plan["fits"] and plan["target"]["devices"] == 4 and plan["config"]["optimizer"] == "muon"
     assert 0.95 < plan["xla_flops_per_step"] / plan["model_flops_per_step"] < 1.3
     assert plan["per_device"]["params"] == plan["analytic"]["params"]
@@ -196,9 +203,11 @@ def test_small_model_compiles_for_eight_h100s(attention, tmp_path):
     program, XLA's FLOPs (plus the Pallas kernel's) near the model's, the Pallas kernels in the executable."""
     out = tmp_path / "plan.json"
     r = _plan_cli("--config", "configs/cpu_tiny.py", "--gpu", "h100", "--gpus", "8", "--config.data.dir=",
-                  f"--config.model.attention={attention}", "--json", str(out))
+                  f"--config.model.attention={attention}", "--json", str(out), "--save", str(tmp_path / "step.jaxexe"))
     assert r.returncode == 0, r.stderr
     plan = json.loads(out.read_text())
+    key = pickle.load(open(tmp_path / "step.jaxexe", "rb"))["key"]
+    assert key["device_kind"] == "NVIDIA H100 80GB HBM3" and key["devices"] == 8 and key["processes"] == 1
     assert plan["target"]["topology"] == "1x1x8" and plan["fits"] and "compiled for 8 x h100 GPUs" in r.stdout
     assert plan["per_device"]["temporary"] > 0 and plan["per_device"]["params"] == plan["analytic"]["params"]
     flops = plan["xla_flops_per_step"] + plan["kernel_flops_not_in_xla"]

@@ -23,6 +23,9 @@ not make for GPUs; without the plugin it states the analytic per-device memory o
 state bytes, estimated activations for every remat policy) against the GPU's. Both print the analytic
 estimate.
 
+``--save step.jaxexe`` writes the compiled train step (``train.executable``): a run on those devices given
+``--config.compiled_step=step.jaxexe`` loads it instead of compiling, when it is the same program.
+
 When the run does not fit, the plan names the first change that the estimate says would fit (more
 microbatches, then policies that recompute more); ``--search`` compiles it (and the next ones) to verify.
 """
@@ -52,6 +55,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("gpus", 8, "number of GPUs of the --gpu run", lower_bound=1)
     flags.DEFINE_string("json", "", "also write the plan to this JSON file")
     flags.DEFINE_bool("search", False, "when the run does not fit, compile candidates until one fits")
+    flags.DEFINE_string("save", "", "write the compiled train step to this file (a run loads it with "
+                        "--config.compiled_step=FILE)")
 
 
 DEFAULT_VOCAB = 50257  # GPT-2's BPE, when the config takes the vocabulary from a corpus (model.vocab_size=0)
@@ -122,8 +127,9 @@ def plan_config(cfg):
 _OUT_OF_HBM = re.compile(r"HLO temporaries \(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)")
 
 
-def compile_step(run) -> dict:
-    """Compile ``run``'s train step for its (abstract) devices: per-device bytes, FLOPs, XLA's time estimate.
+def compile_step(run, save: str = "") -> dict:
+    """Compile ``run``'s train step for its (abstract) devices: per-device bytes, FLOPs, XLA's time estimate;
+    with ``save``, the compiled step written there (``train.executable``).
 
     A program that does not fit in HBM does not compile for a TPU: then the plan keeps XLA's figures for the
     temporaries it needed and the HBM it had (``out_of_hbm``), and has no cost analysis.
@@ -150,6 +156,10 @@ def compile_step(run) -> dict:
                 "out_of_hbm": {"temporary": temp, "hbm": hbm, "message": found.group(0)},
                 "per_device": {**state, "temporary": temp, "total": sum(state.values()) + temp}}
     seconds = time.perf_counter() - t
+    if save:
+        from train import executable
+
+        out["saved_step"] = {"path": save, "bytes": executable.save(save, compiled, executable.program_key(run))}
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -253,8 +263,9 @@ def _projection(run, compiled: dict, n_chips: int, peak: float) -> dict:
     return out
 
 
-def make_plan(cfg, *, topology: str = "", gpu: str = "", gpus: int = 8, search: bool = False) -> dict:
-    """The plan of ``cfg`` on a TPU topology (compiled) or on ``gpus`` GPUs (analytic); see the module doc."""
+def make_plan(cfg, *, topology: str = "", gpu: str = "", gpus: int = 8, search: bool = False, save: str = "") -> dict:
+    """The plan of ``cfg`` on a TPU topology or on ``gpus`` GPUs (compiled, else analytic; see the module doc);
+    ``save``: where to write the compiled train step."""
     from train.build import build_run
     from train.flops import CHIPS, GPU_CHIPS
     from tools.memory import estimate
@@ -278,6 +289,8 @@ def make_plan(cfg, *, topology: str = "", gpu: str = "", gpus: int = 8, search: 
     budget = chip.hbm_bytes * n_chips / n_devices
     target.update(chip=chip_name, chips=n_chips, devices=n_devices, memory_per_device=budget,
                   peak_flops_per_chip=chip.peak_flops)
+    if save and isinstance(devices, int):
+        raise ValueError(f"--save needs a compiled program, and nothing is compiled here: {notes[-1]}")
     run = build_run(cfg, devices, "gpu" if gpu else "")
     run.check()
     m = run.model_cfg
@@ -291,7 +304,7 @@ def make_plan(cfg, *, topology: str = "", gpu: str = "", gpus: int = 8, search: 
             "analytic_total_per_remat": {r: estimate(run, r)["total"] for r in REMAT_ORDER}}
     compiled = None
     if not isinstance(devices, int):
-        compiled = compile_step(run)
+        compiled = compile_step(run, save)
         plan.update(compiled)
         if "out_of_hbm" not in compiled:
             plan.update(_projection(run, compiled, n_chips, chip.peak_flops))
@@ -427,8 +440,11 @@ def main(argv) -> None:
         if f.topology:
             print(f"compiling for {f.topology} (minutes for billion-parameter models) ...", file=sys.stderr,
                   flush=True)
-        plan = make_plan(f.config, topology=f.topology, gpu=f.gpu, gpus=f.gpus, search=f.search)
+        plan = make_plan(f.config, topology=f.topology, gpu=f.gpu, gpus=f.gpus, search=f.search, save=f.save)
         print(format_plan(plan))
+        if "saved_step" in plan:
+            print(f"wrote the compiled train step to {f.save} ({plan['saved_step']['bytes'] / 2**20:.1f} MiB); "
+                  f"on those devices: python -m train ... --config.compiled_step={f.save}")
         if f.json:
             with open(f.json, "w") as out:
                 json.dump(plan, out, indent=1)

@@ -20,6 +20,7 @@ import numpy as np
 import data
 from models import check_attention_length, count_params, model_config, resolve_attention
 from optim.registry import make_optimizer
+from train import executable
 from train import mesh as mesh_lib
 from train.config import padded_vocab
 from train.flops import flops_per_token
@@ -121,6 +122,16 @@ class Run:
     @cached_property
     def train_step(self):
         return self._make_step(diagnostics=False)
+
+    @cached_property
+    def step_to_call(self):
+        """(the train step the trainer calls, a line saying where it came from): the one saved in
+        ``cfg.compiled_step`` when that file holds this program for these devices (``train.executable``), else
+        ``train_step`` (compiled on its first call)."""
+        if not self.cfg.compiled_step:
+            return self.train_step, ""
+        loaded, note = executable.load(self.cfg.compiled_step, self)
+        return loaded or self.train_step, note
 
     @cached_property
     def diagnostics_step(self):

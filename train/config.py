@@ -57,7 +57,7 @@ def load_config(cfg):
     cfg = cfg.copy_and_resolve_references()
     with cfg.unlocked():
         cfg.workdir = resolve(cfg.workdir)
-        for section, field in ((cfg.data, "dir"), (cfg, "init_from")):  # "" (none) stays empty
+        for section, field in ((cfg.data, "dir"), (cfg, "init_from"), (cfg, "compiled_step")):  # "" stays empty
             if section[field]:
                 section[field] = resolve(section[field])
         for path in (cfg.workdir, cfg.data.dir, cfg.init_from, cfg.data.corpus):

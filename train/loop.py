@@ -132,7 +132,7 @@ class Trainer:
         extra = () if self.guard is None else (self.guard.max_loss(done),)
         every = self.run.cfg.diagnostics_every
         if not every or done % every:
-            return self.run.train_step(state, batch, *extra)
+            return self.run.step_to_call[0](state, batch, *extra)
         if self.previous_updates is None:
             self.previous_updates = self.run.zero_updates(state.params)
         state, metrics, self.previous_updates = self.run.diagnostics_step(state, batch, self.previous_updates,
@@ -263,6 +263,8 @@ def _train(run: Run, stop: StopRequest, stop_at: int | None) -> dict:
     trainer = Trainer(run, logger, stop, stop_at, guard)
     throughput = Throughput(run)
     logger.print(_header(run, throughput, origin))
+    if run.step_to_call[1]:
+        logger.print(run.step_to_call[1])
     if run.optimizer.labels is not None:
         params = run.layout.abstract.params
         logger.print(f"{cfg.optimizer.name} routing:\n" + routing_table(params, run.optimizer.labels(params)))
