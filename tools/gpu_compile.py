@@ -8,11 +8,13 @@ a CUDA toolkit (``pip install nvidia-cuda-nvcc-cu12`` where none is installed). 
 the CPU (``jax_platforms=cpu``), so the plugin loads without a GPU.
 
 What a compile without the device cannot check: cuDNN attention (XLA skips building its graph, its support
-check and workspace size without a device) and, on an A100, the Pallas kernels (Pallas assumes compute
+check and workspace size without a device; JAX's own check of the installed cuDNN is answered with the
+target's version where no cuDNN is installed: ``target_cudnn``) and, on an A100, the Pallas kernels (Pallas assumes compute
 capability 9.0 when it has no device to ask).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import re
 from pathlib import Path
@@ -57,6 +59,35 @@ def gpu_devices(chip: str, gpus: int):
 
     return topologies.get_topology_desc(platform="cuda", target_config=target_config(chip),
                                         topology=topology_name(gpus)).devices
+
+
+def cudnn_version(chip: str) -> int:
+    """The cuDNN version of the chip's target config (``dnn_version_info``) as cuDNN numbers it:
+    major * 10000 + minor * 100 + patch."""
+    info = re.search(r"dnn_version_info\s*\{([^}]*)\}", target_config(chip)).group(1)
+    part = {k: int(v) for k, v in re.findall(r"(major|minor|patch):\s*(\d+)", info)}
+    return part.get("major", 0) * 10000 + part.get("minor", 0) * 100 + part.get("patch", 0)
+
+
+@contextlib.contextmanager
+def target_cudnn(chip: str):
+    """Within: JAX's check of the installed cuDNN, which it makes before it emits cuDNN attention, answered with
+    the target config's cuDNN version when this machine has no cuDNN (a compile for a GPU that is not here
+    targets that GPU's software, as its config describes it). With cuDNN installed, the real check runs."""
+    from jax._src.cudnn import fused_attention_stablehlo as fused
+
+    real = fused.check_cudnn_version
+    try:
+        real()
+        installed = True
+    except RuntimeError:  # "cuDNN not found." / "cuDNN is not detected."
+        installed = False
+    if not installed:
+        fused.check_cudnn_version = lambda: cudnn_version(chip)
+    try:
+        yield installed
+    finally:
+        fused.check_cudnn_version = real
 
 
 def kernels(compiled) -> list[str]:

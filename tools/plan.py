@@ -31,6 +31,7 @@ microbatches, then policies that recompute more); ``--search`` compiles it (and 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -304,7 +305,8 @@ def make_plan(cfg, *, topology: str = "", gpu: str = "", gpus: int = 8, search: 
             "analytic_total_per_remat": {r: estimate(run, r)["total"] for r in REMAT_ORDER}}
     compiled = None
     if not isinstance(devices, int):
-        compiled = compile_step(run, save)
+        with _cudnn_answered(chip_name, gpu, m.attention, notes):
+            compiled = compile_step(run, save)
         plan.update(compiled)
         if "out_of_hbm" not in compiled:
             plan.update(_projection(run, compiled, n_chips, chip.peak_flops))
@@ -331,6 +333,23 @@ def _gpu_target(chip: str, gpus: int, notes: list) -> tuple:
                  "graph without a device)" + ("; Pallas kernels for an A100 (Pallas assumes compute capability "
                                              "9.0 without a device)" if chip == "a100" else ""))
     return gpu_devices(chip, gpus), {"kind": "gpu", "topology": topology_name(gpus)}
+
+
+@contextlib.contextmanager
+def _cudnn_answered(chip: str, gpu: str, attention: str, notes: list):
+    """A GPU compile of cuDNN attention on a machine without cuDNN: JAX's version check answered with the target's
+    (``tools.gpu_compile.target_cudnn``), and said so."""
+    if not gpu or attention != "cudnn":
+        yield
+        return
+    from tools.gpu_compile import cudnn_version, target_cudnn
+
+    with target_cudnn(chip) as installed:
+        if not installed:
+            v = cudnn_version(chip)
+            notes.append(f"no cuDNN here: cuDNN attention compiled for the target's cuDNN {v // 10000}.{v // 100 % 100}."
+                         f"{v % 100} (tools/gpu_targets/{chip}.txtpb)")
+        yield
 
 
 def _gpu_bound(plan: dict, chip: str, n_chips: int, peak: float) -> float:

@@ -73,7 +73,11 @@ def save(path: str, compiled, key: dict) -> int:
     returns the file's size in bytes."""
     from jax.experimental.serialize_executable import serialize
 
-    payload, in_tree, out_tree = serialize(compiled)
+    try:
+        payload, in_tree, out_tree = serialize(compiled)
+    except (ValueError, NotImplementedError, AttributeError, TypeError, pickle.PicklingError) as e:
+        raise ValueError(f"this compiled program cannot be saved ({e}); known case: cuDNN attention, whose "
+                         "custom partitioning jax does not serialize (use --config.model.attention=pallas_gpu)") from e
     blob = pickle.dumps({"format": FORMAT, "key": key, "executable": payload, "in_tree": in_tree,
                          "out_tree": out_tree})
     write_atomic(path, blob)
