@@ -49,6 +49,10 @@ SCHEMA = {
     "mesh": {"data": (2, MESH_AXIS), "fsdp": (2, MESH_AXIS), "tensor": (2, MESH_AXIS)},  # one may be -1
     "model": {
         "name": ("cpu-small", "nonempty str"),  # a preset of models/presets.py (python -m models lists them)
+        # the architecture (models/gpt.py): gpt2 | modern (the Celo2 paper's) | llama; "": the preset's
+        "family": ("", "one of |gpt2|modern|llama"),
+        "n_kv_heads": (0, COUNT),  # key/value heads, fewer than the heads for grouped-query attention; 0: the preset's
+        "mlp_width": (0, COUNT),  # the MLP's hidden width; 0: the preset's (4D for GELU, ~8D/3 for SwiGLU)
         "vocab_size": (0, COUNT),  # 0: the tokenizer's vocabulary
         "vocab_multiple": (128, STEPS),  # pad the vocabulary to a multiple of this (shardable, faster matmuls)
         "compute_dtype": ("float32", "one of float32|bfloat16"),  # parameters stay float32

@@ -217,8 +217,7 @@ def prepare_unit(job: UnitJob, unit: corpus_lib.Unit, progress: Callable[[int], 
             split = "eval" if held_out(doc.name, job.eval_fraction, job.flipped) else "train"
             s = stats[split]
             s["n_docs"] += 1
-            s["n_chars"] += len(doc.text)
-            s["n_bytes"] += len(doc.text.encode())
+            s["n_chars"], s["n_bytes"] = s["n_chars"] + len(doc.text), s["n_bytes"] + len(doc.text.encode())
             s["ids"].update(doc.name.encode() + b"\n")
             pending.append((doc, split))
             pending_chars += len(doc.text)

@@ -59,7 +59,7 @@ def check(name: str, value, rule: str) -> None:
 
 def _described(rule: str) -> str:
     if rule.startswith("one of "):
-        return "one of " + ", ".join(rule[len("one of "):].split("|"))
+        return "one of " + ", ".join(v or "'' (empty)" for v in rule[len("one of "):].split("|"))
     if rule in ("bool", "str"):
         return {"bool": "True or False", "str": "a string"}[rule]
     if rule == "nonempty str":

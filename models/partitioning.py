@@ -6,7 +6,7 @@ replicated). The mesh has the axes ``('data', 'fsdp', 'tensor')``:
 
 * batch          -> ('data', 'fsdp')   data parallelism, also across the FSDP group
 * embed          -> 'fsdp'             ZeRO-3: every weight is split over the fsdp axis along d_model
-* heads, mlp     -> 'tensor'           Megatron: attention heads and the MLP hidden dim
+* heads, kv_heads, mlp -> 'tensor'     Megatron: attention heads (query and key/value) and the MLP hidden dim
 * vocab          -> 'tensor'           the (tied) embedding/unembedding is split over the vocabulary
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "vocab": "tensor",
     "embed": "fsdp",
     "heads": "tensor",
+    "kv_heads": "tensor",
     "mlp": "tensor",
     "head_dim": None,
     "qkv": None,

@@ -18,7 +18,7 @@ FLOP_TOLERANCE = 0.01
 @pytest.mark.parametrize("preset,seq_len,vocab", [("cpu-small", 256, 4096), ("gpt2-small", 1024, 50304)])
 def test_step_matmuls_add_up_to_the_model_flops(preset, seq_len, vocab):
     cfg, batch = model_config(preset, vocab_size=vocab), 4
-    model = flops_per_token(count_params(cfg), cfg.n_layers, cfg.d_model, cfg.ctx, seq_len) * batch * seq_len
+    model = flops_per_token(count_params(cfg), cfg.ctx * cfg.d_model, cfg.n_layers, cfg.d_model, seq_len) * batch * seq_len
     products = step_products(cfg.n_layers, cfg.d_model, cfg.n_heads, vocab, batch, seq_len)
     assert abs(sum(p.flops for p in products) / model - 1) < FLOP_TOLERANCE
     assert len(products) == 4 * 3 + 6 + 3  # four projections x (forward, dx, dW), attention's six, the head's three

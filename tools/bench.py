@@ -3,7 +3,7 @@
 (a) the device: achieved matmul FLOP/s (n x n x n in the compute dtype) and memory bandwidth (a large
     elementwise copy, read + write bytes / s);
 (b) per model preset: compile time, train-step time (median of repeated steps after warm-up), tokens/s,
-    achieved FLOP/s from the analytic model FLOPs (``train.flops.flops_per_token``: 6(N - ctx*D) + 12*L*D*T
+    achieved FLOP/s from the analytic model FLOPs (``train.flops.flops_per_token``: 6(N - looked-up tables) + 12*L*D*T
     per token), MFU against the datasheet peak (accelerators) and against the best measured matmul rate
     (the faster of (a) at the start and again after the presets: the rate the device reaches on its own), and
     peak memory (device statistics on accelerators, the compiled program's buffers on CPU); with ``--data``,

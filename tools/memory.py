@@ -11,7 +11,9 @@ dtype (``e`` bytes), with ``t`` the tensor-parallel size (it splits heads and th
         dots           3D + (4D + F)/t   + attention scores N/t * L             (xla attention)
         dots_no_batch  3D + (3D + F)/t
         full           D                                                        (the block's input)
-      a fused attention kernel keeps no L x L tensor, only a float32 log-sum-exp per head (N/t * 4 bytes).
+      a fused attention kernel keeps no L x L tensor, only a float32 log-sum-exp per head (N/t * 4 bytes);
+      a SwiGLU MLP keeps one more F-wide tensor than GELU's (none, dots, dots_no_batch: +F/t: gate and up are
+      both matmul outputs); QK-norm and rotary positions each keep another copy of q and k (none: +2D/t each).
     one layer recomputed during the backward pass (remat policies): its "none" set, twice (values and
     their gradients);
     the output layer: float32 logits [T, V/t] (their gradient overwrites them), or [b * loss_chunk, V/t]
@@ -34,11 +36,16 @@ def shard_bytes(tree) -> int:
 def saved_per_token(model_cfg, tensor: int, seq_len: int, remat: str) -> float:
     """Activation bytes one layer keeps per token for the backward pass under ``remat`` (see module doc)."""
     D, N, t = model_cfg.d_model, model_cfg.n_heads, tensor
-    F = model_cfg.mlp_ratio * D
+    F = model_cfg.mlp_hidden
     e = 4 if model_cfg.compute_dtype == "float32" else 2
     attention = N / t * seq_len * e if model_cfg.attention == "xla" else N / t * 4  # fused: log-sum-exp
     elements = {"none": 5 * D + (4 * D + 2 * F) / t, "dots": 3 * D + (4 * D + F) / t,
                 "dots_no_batch": 3 * D + (3 * D + F) / t, "full": D}[remat]
+    traits = model_cfg.traits
+    if remat != "full" and traits.mlp == "swiglu":
+        elements += F / t
+    if remat == "none":
+        elements += 2 * D / t * (traits.qk_norm + (model_cfg.positions == "rotary"))
     return elements * e + (attention if remat in ("none", "dots") else 0.0)
 
 

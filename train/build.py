@@ -23,7 +23,7 @@ from optim.registry import make_optimizer
 from train import executable
 from train import mesh as mesh_lib
 from train.config import padded_vocab
-from train.flops import flops_per_token
+from train.flops import flops_per_token, lookup_params
 from train.state import init_state, make_layout, params_layout, state_from_params
 from train.step import batch_sharding, make_eval_step, make_train_step, make_zero_updates
 
@@ -68,8 +68,9 @@ def build_model_config(cfg, platform: str):
                          "prepared dataset knows (train.config.with_dataset); set --config.model.vocab_size")
     vocab = padded_vocab(m.vocab_size, m.vocab_multiple)
     attention = resolve_attention(m.attention, platform, m.document_mask, m.compute_dtype)
+    shape = {k: m[k] for k in ("family", "n_kv_heads", "mlp_width") if m.get(k)}  # "" / 0: the preset's
     model_cfg = model_config(m.name, vocab_size=vocab, compute_dtype=m.compute_dtype, remat=m.remat,
-                             dropout=m.dropout, document_mask=m.document_mask, attention=attention)
+                             dropout=m.dropout, document_mask=m.document_mask, attention=attention, **shape)
     if cfg.seq_len > model_cfg.ctx:
         raise ValueError(f"seq_len={cfg.seq_len} exceeds the context of {m.name} ({model_cfg.ctx})")
     check_attention_length(attention, cfg.seq_len)
@@ -175,7 +176,8 @@ class Run:
     def flops_per_step(self) -> float:
         """Analytic model FLOPs of one train step (``train.flops.flops_per_token``)."""
         m = self.model_cfg
-        return flops_per_token(self.n_params, m.n_layers, m.d_model, m.ctx, self.cfg.seq_len) * self.tokens_per_step
+        per_token = flops_per_token(self.n_params, lookup_params(m), m.n_layers, m.d_model, self.cfg.seq_len)
+        return per_token * self.tokens_per_step
 
     def check(self) -> "Run":
         """Build every part that a bad config makes fail (optimizer, model, mesh, layout), so that it fails

@@ -1,8 +1,9 @@
 """Per-layer optimizer diagnostics (``--config.diagnostics_every=N``; off at 0).
 
 Every N-th step the train step also reports, for each parameter group (``group_of``: the token and position
-embeddings, and per layer the attention's qkv and output projections, the MLP's input and output
-projections, each with its bias, and the two LayerNorms; the final LayerNorm),
+embeddings and the untied output layer, and per layer the attention's qkv (or q and kv) and output projections,
+the MLP's input (fc, or gate and up) and output projections, each with its bias, and the two norms; the final
+norm),
 
     grad_norm          ||G||                       the gradient before clipping
     param_norm         ||P||                       the parameters the update is applied to
@@ -10,7 +11,8 @@ projections, each with its bias, and the two LayerNorms; the final LayerNorm),
     update_ratio       ||U|| / ||P||
     update_cos         <U, U'> / (||U|| ||U'||)    U' = the update of the previous diagnostic step
     update_sigma_max   sigma_1(M)                  M = the group's matrix, the update of its kernel as
-    update_stable_rank ||M||_F^2 / sigma_1(M)^2        [d_model, everything else]; matrix groups only
+    update_stable_rank ||M||_F^2 / sigma_1(M)^2        [d_model, everything else] (several kernels side by
+                                                   side); matrix groups only
 
 with norms over all of a group's leaves (Frobenius). sigma_1 is estimated (for the layers' matrices of one
 kind in one batch) by ``POWER_ITERATIONS`` power iterations on M^T M from a fixed start vector (it converges
@@ -33,12 +35,17 @@ import jax.numpy as jnp
 POWER_ITERATIONS = 10
 METRICS = ("grad_norm", "param_norm", "update_rms", "update_ratio", "update_cos", "update_sigma_max",
            "update_stable_rank")
-KINDS = ("embed_token", "embed_pos", "attn_qkv", "attn_out", "mlp_in", "mlp_out", "norms", "final_norm")
+KINDS = ("embed_token", "embed_pos", "embed_out", "attn_qkv", "attn_out", "mlp_in", "mlp_out", "norms",
+         "final_norm")
 
 # a leaf's name -> (its group's kind, the axis of d_model when it is the group's matrix, else None)
 _LEAVES = {
-    "token_embed": ("embed_token", 1), "pos_embed": ("embed_pos", 1), "ln_f": ("final_norm", None),
+    "token_embed": ("embed_token", 1), "pos_embed": ("embed_pos", 1), "unembed": ("embed_out", 0),
+    "ln_f": ("final_norm", None),
     "qkv_kernel": ("attn_qkv", 2), "qkv_bias": ("attn_qkv", None),
+    "q_kernel": ("attn_qkv", 1), "kv_kernel": ("attn_qkv", 2), "q_bias": ("attn_qkv", None),
+    "kv_bias": ("attn_qkv", None),
+    "gate_kernel": ("mlp_in", 0), "up_kernel": ("mlp_in", 0),
     "out_kernel": ("attn_out", 2), "out_bias": ("attn_out", None),
     "fc_kernel": ("mlp_in", 0), "fc_bias": ("mlp_in", None),
     "proj_kernel": ("mlp_out", 1), "proj_bias": ("mlp_out", None),
@@ -80,7 +87,7 @@ def parameter_diagnostics(params, grads, updates, previous) -> dict:
     """{``<metric>/<group>``: scalar} of one step (``params`` before it, ``previous`` the last diagnostic
     step's updates; ``update_cos`` is NaN when ``previous`` is all zeros: there was none)."""
     sums: dict[str, dict] = {}
-    matrices: dict[tuple, dict[str, jax.Array]] = {}  # (kind, shape) -> {group: its update as a matrix}
+    group_matrices: dict[str, list] = {}  # group -> its kernels' updates as [d_model, rest] matrices
     leaves = jax.tree_util.tree_leaves_with_path(params)
     for (path, p), g, u, u_prev in zip(leaves, jax.tree.leaves(grads), jax.tree.leaves(updates),
                                        jax.tree.leaves(previous)):
@@ -94,8 +101,11 @@ def parameter_diagnostics(params, grads, updates, previous) -> dict:
         s["dot"] += jnp.sum(u * u_prev)
         s["n"] += p.size
         if axis is not None:
-            m = jnp.moveaxis(u, axis, 0).reshape(u.shape[axis], -1)
-            matrices.setdefault((group.split(".")[0], m.shape), {})[group] = m
+            group_matrices.setdefault(group, []).append(jnp.moveaxis(u, axis, 0).reshape(u.shape[axis], -1))
+    matrices: dict[tuple, dict[str, jax.Array]] = {}  # (kind, shape) -> {group: its update as one matrix}
+    for group, parts in group_matrices.items():  # a group of several kernels (q and kv; gate and up): side by side
+        m = parts[0] if len(parts) == 1 else jnp.concatenate(parts, 1)
+        matrices.setdefault((group.split(".")[0], m.shape), {})[group] = m
     out = {}
     for group, s in sums.items():
         u_norm = jnp.sqrt(s["u"])

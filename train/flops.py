@@ -41,14 +41,22 @@ def chip_of(device_kind: str) -> Chip | None:
     return None
 
 
-def flops_per_token(n_params: int, n_layers: int, d_model: int, ctx: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6 * (N - ctx*D) + 12 * n_layers * d_model * seq_len.
+def flops_per_token(n_params: int, lookup_params: int, n_layers: int, d_model: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6 * (N - lookup_params) + 12 * n_layers * d_model * seq_len.
 
-    6N counts forward+backward of every matmul weight (the tied embedding counts once, as the output
-    head; the position table is a lookup and is excluded); the second term is attention's QK^T and AV
-    (PaLM appendix B). Rematerialisation is not counted: this is *model* FLOPs.
+    6N counts forward+backward of every matmul weight; tables only looked up are excluded (``lookup_params``:
+    GPT-2's position table, whose tied token embedding counts once, as the output head; the input embedding of
+    the untied families); the second term is attention's QK^T and AV (PaLM appendix B). Rematerialisation is
+    not counted: this is *model* FLOPs.
     """
-    return 6.0 * (n_params - ctx * d_model) + attention_flops_per_token(n_layers, d_model, seq_len)
+    return 6.0 * (n_params - lookup_params) + attention_flops_per_token(n_layers, d_model, seq_len)
+
+
+def lookup_params(model_cfg) -> int:
+    """Parameters of a model that are looked up, not multiplied: the position table (learned positions) and,
+    with untied embeddings, the token table."""
+    m = model_cfg
+    return (m.ctx * m.d_model if m.positions == "learned" else 0) + (0 if m.traits.tied else m.vocab_size * m.d_model)
 
 
 def attention_flops_per_token(n_layers: int, d_model: int, seq_len: int) -> float:

@@ -79,3 +79,6 @@ def check_model(model_cfg, mesh: Mesh) -> None:
     if model_cfg.n_heads % t:
         raise ValueError(f"model has {model_cfg.n_heads} heads, not divisible by mesh.tensor={t}; "
                          f"choose a tensor axis size that divides the heads")
+    if model_cfg.kv_heads % t:
+        raise ValueError(f"model has {model_cfg.kv_heads} key/value heads, not divisible by mesh.tensor={t}; "
+                         f"choose a tensor axis size that divides them (or more model.n_kv_heads)")
