@@ -54,6 +54,7 @@ def trained(tmp_path_factory, shakespeare):
     cfg = tiny_config(root / "run", shakespeare, steps=4, eval_every=2, log_every=2, checkpoint_every=2,
                       seq_len=SEQ_LEN, eval_batches=2, final_eval_batches=0,
                       eval_tasks=f"{task},{os.path.join(REPO, 'tasks', 'everyday.jsonl')}")
+    cfg.optimizer.warmup_steps = 1
     summary = train(cfg)
     return {"workdir": str(root / "run"), "task": task, "summary": summary, "data": shakespeare}
 
@@ -90,12 +91,14 @@ def test_evaluate_command_gives_the_trainer_s_held_out_loss(trained, capsys):
 
 def _direct_log_likelihoods(run, params, task) -> list[np.ndarray]:
     """Each (item, ending)'s log-likelihood from the model's logits over that one sequence, unbatched."""
-    model = nnx.merge(run.params_layout.graphdef, params)
+    # each sequence alone, right-padded to seq_len (causal: the padding changes no earlier position): one compile
+    forward = jax.jit(lambda p, x: jax.nn.log_softmax(nnx.merge(run.params_layout.graphdef, p)(x)))
     out = []
     for seqs in encode_task(task, run.data.tokenizer, run.data.bos_id, run.cfg.seq_len):
         lls = []
         for s in seqs:
-            logp = np.asarray(jax.nn.log_softmax(model(s.tokens[None, :-1])[0]), np.float64)
+            padded = np.pad(s.tokens[:-1], (0, run.cfg.seq_len - len(s.tokens) + 1))[None]
+            logp = np.asarray(forward(params, padded)[0], np.float64)
             targets = s.tokens[1:]
             lls.append(sum(logp[t, targets[t]] for t in range(len(targets) - s.n_scored, len(targets))))
         out.append(np.asarray(lls))
