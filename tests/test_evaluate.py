@@ -1,6 +1,8 @@
 """Downstream evaluation: bits per byte and multiple-choice task rows during training, ``tools.evaluate`` on a
 finished run (the trainer's held-out loss again; the scorer's log-likelihoods against a direct computation
 and across meshes), and the one-line errors of bad task files and bad evaluation requests."""
+import copy
+import dataclasses
 import glob
 import json
 import math
@@ -19,7 +21,7 @@ from tests.helpers import tiny_config
 from tests.test_checkpoint import compilation_cache, data_dir  # noqa: F401
 from tests.test_diagnostics import _scalar_tags
 from tools import evaluate as evaluate_tool
-from train.build import build_run
+from train.evaluation import heldout_row
 from train.loop import train
 from train.tasks import buckets, encode_pair, encode_task, read_task, read_tasks, rows_per_batch, score_task
 
@@ -113,11 +115,8 @@ def test_scorer_matches_a_direct_computation_on_two_meshes(trained):
                for s in seqs]
     assert min(lengths) <= 32 < max(lengths) == SEQ_LEN  # both buckets, and left-truncated items
     sharded = score_task(run, params, task, progress=False)
-    cfg = run.cfg.copy_and_resolve_references()
-    cfg.mesh.update(dict(data=1, fsdp=1, tensor=1))
-    one = build_run(cfg, [jax.devices()[0]], dataset=run.data)
-    one_params = jax.device_put(jax.device_get(params), jax.tree.map(lambda a: a.sharding,
-                                                                     one.params_layout.abstract))
+    one, one_params, _ = evaluate_tool.load_run(trained["workdir"], mesh=(1, 1, 1))
+    assert one.mesh.size == 1
     single = score_task(one, one_params, task, progress=False)
     direct = _direct_log_likelihoods(one, one_params, task)
     for a, b, c in zip(sharded.lls, single.lls, direct):
@@ -135,6 +134,15 @@ def test_tokens_are_split_as_the_harness_splits_them(shakespeare):
     assert buckets(1024, "xla") == [32, 64, 128, 256, 512, 1024] and buckets(1024, "splash") == [128, 256, 512, 1024]
     assert rows_per_batch(8, 256, 0, 64) == 32 and rows_per_batch(8, 256, 128, 64) == 16
     assert rows_per_batch(8, 256, 128, 256) == 8
+
+
+def test_bits_per_byte_is_left_out_for_a_data_dir_without_byte_counts(shakespeare):
+    info = data.load_info(shakespeare)
+    row = heldout_row(info, 2.0)
+    assert row == {"eval_loss": 2.0, "eval_bpb": 2.0 / math.log(2) / info.bytes_per_token()}
+    meta = copy.deepcopy(info.meta)
+    del meta["splits"]["eval"]["n_bytes"]
+    assert heldout_row(dataclasses.replace(info, meta=meta), 2.0, "eval_loss_full") == {"eval_loss_full": 2.0}
 
 
 def test_hellaswag_rows_are_read_as_the_harness_reads_them(tmp_path):

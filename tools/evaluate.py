@@ -1,9 +1,10 @@
 """Evaluate a trained run: held-out loss and bits per byte on prepared data dirs, accuracy on multiple-choice tasks.
 
     python -m tools.evaluate --workdir W [--step N] [--data DIR ...] [--tasks FILE ...] [--batches N] [--json OUT]
+        [--mesh DATA,FSDP,TENSOR]
 
 Builds the run from its saved ``config.json`` on its own mesh and attention kernel (on CPU with the simulated
-device count the trainer used), restores the parameters of step N (default: the latest checkpoint) and
+device count the trainer used; ``--mesh`` for another mesh, e.g. fewer devices than it trained on), restores the parameters of step N (default: the latest checkpoint) and
 scores
 
 - the held-out split of each ``--data`` dir (default: the run's own), all of it or its first ``--batches``
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 
 import jax
@@ -58,13 +60,22 @@ def checkpoint_dir(workdir: str, step: int | None) -> str:
     return steps[step]
 
 
-def load_run(workdir: str, step: int | None = None):
-    """(run, params, step): the run of ``workdir`` built from its config.json on all devices, with the
-    parameters of ``step`` (default the latest checkpoint) restored into the mesh's shardings."""
+def load_run(workdir: str, step: int | None = None, mesh: tuple[int, int, int] | None = None):
+    """(run, params, step): the run of ``workdir`` built from its config.json on all devices (on the first
+    data x fsdp x tensor of them as that mesh when ``mesh`` is given), with the parameters of ``step`` (default the latest
+    checkpoint) restored into the mesh's shardings."""
     cfg = _saved_config(workdir)
     info = data.load_info(cfg.data.dir)  # never prepares: the run's data exists
     cfg = ml_collections.ConfigDict(upgrade_saved(cfg.to_dict(), info.vocab_size))
-    run = build_run(with_dataset(cfg, info.vocab_size), dataset=info)
+    devices = None
+    if mesh is not None:
+        cfg.mesh.update(dict(zip(("data", "fsdp", "tensor"), mesh)))
+        devices = None if -1 in mesh else jax.devices()[:math.prod(mesh)]
+    run = build_run(with_dataset(cfg, info.vocab_size), devices, dataset=info)
+    try:
+        run.mesh
+    except ValueError as e:
+        raise ValueError(f"{e} (for tools.evaluate: --mesh DATA,FSDP,TENSOR)") from None
     restored, params = restore_params(checkpoint_dir(workdir, step), run.params_layout.abstract)
     return run, params, restored
 
@@ -93,13 +104,13 @@ def _progress(batches: list, on: bool, name: str):
 
 
 def evaluate(workdir: str, step: int | None = None, data_dirs=(), task_files=(), batches: int | None = None,
-             progress: bool = True) -> dict:
+             mesh: tuple[int, int, int] | None = None, progress: bool = True) -> dict:
     """The evaluation of the run in ``workdir`` (module docstring) as a dict (what ``--json`` holds); each
     task's ``lls`` are its items' per-ending log-likelihoods."""
     tasks = read_tasks(",".join(task_files))  # bad task files fail before anything is loaded
     for d in data_dirs:  # and so does a data dir that is not prepared
         data.load_info(d)
-    run, params, restored = load_run(workdir, step)
+    run, params, restored = load_run(workdir, step, mesh)
     out = {"workdir": workdir, "step": restored, "model": run.cfg.model.name, "mesh": dict(run.mesh.shape),
            "heldout": [heldout(run, params, d, batches, progress) for d in (list(data_dirs) or [None])],
            "tasks": []}
@@ -124,6 +135,14 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _mesh(text: str) -> tuple[int, int, int]:
+    """``--mesh``: three sizes, each -1 or >= 1."""
+    parts = text.split(",")
+    if len(parts) != 3 or not all(p.strip().lstrip("-").isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} must be three sizes DATA,FSDP,TENSOR, e.g. 1,1,8")
+    return tuple(flag_type("-1 or int >= 1")(p.strip()) for p in parts)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m tools.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="the run's directory (config.json and checkpoints/)")
@@ -135,13 +154,15 @@ def main(argv=None) -> None:
                    help="score only the first N held-out batches (default: the whole held-out split)")
     p.add_argument("--json", default=None,
                    help="where to write the results (default <workdir>/evaluations/step_<N>.json)")
+    p.add_argument("--mesh", type=_mesh, default=None,
+                   help="DATA,FSDP,TENSOR: evaluate on this mesh instead of the run's (one may be -1: the rest)")
     a = p.parse_args(argv)
     with user_errors():
         cfg = _saved_config(a.workdir)
         with cfg.unlocked():
             cfg.multiprocess = False  # one process evaluates
         setup_platform(cfg)
-        result = evaluate(a.workdir, a.step, a.data, a.tasks, a.batches)
+        result = evaluate(a.workdir, a.step, a.data, a.tasks, a.batches, a.mesh)
         out = a.json or join(a.workdir, "evaluations", f"step_{result['step']}.json")
         makedirs(os.path.dirname(out) or ".")
         write_text(out, json.dumps(result, indent=1))
