@@ -4,8 +4,8 @@
         [--mesh DATA,FSDP,TENSOR]
 
 Builds the run from its saved ``config.json`` on its own mesh and attention kernel (on CPU with the simulated
-device count the trainer used; ``--mesh`` for another mesh, e.g. fewer devices than it trained on), restores the parameters of step N (default: the latest checkpoint) and
-scores
+device count the trainer used; ``--mesh`` for another mesh, e.g. fewer devices than it trained on), restores
+the parameters of step N (default: the latest checkpoint) and scores
 
 - the held-out split of each ``--data`` dir (default: the run's own), all of it or its first ``--batches``
   batches of the run's batch size and sequence length: mean loss in nats per token and bits per byte
@@ -62,8 +62,8 @@ def checkpoint_dir(workdir: str, step: int | None) -> str:
 
 def load_run(workdir: str, step: int | None = None, mesh: tuple[int, int, int] | None = None):
     """(run, params, step): the run of ``workdir`` built from its config.json on all devices (on the first
-    data x fsdp x tensor of them as that mesh when ``mesh`` is given), with the parameters of ``step`` (default the latest
-    checkpoint) restored into the mesh's shardings."""
+    data x fsdp x tensor of them as that mesh when ``mesh`` is given), with the parameters of ``step``
+    (default the latest checkpoint) restored into the mesh's shardings."""
     cfg = _saved_config(workdir)
     info = data.load_info(cfg.data.dir)  # never prepares: the run's data exists
     cfg = ml_collections.ConfigDict(upgrade_saved(cfg.to_dict(), info.vocab_size))
