@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shutil
+import types
 
 import jax
 import numpy as np
@@ -134,6 +135,12 @@ def test_tokens_are_split_as_the_harness_splits_them(shakespeare):
     assert buckets(1024, "xla") == [32, 64, 128, 256, 512, 1024] and buckets(1024, "splash") == [128, 256, 512, 1024]
     assert rows_per_batch(8, 256, 0, 64) == 32 and rows_per_batch(8, 256, 128, 64) == 16
     assert rows_per_batch(8, 256, 128, 256) == 8
+    pytest.importorskip("lm_eval")  # the evaluation harness's own split, given this tokenizer, where installed
+    from lm_eval.api.model import TemplateLM
+
+    harness = types.SimpleNamespace(backend="causal", tok_encode=tok.encode)
+    for ctx, end in (("To be, or not to be, ", "that is the question"), ("Now is the winter", "of our discontent")):
+        assert encode_pair(tok, ctx, end) == TemplateLM._encode_pair(harness, ctx, " " + end)
 
 
 def test_bits_per_byte_is_left_out_for_a_data_dir_without_byte_counts(shakespeare):
@@ -153,6 +160,13 @@ def test_hellaswag_rows_are_read_as_the_harness_reads_them(tmp_path):
     (item,) = read_task(str(tmp_path / "hellaswag.jsonl")).items
     assert item.context == "Baking cookies: A woman pours flour into a bowl. She"
     assert item.endings == ("stirs it. Then bakes.", "sings.") and item.label == 0
+    # the same as the evaluation harness's own HellaSwag preparation, where it is installed
+    pytest.importorskip("lm_eval")
+    datasets = pytest.importorskip("datasets")
+    from lm_eval.tasks.hellaswag.utils import process_docs
+
+    (doc,) = process_docs(datasets.Dataset.from_list([row]))
+    assert (doc["query"], tuple(doc["choices"]), doc["gold"]) == (item.context, item.endings, item.label)
 
 
 @pytest.mark.parametrize("lines,message", [

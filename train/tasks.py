@@ -24,9 +24,10 @@ Scoring. With ``e_1 .. e_n`` the ending's tokens and ``s_<k`` everything before 
     acc        = mean over items of [argmax_j ll(ending_j) == label]
     acc_norm   = mean over items of [argmax_j ll(ending_j) / bytes(ending_j) == label]
 
-``bytes`` is the UTF-8 length of the ending: the harness divides by characters for HellaSwag's acc_norm; bytes
-equal characters on ASCII text (all of HellaSwag but a handful of items) and, like bits per byte, measure
-the text in a unit no tokenizer or alphabet changes. Ties go to the first ending (``argmax``).
+``bytes`` is the UTF-8 length of the ending (the harness's ``acc_bytes``): the harness divides by characters
+for HellaSwag's acc_norm; bytes equal characters on ASCII text (all of HellaSwag but a handful of items)
+and, like bits per byte, measure the text in a unit no tokenizer or alphabet changes. Ties go to the first
+ending (``argmax``).
 
 Batching. Every (item, ending) sequence goes into the shortest of a few bucket lengths that holds it
 (``buckets``: 32, 64, ... doubling below ``seq_len``, then ``seq_len``; multiples of 128 for the fused
