@@ -29,6 +29,8 @@ SCHEMA = {
     "eval_every": (50, STEPS),
     "eval_batches": (8, STEPS),  # held-out batches (of batch_size sequences) per periodic evaluation (the first)
     "final_eval_batches": (0, COUNT),  # the evaluation after the last step: 0 = the whole held-out split
+    "eval_tasks": ("", "str"),  # multiple-choice task files (train/tasks.py), comma-separated, scored at every
+    #                             evaluation: rows task/<file stem>/acc and acc_norm; "" = none
     "checkpoint_every": (100, STEPS),
     "keep_checkpoints": (3, STEPS),  # most recent checkpoints kept
     "keep_every": (0, COUNT),  # also keep every K-th step's checkpoint (0: none)

@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from models import GPT, model_config
-from train.loss import cross_entropy_sum
+from train.loss import cross_entropy_rows, cross_entropy_sum
 
 
 def _batch(rng, B, L, V):
@@ -33,6 +33,20 @@ def test_chunked_loss_has_the_same_value_and_gradient(chunk):
     assert float(whole) > 0
     for a, b in zip(jax.tree.leaves(g_chunked), jax.tree.leaves(g_whole)):  # float32 sums in another order
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.abs(b).max()))
+
+
+def test_per_row_sums_add_up_to_the_loss_in_any_chunking():
+    """``cross_entropy_rows`` (the multiple-choice scorer's): row b's masked sum, whole or in pieces."""
+    batch = _batch(np.random.default_rng(1), B=3, L=64, V=384)
+    graphdef, params = nnx.split(GPT(model_config("cpu-tiny", vocab_size=384), nnx.Rngs(0)), nnx.Param)
+    model = nnx.merge(graphdef, params)
+    rows = {chunk: np.asarray(cross_entropy_rows(model, batch, chunk)) for chunk in (0, 8, 64)}
+    assert rows[0].shape == (3,)
+    for chunk in (8, 64):
+        np.testing.assert_allclose(rows[chunk], rows[0], rtol=2e-6)
+    np.testing.assert_allclose(rows[0].sum(), float(cross_entropy_sum(model, batch, None)), rtol=2e-6)
+    one = {k: v[1:2] for k, v in batch.items()}  # a row alone has the same sum
+    np.testing.assert_allclose(float(cross_entropy_sum(model, one, None)), rows[0][1], rtol=2e-6)
 
 
 def test_chunked_loss_never_holds_the_whole_logits():

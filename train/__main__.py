@@ -36,8 +36,10 @@ def main(argv) -> None:
     if "note" in summary:
         print(summary["note"])
         return
-    named = (("loss", "train loss"), ("eval_loss", "eval loss"))  # a run stopped before its first evaluation
-    losses = ", ".join(f"{name} {summary[key]:.4f}" for key, name in named if key in summary)  # has no eval loss
+    # a run stopped before its first evaluation has no eval loss; a data dir without byte counts no bits per byte
+    named = (("loss", "train loss"), ("eval_loss", "eval loss"), ("eval_bpb", "eval bits/byte"),
+             ("eval_loss_full", "full held-out loss"), ("eval_bpb_full", "bits/byte"))
+    losses = ", ".join(f"{name} {summary[key]:.4f}" for key, name in named if key in summary)
     msg = (f"done: step {summary['step']}, {losses} (unigram entropy {summary['unigram_entropy']:.4f}); outputs in "
            f"{resolve(cfg.workdir)}")
     if "plot" in summary:

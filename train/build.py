@@ -25,7 +25,7 @@ from train import mesh as mesh_lib
 from train.config import padded_vocab
 from train.flops import flops_per_token, lookup_params
 from train.state import init_state, make_layout, params_layout, state_from_params
-from train.step import batch_sharding, make_eval_step, make_train_step, make_zero_updates
+from train.step import batch_sharding, make_eval_step, make_score_step, make_train_step, make_zero_updates
 
 def setup_platform(cfg) -> None:
     """Must run before JAX starts its backends: simulated CPU devices and multi-process init.
@@ -151,7 +151,12 @@ class Run:
 
     @cached_property
     def eval_step(self):
-        return make_eval_step(self.layout, self.mesh, self.cfg.loss_chunk)
+        return make_eval_step(self.params_layout, self.mesh, self.cfg.loss_chunk)
+
+    @cached_property
+    def score_step(self):
+        """Per-row log-likelihoods of the masked targets (``train.step.make_score_step``; ``train.tasks``)."""
+        return make_score_step(self.params_layout, self.mesh, self.cfg.loss_chunk)
 
     @property
     def batch_sharding(self):
@@ -206,11 +211,12 @@ class Run:
                                    process_index=jax.process_index(), process_count=jax.process_count(),
                                    start_step=start_step, num_threads=c.data.num_threads)
 
-    def eval_batches(self, max_batches: int | None) -> list[dict]:
-        """The first ``max_batches`` held-out batches (None: the whole split), as global arrays."""
+    def eval_batches(self, max_batches: int | None, dataset: data.DatasetInfo | None = None) -> list[dict]:
+        """The first ``max_batches`` held-out batches (None: the whole split) of the run's data (or of another
+        prepared ``dataset``), as global arrays."""
         c = self.cfg
         return [self.to_global(b) for b in data.eval_batches(
-            self.data, seq_len=c.seq_len, batch_size=c.batch_size, process_index=jax.process_index(),
+            dataset or self.data, seq_len=c.seq_len, batch_size=c.batch_size, process_index=jax.process_index(),
             process_count=jax.process_count(), max_batches=max_batches)]
 
 

@@ -4,8 +4,9 @@ Every command that builds a run (``train``, ``tools.compare``, ``tools.plan``, `
 ml_collections config file (``--config configs/<preset>.py``) with ``--config.<field>=<value>`` overrides and
 passes it through ``load_config`` before anything else:
 
-- local paths (``workdir``, ``data.dir``, ``init_from``) become absolute (an empty one stays empty); URIs
-  (``gs://...``) are kept, and refused at once when the libraries that reach them are not installed;
+- local paths (``workdir``, ``data.dir``, ``init_from``, each of ``eval_tasks``) become absolute (an empty one
+  stays empty); URIs (``gs://...``) are kept, and refused at once when the libraries that reach them are not
+  installed;
 - ``optimizer.lr`` 0 becomes the optimizer's default peak rate and an empty ``optimizer.<name>.theta`` its
   shipped weight file (``optim.registry.resolve_defaults``);
 - every field is checked against the valid range declared beside its definition (``configs/base.py``), and
@@ -60,7 +61,8 @@ def load_config(cfg):
         for section, field in ((cfg.data, "dir"), (cfg, "init_from"), (cfg, "compiled_step")):  # "" stays empty
             if section[field]:
                 section[field] = resolve(section[field])
-        for path in (cfg.workdir, cfg.data.dir, cfg.init_from, cfg.data.corpus):
+        cfg.eval_tasks = ",".join(resolve(p.strip()) for p in cfg.eval_tasks.split(",") if p.strip())
+        for path in (cfg.workdir, cfg.data.dir, cfg.init_from, cfg.data.corpus, *cfg.eval_tasks.split(",")):
             check_storage(path)
         check_wandb(cfg.wandb)
         cfg.optimizer = resolve_defaults(cfg.optimizer)

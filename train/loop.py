@@ -32,11 +32,13 @@ from optim.registry import routing_table
 from train.build import Run, build_run, prepare_dataset
 from train.config import load_config, with_dataset
 from train.diagnostics import is_diagnostic
+from train.evaluation import TaskScorer, heldout_loss, heldout_row
 from train.flops import peak_flops
 from train.plots import plot_losses
 from train.profiler import Profiler, profile_window
 from train.resume import start_state
 from train.spikes import SpikeGuard
+from train.tasks import Task, read_tasks
 
 
 class NonFiniteLoss(RuntimeError):
@@ -199,27 +201,23 @@ def _header(run: Run, log: Throughput, origin: str) -> str:
             f"{run.cfg.workdir}" + (f" | {origin}" if origin else ""))
 
 
-def _evaluation(run: Run) -> Callable:
+def _evaluation(run: Run, tasks: list[Task]) -> Callable:
     """The evaluation hook: mean held-out loss over the first ``eval_batches`` held-out batches
     (``eval_loss``) and, after the last step, also over ``final_eval_batches`` of them, by default the whole
-    held-out split (``eval_loss_full``: the number a comparison decides on; the periodic one is a sample)."""
+    held-out split (``eval_loss_full``: the number a comparison decides on; the periodic one is a sample),
+    each with its bits per byte (``eval_bpb``, ``eval_bpb_full``; ``train.evaluation``), and the accuracy
+    on each multiple-choice task of ``eval_tasks`` (``task/<name>/acc``, ``task/<name>/acc_norm``)."""
     eval_set = run.eval_batches(run.cfg.eval_batches)
-
-    def mean_loss(params, batches) -> float:
-        # one batch in flight at a time: many collective programs queued at once can deadlock XLA's CPU
-        # collectives (device threads joining different programs' rendezvous)
-        total = count = 0.0
-        for b in batches:
-            loss_sum, n = jax.device_get(run.eval_step(params, b))
-            total, count = total + float(loss_sum), count + float(n)
-        return total / count
+    scorer = TaskScorer(run, tasks) if tasks else None
 
     def evaluate(info: StepInfo) -> dict:
-        row = {"eval_loss": mean_loss(info.state.params, eval_set), "tokens": info.step * run.tokens_per_step}
+        row = heldout_row(run.data, heldout_loss(run, info.state.params, eval_set)[0])
         if info.step == run.cfg.steps:
-            row["eval_loss_full"] = mean_loss(info.state.params,
-                                              run.eval_batches(run.cfg.final_eval_batches or None))
-        return row
+            full = heldout_loss(run, info.state.params, run.eval_batches(run.cfg.final_eval_batches or None))[0]
+            row.update(heldout_row(run.data, full, "eval_loss_full"))
+        if scorer is not None:
+            row.update(scorer.row(info.state.params))
+        return {**row, "tokens": info.step * run.tokens_per_step}
 
     return evaluate
 
@@ -234,14 +232,15 @@ def train(cfg, *, devices=None, stop_at: int | None = None) -> dict:
     cfg = load_config(cfg)
     with StopRequest() as stop:
         build_run(cfg, devices).optimizer  # a bad optimizer setting fails before a corpus is prepared
+        tasks = read_tasks(cfg.eval_tasks)  # and so does a bad task file
         dataset = prepare_dataset(cfg)
         run = build_run(with_dataset(cfg, dataset.vocab_size), devices, dataset=dataset).check()
         # one writer per workdir: process 0 holds the lease for the job
         with WorkdirLease(run.cfg.workdir) if jax.process_index() == 0 else contextlib.nullcontext():
-            return _train(run, stop, stop_at)
+            return _train(run, stop, stop_at, tasks)
 
 
-def _train(run: Run, stop: StopRequest, stop_at: int | None) -> dict:
+def _train(run: Run, stop: StopRequest, stop_at: int | None, tasks: list[Task]) -> dict:
     cfg, info = run.cfg, run.data
     ckpt = Checkpointer(join(cfg.workdir, "checkpoints"), cfg.keep_checkpoints, cfg.keep_every,
                         keep_set_aside=cfg.keep_set_aside)
@@ -277,7 +276,7 @@ def _train(run: Run, stop: StopRequest, stop_at: int | None) -> dict:
     if cfg.diagnostics_every:  # update_cos is NaN on the first diagnostics step (no previous update): left out
         trainer.add_metrics_hook(lambda info: {k: v for k, v in info.metrics.items()
                                                if is_diagnostic(k) and math.isfinite(v)}, cfg.diagnostics_every)
-    _add_output_hooks(run, trainer, ckpt, lambda step, state: ckpt.save(
+    _add_output_hooks(run, trainer, ckpt, tasks, lambda step, state: ckpt.save(
         step, state, batches, saved_config, {**extra_meta, "loss_spike": guard.state()} if guard else extra_meta))
     try:
         trainer.fit(state, start_step, batches)
@@ -298,9 +297,9 @@ def _train(run: Run, stop: StopRequest, stop_at: int | None) -> dict:
     return _summary(run, trainer, logger, ckpt, time.perf_counter() - t0)
 
 
-def _add_output_hooks(run: Run, trainer: Trainer, ckpt: Checkpointer, save: Callable) -> None:
-    """Evaluation, checkpoints (``save(step, state)``; whether the last asynchronous save failed is looked at
-    after every step) and the loss plot."""
+def _add_output_hooks(run: Run, trainer: Trainer, ckpt: Checkpointer, tasks: list[Task], save: Callable) -> None:
+    """Evaluation (with ``tasks``), checkpoints (``save(step, state)``; whether the last asynchronous save
+    failed is looked at after every step) and the loss plot."""
     def checkpoint(info: StepInfo) -> dict:
         save(info.step, info.state)
         return {"checkpoint_s": ckpt.last_save_blocking_s}
@@ -309,7 +308,7 @@ def _add_output_hooks(run: Run, trainer: Trainer, ckpt: Checkpointer, save: Call
         if jax.process_index() == 0:
             plot_losses(run.cfg.workdir, run.data.unigram_entropy_nats)
 
-    trainer.add_hook(_evaluation(run), run.cfg.eval_every)
+    trainer.add_hook(_evaluation(run, tasks), run.cfg.eval_every)
     trainer.add_hook(checkpoint, run.cfg.checkpoint_every, on_stop=True, checked=True)
     trainer.add_hook(lambda info: ckpt.check(), every=1)  # a failed asynchronous save stops the run at once
     trainer.add_hook(plot, run.cfg.eval_every, on_stop=True, checked=True)
@@ -324,7 +323,9 @@ def _close_quietly(logger: MetricsLogger) -> None:
 
 def _summary(run: Run, trainer: Trainer, logger: MetricsLogger, ckpt: Checkpointer, durable_s: float) -> dict:
     """Close the outputs and say how the run ended (the loss plot is written by its hook at the last step)."""
-    last = {k: trainer.last[k] for k in ("step", "loss", "eval_loss", "eval_loss_full") if k in trainer.last}
+    last = {k: v for k, v in trainer.last.items()
+            if k in ("step", "loss", "eval_loss", "eval_bpb", "eval_loss_full", "eval_bpb_full")
+            or k.startswith("task/")}
     if trainer.stopping:
         why = (f"{trainer.stop.signal_name} received" if trainer.stop.signal_name else
                "stop requested by another process" if trainer.stop_at is None else

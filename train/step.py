@@ -12,6 +12,8 @@ and divided once by the batch's token count, so the result equals the full-batch
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -19,8 +21,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from train.diagnostics import parameter_diagnostics
-from train.loss import cross_entropy_sum
-from train.state import Layout, TrainState
+from train.loss import cross_entropy_rows, cross_entropy_sum
+from train.state import Layout, ParamsLayout, TrainState
 
 
 def batch_sharding(mesh) -> NamedSharding:
@@ -92,11 +94,30 @@ def make_zero_updates(layout: Layout):
                    out_shardings=layout.shardings.params)
 
 
-def make_eval_step(layout: Layout, mesh, loss_chunk: int = 0):
-    """(sum of masked CE, number of masked tokens) for one held-out batch."""
+def _param_shardings(p_layout: ParamsLayout):
+    return jax.tree.map(lambda a: a.sharding, p_layout.abstract)
+
+
+def make_eval_step(p_layout: ParamsLayout, mesh, loss_chunk: int = 0):
+    """(sum of masked CE, number of masked tokens) for one held-out batch (parameters only: no optimizer)."""
     def eval_step(params, batch):
-        return _loss_sum(layout.graphdef, params, batch, None, loss_chunk), batch["loss_mask"].sum()
+        return _loss_sum(p_layout.graphdef, params, batch, None, loss_chunk), batch["loss_mask"].sum()
 
     replicated = NamedSharding(mesh, P())
-    return jax.jit(eval_step, in_shardings=(layout.shardings.params, batch_sharding(mesh)),
+    return jax.jit(eval_step, in_shardings=(_param_shardings(p_layout), batch_sharding(mesh)),
                    out_shardings=(replicated, replicated))
+
+
+def make_score_step(p_layout: ParamsLayout, mesh, loss_chunk: int = 0):
+    """The jitted ``score_step(params, batch) -> [B]``: each row's log-likelihood of its masked targets,
+    ``sum_l mask[b,l] * log p(targets[b,l] | inputs[b,:l+1])`` (``train.loss.cross_entropy_rows``, negated),
+    rows sharded over the batch axes like a training batch, the result replicated. Any [B, L] shape (B a
+    multiple of the batch axes' size): each new shape compiles once. ``loss_chunk`` is used where it divides
+    L, else the greatest common divisor of the two (positions per piece of float32 logits)."""
+    def score_step(params, batch):
+        L = batch["inputs"].shape[1]
+        chunk = math.gcd(loss_chunk, L) if loss_chunk else 0
+        return -cross_entropy_rows(nnx.merge(p_layout.graphdef, params), batch, chunk)
+
+    return jax.jit(score_step, in_shardings=(_param_shardings(p_layout), batch_sharding(mesh)),
+                   out_shardings=NamedSharding(mesh, P()))
