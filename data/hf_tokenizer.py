@@ -16,10 +16,11 @@ tokenizer's ``ids`` exactly. ``save_pretrained_files`` writes the files ``AutoTo
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 
-from infra.files import exists, join, read_bytes, write_atomic
+from infra.files import exists, join, read_bytes
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 ENDOFTEXT = "<|endoftext|>"
@@ -136,9 +137,26 @@ def hf_tokenizer(path: str, bos_id: int, pattern: str = GPT2_PATTERN):
     bos = tok.id_to_token(bos_id)
     if bos is None:
         raise ValueError(f"{path}: the data's boundary token id {bos_id} is outside its vocabulary")
+    tok = _without_templates(tok)
     first = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
     tok.post_processor = first if tok.post_processor is None else processors.Sequence([tok.post_processor, first])
     return tok
+
+
+def _without_templates(tok):
+    """``tok`` without the special-token templates of its post-processor (a tokenizer.json may add BOS or EOS
+    its own way; ``hf_tokenizer`` puts the boundary token first itself), other post-processing (ByteLevel's
+    offsets) kept."""
+    from tokenizers import Tokenizer
+
+    spec = json.loads(tok.to_str())
+    post = spec.get("post_processor")
+    if post and post.get("type") == "TemplateProcessing":
+        spec["post_processor"] = None
+    elif post and post.get("type") == "Sequence":
+        kept = [p for p in post["processors"] if p.get("type") != "TemplateProcessing"]
+        spec["post_processor"] = {**post, "processors": kept} if kept else None
+    return Tokenizer.from_str(json.dumps(spec))
 
 
 def save_pretrained_files(tok, out_dir: str, bos_id: int, eos_id: int, unk_id: int | None,
@@ -153,8 +171,3 @@ def save_pretrained_files(tok, out_dir: str, bos_id: int, eos_id: int, unk_id: i
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=model_max_length,
                                    clean_up_tokenization_spaces=False, split_special_tokens=True, **names)
     return list(fast.save_pretrained(out_dir))
-
-
-def write_tokenizer_json(tok, path: str) -> None:
-    """``tok`` as a ``tokenizer.json`` file (local or URI), atomically."""
-    write_atomic(path, tok.to_str(pretty=True).encode())
