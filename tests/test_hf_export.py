@@ -228,14 +228,14 @@ def test_import_refuses_checkpoints_of_another_model(override, message):
 
 def test_init_from_a_gpt2_checkpoint_starts_from_its_weights(tmp_path, shakespeare):
     """A run with ``init_from=<GPT-2 dir>`` on the 2x2x2 mesh: its first loss is that of the imported
-    parameters on batch 0, and it trains."""
+    parameters on batch 0, and GPT-2's own on that batch; and it trains."""
     from infra.metrics import read_metrics
     from train.build import build_run
     from train.config import load_config, with_dataset
     from train.loop import train
     from train.resume import hf_params
 
-    _random_gpt2(tmp_path / "gpt2", vocab_size=4096)
+    hf = _random_gpt2(tmp_path / "gpt2", vocab_size=4096)
     cfg = _tiny_run(tmp_path / "run", shakespeare, init_from=str(tmp_path / "gpt2"))
     summary = train(cfg)
     assert summary["step"] == STEPS
@@ -248,6 +248,13 @@ def test_init_from_a_gpt2_checkpoint_starts_from_its_weights(tmp_path, shakespea
     with jax.set_mesh(run.mesh):
         total, count = run.eval_step(params, jax.device_put(batch, run.batch_sharding))
     np.testing.assert_allclose(losses[1], float(total) / float(count), rtol=1e-5)
+    # batch 0 holds no document boundary, so GPT-2 itself computes the same loss on it
+    assert not (batch["inputs"][:, 1:] == data.load_info(shakespeare).bos_id).any()
+    logits = torch.tensor(_hf_logits(hf, batch["inputs"]))
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                           torch.tensor(batch["targets"], dtype=torch.long).reshape(-1), reduction="none")
+    mask = torch.tensor(batch["loss_mask"]).reshape(-1)
+    np.testing.assert_allclose(losses[1], float((ce * mask).sum() / mask.sum()), rtol=1e-5)
     assert abs(losses[1] - np.log(4096)) < 0.5  # a random GPT-2: about ln V
 
 

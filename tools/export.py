@@ -114,6 +114,8 @@ def main(argv=None) -> None:
     p.add_argument("--step", type=flag_type("int >= 0"), default=None, help="checkpoint step (default: the newest)")
     p.add_argument("--force", action="store_true", help="replace the contents of a non-empty --out")
     a = p.parse_args(argv)
+    # the export runs on the CPU: no accelerator backend is started (a GPU's would reserve most of its memory)
+    jax.config.update("jax_platforms", "cpu")
     with user_errors():
         done = export(a.workdir, a.out, a.step, a.force)
     print(f"exported step {done['step']} of {a.workdir} to {done['out']}: GPT-2 of {done['layers']} layers, d_model "
