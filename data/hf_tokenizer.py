@@ -20,7 +20,7 @@ import json
 import os
 import re
 
-from infra.files import exists, join, read_bytes
+from infra.files import exists, join, read_bytes, write_atomic
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 ENDOFTEXT = "<|endoftext|>"
@@ -162,7 +162,9 @@ def _without_templates(tok):
 def save_pretrained_files(tok, out_dir: str, bos_id: int, eos_id: int, unk_id: int | None,
                           model_max_length: int) -> list[str]:
     """Write ``tok`` where ``transformers.AutoTokenizer.from_pretrained(out_dir)`` finds it (tokenizer.json,
-    tokenizer_config.json, special tokens by their ids); the names of the files written."""
+    tokenizer_config.json, special tokens by their ids); the names of the files written. Special tokens in the
+    text are encoded as text (``split_special_tokens``), as the run's tokenizer does: "<s>" typed in a prompt is
+    not the boundary token."""
     from transformers import PreTrainedTokenizerFast
 
     names = {"bos_token": tok.id_to_token(bos_id), "eos_token": tok.id_to_token(eos_id)}
@@ -170,4 +172,9 @@ def save_pretrained_files(tok, out_dir: str, bos_id: int, eos_id: int, unk_id: i
         names["unk_token"] = tok.id_to_token(unk_id)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=model_max_length,
                                    clean_up_tokenization_spaces=False, split_special_tokens=True, **names)
-    return list(fast.save_pretrained(out_dir))
+    written = [str(f) for f in fast.save_pretrained(out_dir)]
+    config = join(out_dir, "tokenizer_config.json")
+    settings = json.loads(read_bytes(config))  # the class name every transformers version knows (5.x writes its
+    settings["tokenizer_class"] = "PreTrainedTokenizerFast"  # own, TokenizersBackend, which 4.x cannot load)
+    write_atomic(config, json.dumps(settings, indent=2).encode())
+    return written
