@@ -66,14 +66,29 @@ _LAYER = {  # per-layer tensors whose layout is the same on both sides: HF suffi
 }
 
 
+def mlp_width(model_cfg: GPTConfig) -> int:
+    """The MLP's hidden width F (an explicit ``mlp_width`` where the config has one, else ``mlp_ratio`` x D)."""
+    return getattr(model_cfg, "mlp_width", 0) or getattr(model_cfg, "mlp_ratio", 4) * model_cfg.d_model
+
+
+def check_family(model_cfg: GPTConfig) -> None:
+    """ValueError unless the model is of the GPT-2 family (LayerNorm, learned positions, biases, tied head), the
+    only one ``GPT2LMHeadModel`` computes."""
+    family = getattr(model_cfg, "family", "gpt2")
+    if family != "gpt2":
+        raise ValueError(f"transformers' GPT2LMHeadModel computes the gpt2 model family only; this model is of the "
+                         f"{family!r} family")
+
+
 def hf_config(model_cfg: GPTConfig, bos_id: int, eos_id: int) -> dict:
     """The ``config.json`` of a ``GPT2LMHeadModel`` computing ``model_cfg``'s function. Dropout: the harness
     drops the attention and MLP outputs (``resid_pdrop``), never the embeddings or attention probabilities."""
+    check_family(model_cfg)
     return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": model_cfg.vocab_size, "n_positions": model_cfg.ctx, "n_ctx": model_cfg.ctx,
         "n_embd": model_cfg.d_model, "n_layer": model_cfg.n_layers, "n_head": model_cfg.n_heads,
-        "n_inner": model_cfg.mlp_ratio * model_cfg.d_model, "activation_function": TANH_GELU[0],
+        "n_inner": mlp_width(model_cfg), "activation_function": TANH_GELU[0],
         "resid_pdrop": model_cfg.dropout, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
         "layer_norm_epsilon": model_cfg.ln_eps, "initializer_range": model_cfg.init_std,
         "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
@@ -92,6 +107,7 @@ def check_hf_config(config: dict, model_cfg: GPTConfig, where: str = "the checkp
     """ValueError unless the transformers GPT-2 ``config`` (of ``where``) computes the same function as
     ``model_cfg``'s architecture: same shape, at most its vocabulary, tanh GELU, 4 d MLP, same LayerNorm eps,
     tied head, plain 1/sqrt(H) attention scaling."""
+    check_family(model_cfg)
     if config.get("model_type") != "gpt2":
         raise ValueError(f"{where} is not a GPT-2 checkpoint (config.json model_type {config.get('model_type')!r},"
                          " expected 'gpt2')")
@@ -110,9 +126,8 @@ def check_hf_config(config: dict, model_cfg: GPTConfig, where: str = "the checkp
                          f"GELU, which transformers calls {' or '.join(TANH_GELU)}: other activations are refused")
     inner = config.get("n_inner") or 4 * model_cfg.d_model
     eps = float(config.get("layer_norm_epsilon", 1e-5))
-    problems = [f"n_inner={inner} (the harness's MLP is {model_cfg.mlp_ratio} x d_model = "
-                f"{model_cfg.mlp_ratio * model_cfg.d_model})" if inner != model_cfg.mlp_ratio * model_cfg.d_model
-                else "",
+    problems = [f"n_inner={inner} (the harness's MLP is {mlp_width(model_cfg)} wide)"
+                if inner != mlp_width(model_cfg) else "",
                 f"layer_norm_epsilon={eps} (the harness's is {model_cfg.ln_eps})" if eps != model_cfg.ln_eps else "",
                 "tie_word_embeddings=false" if config.get("tie_word_embeddings", True) is False else "",
                 "scale_attn_weights=false" if config.get("scale_attn_weights", True) is False else "",
@@ -141,7 +156,7 @@ def to_hf(params: dict) -> dict[str, np.ndarray]:
 def hf_shapes(model_cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
     """{unprefixed HF name: shape} of a GPT-2 of ``model_cfg``'s architecture (``wte`` with its full vocabulary;
     a checkpoint may have fewer rows)."""
-    D, F, T = model_cfg.d_model, model_cfg.mlp_ratio * model_cfg.d_model, model_cfg.ctx
+    D, F, T = model_cfg.d_model, mlp_width(model_cfg), model_cfg.ctx
     layer = {"ln_1.weight": (D,), "ln_1.bias": (D,), "ln_2.weight": (D,), "ln_2.bias": (D,),
              "attn.c_attn.weight": (D, 3 * D), "attn.c_attn.bias": (3 * D,), "attn.c_proj.weight": (D, D),
              "attn.c_proj.bias": (D,), "mlp.c_fc.weight": (D, F), "mlp.c_fc.bias": (F,),

@@ -86,6 +86,7 @@ def _write_tokenizer(info, out: str, ctx: int) -> list[str]:
 def export(workdir: str, out: str, step: int | None = None, force: bool = False) -> dict:
     """Write the run's checkpoint ``step`` (None: the newest usable) to ``out`` as a transformers GPT-2
     checkpoint (module docstring); returns what was exported."""
+    from models.hf_gpt2 import check_family
     from tools.sample import load
 
     if not exists(join(workdir, "config.json")):
@@ -93,6 +94,7 @@ def export(workdir: str, out: str, step: int | None = None, force: bool = False)
     _check_out(out, force)
     step_dir = checkpoint_dir(workdir, step)
     loaded = load(workdir, step_dir, device=jax.devices("cpu")[0])
+    check_family(loaded.model_cfg)
     partial = out.rstrip("/") + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
