@@ -37,7 +37,8 @@ SCHEMA = {
     "keep_set_aside": (2, COUNT),  # unreadable / unfinished checkpoints kept for inspection (per kind)
     "start_over": (False, "bool"),  # checkpoints exist but none restores: False stops with an error naming each
     #                                 and why; True sets them aside and trains from step 0
-    "init_from": ("", "str"),  # checkpoint dir to take params from (fine-tuning with a fresh optimizer)
+    "init_from": ("", "str"),  # checkpoint dir to take params from (fine-tuning with a fresh optimizer): a run's, or
+    #                            a transformers GPT-2 dir (config.json + model.safetensors, models/hf_gpt2.py)
     "compiled_step": ("", "str"),  # a train step saved by tools.plan --save: loaded instead of compiled when it was
     #                                compiled for this program on devices like these (train/executable.py)
     "multiprocess": (False, "bool"),  # call jax.distributed.initialize() (SLURM / TPU pods / launch.local)

@@ -156,11 +156,14 @@ def generate(graphdef, params, prompts: list[list[int]], *, max_tokens: int, ctx
 @dataclass
 class Loaded:
     """A run's model on one device, ready to sample: ``graphdef``/``params`` (nnx), the prepared data's
-    ``info`` (tokenizer, BOS, vocabulary) and the model's context ``ctx``."""
+    ``info`` (tokenizer, BOS, vocabulary), the model's context ``ctx``, and the checkpoint's ``step`` and the
+    ``model_cfg`` (``GPTConfig``) the parameters were restored for."""
     graphdef: object
     params: object
     info: object
     ctx: int
+    step: int = 0
+    model_cfg: object = None
 
     def complete(self, prompts: list[str], max_tokens: int, settings: Settings = Settings(),
                  cache: bool = True) -> list[str]:
@@ -187,8 +190,8 @@ def load(workdir: str, checkpoint: str | None = None, device=None) -> Loaded:
     info = data.load_info(cfg.data.dir)  # never prepares: the run's data exists
     run = build_run(with_dataset(cfg, info.vocab_size), [device or jax.devices()[0]], dataset=info)
     graphdef, _, abstract = run.params_layout
-    _, params = restore_params(checkpoint or workdir, abstract)
-    return Loaded(graphdef, params, info, run.model_cfg.ctx)
+    step, params = restore_params(checkpoint or workdir, abstract)
+    return Loaded(graphdef, params, info, run.model_cfg.ctx, step, run.model_cfg)
 
 
 def sample(workdir: str, prompt: str, *, temperature: float = 0.8, top_k: int = 40, top_p: float = 1.0,

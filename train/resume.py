@@ -1,11 +1,15 @@
-"""Where a run starts: its latest usable checkpoint, another run's parameters (``init_from``), or a fresh
-initialisation; and the check that a checkpoint was written with the same data order."""
+"""Where a run starts: its latest usable checkpoint, another run's parameters or a transformers GPT-2
+checkpoint's (``init_from``), or a fresh initialisation; and the check that a checkpoint was written with the
+same data order."""
 from __future__ import annotations
 
 import time
 
+import jax
+
 from infra.checkpoint import CheckpointError, restore_params, warn
 from infra.files import join
+from models.hf_gpt2 import check_hf_config, from_hf, is_hf_checkpoint, read_hf_checkpoint
 from train.config import upgrade_saved
 
 
@@ -57,7 +61,22 @@ def start_state(run, ckpt, saved_config: dict, extra_meta: dict):
     step, state = ckpt.restore_latest(run.layout.abstract, validate=validate, start_over=cfg.start_over)
     if state is not None:
         return step, state, f"resumed at step {step} ({time.perf_counter() - t0:.1f} s)"
+    if cfg.init_from and is_hf_checkpoint(cfg.init_from):
+        params = hf_params(cfg.init_from, run.model_cfg, run.layout.abstract.params)
+        return 0, run.state_from_params(params), f"params from the transformers checkpoint {cfg.init_from}, fresh " \
+                                                 "optimizer"
     if cfg.init_from:
         from_step, params = restore_params(cfg.init_from, run.layout.abstract.params)
         return 0, run.state_from_params(params), f"params from {cfg.init_from} (step {from_step}), fresh optimizer"
     return 0, run.init_state(), ""
+
+
+def hf_params(path: str, model_cfg, abstract_params):
+    """The parameters of the transformers GPT-2 checkpoint dir ``path`` (``models.hf_gpt2``: the same shape as
+    ``model_cfg``, its vocabulary padded to the model's) as arrays in ``abstract_params``' shardings; every
+    process reads the whole file and places its own shards."""
+    config, tensors = read_hf_checkpoint(path)
+    check_hf_config(config, model_cfg, where=path)
+    params = from_hf(tensors, model_cfg, where=path)
+    return jax.tree.map(lambda a, x: jax.make_array_from_callback(a.shape, a.sharding, lambda index: x[index]),
+                        abstract_params, params)
