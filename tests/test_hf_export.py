@@ -338,18 +338,27 @@ def test_the_local_multiple_choice_task_loads_offline(local_task):
     assert task.doc_to_text(docs[0]) == ITEMS[0]["context"] and task.doc_to_target(docs[0]) == 0
 
 
-def test_lm_eval_scores_the_export(exported, local_task, tmp_path):
-    """``lm_eval --model hf`` on the export (the README's command) reports acc and acc_norm."""
+def test_lm_eval_scores_the_export(exported, trained, local_task, tmp_path):
+    """``lm_eval --model hf`` on the export (the README's command) reports acc and acc_norm, and with the
+    boundary token first (``add_bos_token=True``, as the harness scores) its per-ending log-likelihoods equal
+    the harness's own multiple-choice scorer's (``tools.evaluate``) on the same items."""
     pytest.importorskip("lm_eval")
     pytest.importorskip("accelerate", reason="lm_eval's hf backend imports accelerate")
+    from tools.evaluate import evaluate
+
     out, _ = exported
     name, include = local_task
-    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={out},dtype=float32",
-           "--tasks", name, "--include_path", include, "--device", "cpu", "--batch_size", "4",
-           "--output_path", str(tmp_path / "results")]
+    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+           f"pretrained={out},dtype=float32,add_bos_token=True", "--tasks", name, "--include_path", include,
+           "--device", "cpu", "--batch_size", "4", "--output_path", str(tmp_path / "results"), "--log_samples"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    found = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "results") for f in fs if f.endswith(".json")]
-    results = json.load(open(found[0]))["results"][name]
+    found = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "results") for f in fs]
+    results = json.load(open(next(f for f in found if os.path.basename(f).startswith("results"))))["results"][name]
     assert {"acc,none", "acc_norm,none"} <= set(results), results
     assert all(0.0 <= results[k] <= 1.0 for k in ("acc,none", "acc_norm,none"))
+    samples = [json.loads(line) for f in found if os.path.basename(f).startswith("samples") for line in open(f)]
+    theirs = [[r[0] for r in s["filtered_resps"]] for s in sorted(samples, key=lambda s: s["doc_id"])]
+    ours = evaluate(trained, task_files=[os.path.join(include, "items.jsonl")], progress=False)["tasks"][0]
+    np.testing.assert_allclose(np.array(ours["lls"]), np.array(theirs, dtype=float), rtol=1e-4, atol=1e-3)
+    assert ours["acc"] == results["acc,none"]
