@@ -150,9 +150,13 @@ class Tokenizer(abc.ABC):
             start = cut
         yield self.encode(text[start:])
 
+    def resolved_options(self) -> dict[str, Any]:
+        """The options with the defaults it loaded with filled in (what meta.json records)."""
+        return dict(self.options)
+
     def entry(self) -> dict[str, Any]:
         """meta.json's description of this tokenizer: its kind and the options it loads with."""
-        return {"kind": self.kind, **self.options}
+        return {"kind": self.kind, **self.resolved_options()}
 
 
 def _ids(ids: Iterable[int]) -> list[int]:

@@ -56,6 +56,9 @@ class HFTokenizer(Tokenizer):
         return types.SimpleNamespace(tk=tk, eot=eot, eot_id=special[eot], vocab_size=max(vocab.values()) + 1,
                                      unk_id=vocab.get(unk) if unk else None, cuttable=_cuttable(layout))
 
+    def resolved_options(self) -> dict:
+        return {**self.options, "eot_token": self.boundary_token}
+
     def encode(self, text: str) -> list[int]:
         return self.lib.tk.encode(text, add_special_tokens=False).ids
 

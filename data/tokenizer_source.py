@@ -79,8 +79,7 @@ def open_pretrained(spec: str | os.PathLike, eot_token: str | None = None) -> Pr
 
 def _checked(source: str, blob: bytes, kind: str, options: dict[str, Any]) -> Pretrained:
     tok = tokenizer_class(kind).from_bytes(blob, source, **options)
-    if kind != "sentencepiece":
-        tok.options = {**tok.options, "eot_token": tok.boundary_token}  # recorded, whether found or given
+    tok.options = tok.resolved_options()  # recorded: the end-of-text token whether found or given, ...
     return Pretrained(source, blob, tok)
 
 

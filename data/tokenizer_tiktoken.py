@@ -75,6 +75,10 @@ class TiktokenTokenizer(Tokenizer):
         except ValueError as e:
             raise ValueError(f"{self.path}: tiktoken refused its ranks, pattern or special tokens ({e})") from e
 
+    def resolved_options(self) -> dict[str, Any]:
+        return {"pattern": self.lib._pat_str, "special_tokens": dict(self.lib._special_tokens),
+                "eot_token": self.boundary_token}
+
     def encode(self, text: str) -> list[int]:
         return self.lib.encode_ordinary(text)
 
