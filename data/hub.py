@@ -47,9 +47,9 @@ def local_dir(corpus: str) -> str:
     except Exception as e:  # noqa: BLE001 - the hub's errors have many types (connection, auth, not found)
         where = "is not in the local Hugging Face cache" if offline else "could not be fetched from the hub"
         raise ValueError(
-            f"corpus {corpus} {where} ({type(e).__name__}: {str(e).splitlines()[0][:200]}; cache "
+            f"corpus {corpus} {where} ({type(e).__name__}: {str(e).splitlines()[0].split('. ')[0][:200]}; cache "
             f"{constants.HF_HUB_CACHE}). Fix: with the network, run `hf download {repo} --repo-type dataset"
-            f"{f' --include {path!r}/*' if path else ''}`{' (or unset HF_HUB_OFFLINE)' if offline else ''}, "
+            f"{f' --include {path}/*' if path else ''}`{' (or unset HF_HUB_OFFLINE)' if offline else ''}, "
             "or copy that cache here") from e
     found = os.path.join(snapshot, path)
     if not os.path.exists(found):

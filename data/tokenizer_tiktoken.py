@@ -20,6 +20,7 @@ import base64
 import binascii
 import os
 import re
+import tempfile
 from typing import Any, Iterable, Sequence
 
 from tiktoken_ext.openai_public import r50k_pat_str as GPT2_PATTERN  # the split pattern of tiktoken's gpt2
@@ -112,10 +113,11 @@ def encoding_source(name: str) -> tuple[bytes, dict[str, Any]]:
     try:
         enc = tiktoken.get_encoding(name)
     except Exception as e:  # noqa: BLE001 - a failed download surfaces as requests' or urllib's own errors
+        cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "data-gym-cache")
         raise ValueError(
-            f"tiktoken could not load encoding {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}): it "
-            "downloads it once into TIKTOKEN_CACHE_DIR; run once where the network is reachable, copy that cache "
-            "here, or give a .tiktoken ranks file") from e
+            f"tiktoken could not load encoding {name!r} ({type(e).__name__}; a download fails without the network): "
+            f"it fetches its files once into TIKTOKEN_CACHE_DIR (here {cache}); run once where the network is "
+            "reachable, copy that cache here, or give a .tiktoken ranks file") from e
     eot = ENDOFTEXT if ENDOFTEXT in enc._special_tokens else None
     options = {"pattern": enc._pat_str, "special_tokens": dict(enc._special_tokens)}
     return dump_ranks(enc._mergeable_ranks), {**options, **({"eot_token": eot} if eot else {})}
