@@ -302,8 +302,9 @@ def _run_stats(manifests, engine, workers, seconds) -> dict:
                                             * worker_rss, 1)}}
 
 
-def _check_settings(*, eval_fraction: float, engine: str, on_error: str, **positive) -> None:
-    """ValueError naming the first preparation setting out of its range."""
+def _check_settings(*, eval_fraction: float, engine: str, on_error: str, eot_without_tokenizer: bool,
+                    **positive) -> None:
+    """ValueError naming the first preparation setting out of its range (or an eot_token without a tokenizer)."""
     for name, value in positive.items():
         if not value > 0:
             raise ValueError(f"{name} must be positive, got {value}")
@@ -312,6 +313,9 @@ def _check_settings(*, eval_fraction: float, engine: str, on_error: str, **posit
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     corpus_lib.Problems(on_error)  # checks the value
+    if eot_without_tokenizer:
+        raise ValueError("eot_token applies to a pretrained tokenizer; give tokenizer too (a trained sentencepiece "
+                         "model begins documents with its BOS)")
 
 
 def _tokenize_units(job, units, engine: str, beam_args, workers: int, verbose: bool):
@@ -329,6 +333,11 @@ def _tokenize_units(job, units, engine: str, beam_args, workers: int, verbose: b
     seconds = time.perf_counter() - t0
     manifests = [shards.read_manifest(job.out, u.index) for u in units]
     return manifests, _run_stats([manifests[u.index] for u in todo], engine, workers, seconds)
+
+
+def _shard_tokens(vocab_size: int | None, chunk_size: int, shard_mb: float) -> int:
+    """Tokens per output shard: about ``shard_mb`` MB of them, at least a record's."""
+    return max(chunk_size, int(shard_mb * 1e6) // shards.token_dtype(vocab_size or 1).itemsize)
 
 
 def prepare_corpus(
@@ -354,19 +363,14 @@ def prepare_corpus(
     """Prepares ``corpus`` into ``data_dir`` (see the module docstring) and returns its info.
 
     ``tokenizer`` names a pretrained tokenizer (``data.tokenizer_source``; ``eot_token`` the end-of-text token of
-    a tokenizer.json or tiktoken one, default its own), else one of ``vocab_size`` is trained. ``shard_mb``
-    bounds each output shard (about that many MB of tokens), ``workers`` (default: the cores available) the
-    local processes. An existing complete ``data_dir`` is an error unless ``overwrite``;
-    prefer ``ensure_prepared``, which reuses it and locks.
+    a tokenizer.json or tiktoken one, default its own), else one of ``vocab_size`` is trained. ``shard_mb`` bounds
+    each output shard (about that many MB of tokens), ``workers`` (default: the cores available) the local
+    processes. A complete ``data_dir`` is an error unless ``overwrite``; ``ensure_prepared`` reuses it and locks.
     """
-    out = resolve(data_dir)
-    workers = default_workers() if workers is None else workers
+    out, workers = resolve(data_dir), default_workers() if workers is None else workers
     _check_settings(chunk_size=chunk_size, shard_mb=shard_mb, workers=workers,
                     tokenizer_sample_chars=tokenizer_sample_chars, eval_fraction=eval_fraction, engine=engine,
-                    on_error=on_error)
-    if eot_token and tokenizer is None:
-        raise ValueError("eot_token applies to a pretrained tokenizer; give tokenizer too (a trained sentencepiece "
-                         "model begins documents with its BOS)")
+                    on_error=on_error, eot_without_tokenizer=bool(eot_token) and tokenizer is None)
     if exists(join(out, META)) and not overwrite:
         raise ValueError(f"{out} is already prepared; use ensure_prepared() (or --force to redo it)")
     if exists(out) and not exists(join(out, META)):
@@ -374,8 +378,7 @@ def prepare_corpus(
     files = corpus_lib.input_files(corpus, cache_dir)
     units = corpus_lib.plan_units(files)
     pretrained = open_pretrained(tokenizer, eot_token) if tokenizer is not None else None
-    probe_vocab = pretrained.tokenizer.vocab_size if pretrained is not None else vocab_size
-    shard_tokens = max(chunk_size, int(shard_mb * 1e6) // shards.token_dtype(probe_vocab or 1).itemsize)
+    shard_tokens = _shard_tokens(pretrained.tokenizer.vocab_size if pretrained else vocab_size, chunk_size, shard_mb)
     plan = _plan(corpus, files, pretrained, vocab_size, eval_fraction, chunk_size, shard_tokens, text_key, on_error,
                  tokenizer_sample_chars)
     makedirs(os.path.dirname(out))

@@ -186,8 +186,7 @@ def prepare_unit(job: UnitJob, unit: corpus_lib.Unit, progress: Callable[[int], 
     dtype = token_dtype(tok.vocab_size)
     writers = {s: _PartWriter(job.out, s, unit.index, job.chunk_size, job.shard_tokens, dtype) for s in SPLITS}
     stats = {s: {"n_docs": 0, "n_chars": 0, "n_bytes": 0, "ids": hashlib.sha256()} for s in SPLITS}
-    counts = np.zeros(tok.vocab_size, np.int64)
-    problems = corpus_lib.Problems(job.on_error)
+    counts, problems = np.zeros(tok.vocab_size, np.int64), corpus_lib.Problems(job.on_error)
     bos = np.array([tok.bos_id], dtype)
     pending, pending_chars, reported = [], 0, 0
 
