@@ -20,6 +20,7 @@ finds credentials as Google's client libraries do (application default credentia
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -94,9 +95,9 @@ class DatasetInfo:
     def tokenizer_path(self) -> str:
         return join(self.data_dir, self.meta["tokenizer"]["file"])
 
-    @property
+    @functools.cached_property
     def tokenizer(self) -> Tokenizer:
-        """The data dir's tokenizer, loaded lazily with the options meta.json records."""
+        """The data dir's tokenizer, loaded lazily (once) with the options meta.json records."""
         return load_tokenizer(self.tokenizer_path, **options_of(self.meta["tokenizer"]))
 
     @property

@@ -89,7 +89,7 @@ class Tokenizer(abc.ABC):
         self.__init__(state["path"], **state["options"])
 
     def __repr__(self):
-        options = "".join(f", {k}={v!r}" for k, v in self.options.items() if k != "special_tokens")
+        options = "".join(f", {k}={v!r}" for k, v in self.options.items() if k == "eot_token")
         return f"{type(self).__name__}({self.path!r}{options})"
 
     @abc.abstractmethod

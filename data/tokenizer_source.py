@@ -72,9 +72,14 @@ def open_pretrained(spec: str | os.PathLike, eot_token: str | None = None) -> Pr
     if not epath(spec).is_file():
         raise ValueError(f"tokenizer {spec} does not exist; give a sentencepiece .model, a tokenizer.json, a "
                          ".tiktoken ranks file or a tiktoken encoding name (gpt2)")
-    if kind == "hf" and not eot_token:
-        options = _configured_eot(spec)
-    return _checked(resolve(spec), read_bytes(spec), kind, options)
+    blob = read_bytes(spec)
+    configured = _configured_eot(spec) if kind == "hf" and not eot_token else {}
+    if configured:
+        try:
+            return _checked(resolve(spec), blob, kind, configured)
+        except ValueError:
+            pass  # its eos_token is no special token of the tokenizer: look for a known one
+    return _checked(resolve(spec), blob, kind, options)
 
 
 def _checked(source: str, blob: bytes, kind: str, options: dict[str, Any]) -> Pretrained:

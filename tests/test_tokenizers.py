@@ -176,6 +176,23 @@ def test_bad_tokenizers_are_one_line_errors(files, tmp_path):
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
 
 
+def test_tokenizer_config_names_the_end_of_text_token(files, tmp_path):
+    """A tokenizer_config.json beside a tokenizer.json names its end-of-text token (its eos_token) when that is a
+    special token; --eot_token overrides it."""
+    from tokenizers import Tokenizer
+    tk = Tokenizer.from_file(str(files[0]))
+    tk.add_special_tokens(["</s>"])
+    tk.save(str(tmp_path / "tokenizer.json"))
+    assert open_pretrained(tmp_path / "tokenizer.json").tokenizer.boundary_token == EOT  # first known one
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "</s>"}}))
+    got = open_pretrained(tmp_path / "tokenizer.json")
+    assert got.tokenizer.boundary_token == "</s>" and got.tokenizer.bos_id == BPE_VOCAB + 1
+    assert got.identity()["eot_token"] == "</s>"
+    assert open_pretrained(tmp_path / "tokenizer.json", EOT).tokenizer.bos_id == BPE_VOCAB
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "Ġthe"}))  # not special: not taken
+    assert open_pretrained(tmp_path / "tokenizer.json").tokenizer.boundary_token == EOT
+
+
 def test_ensure_prepared_compares_tokenizer_identity(prepared, files, tmp_path):
     """A complete dir is reused for the same tokenizer bytes from anywhere; another tokenizer, another
     eot_token or a trained one is refused."""

@@ -60,9 +60,10 @@ def ranks_of(tk) -> dict[bytes, int]:
 
 
 def dump_tiktoken(ranks: dict[bytes, int], path: pathlib.Path) -> pathlib.Path:
-    import base64
+    """``ranks`` as a .tiktoken file (the tests read it back with tiktoken's own loader)."""
+    from data.tokenizer_tiktoken import dump_ranks
 
-    path.write_bytes(b"".join(base64.b64encode(t) + b" %d\n" % r for t, r in sorted(ranks.items(), key=lambda x: x[1])))
+    path.write_bytes(dump_ranks(ranks))
     return path
 
 
