@@ -121,10 +121,17 @@ def test_prepare_with_a_pretrained_tokenizer(prepared, files, kind, capsys):
 def test_long_documents_in_pieces_give_the_same_shards(prepared, files, tmp_path, monkeypatch):
     """With GPT-2's pattern a long document is encoded in pieces cut where whitespace runs start: the shards are
     byte for byte those of whole documents, and cuts happen in the tricky texts' whitespace too."""
-    for tok in (load_tokenizer(files[0]), load_tokenizer(files[1])):
+    toks = (load_tokenizer(files[0]), load_tokenizer(files[1]))
+    for tok in toks:
         for text in TRICKY + [files[2].joinpath(os.listdir(files[2])[0]).read_text()[:5000]]:
             pieces = list(tok.encode_pieces(text * 3, 7))
             assert len(pieces) > 1 and [i for p in pieces for i in p] == tok.encode(text * 3)
+    alphabet = list("ab's ll've\t\n\r.,!1") + ["\u00a0", "\u3000", "\u2028", "\x1c", "\x85", "\u00e9", "\U0001F600"]
+    rng = np.random.default_rng(0)
+    for _ in range(300):  # random strings dense in whitespace of every kind, contractions, digits and symbols
+        text = "".join(rng.choice(alphabet, size=80))
+        for tok in toks:
+            assert [i for p in tok.encode_pieces(text, 3) for i in p] == tok.encode(text), repr(text)
     monkeypatch.setattr(shards, "_ENCODE_CHARS", 500)
     got = prepare_corpus(tmp_path / "d", files[2], tokenizer=files[1], eval_fraction=0.2, chunk_size=256,
                          workers=1, verbose=False)
