@@ -12,8 +12,8 @@ the grain input pipeline.
 
 CLI: ``python -m data prepare --corpus shakespeare --out DIR``, ``python -m data info DIR`` and
 ``python -m data bench``. See ``data.corpus`` for the input formats, ``data.prepare`` and ``data.shards`` for
-how a corpus is prepared, ``data.tokenizer`` for the tokenizer kinds, ``data.info`` for the on-disk format and ``data.pipeline`` for the example and
-batch semantics.
+how a corpus is prepared, ``data.tokenizer`` for the tokenizer kinds, ``data.info`` for the on-disk format and
+``data.pipeline`` for the example and batch semantics.
 """
 from data.pipeline import eval_batches, train_iterator
 from data.info import DatasetInfo, load_info

@@ -64,8 +64,9 @@ def _prepare_parser(sub) -> None:
 def _prepare(args, beam_args) -> None:
     if beam_args and args.engine != "beam":
         raise ValueError(f"unrecognized arguments {beam_args} (only --engine beam passes arguments on, to Beam)")
-    kwargs = dict(tokenizer=args.tokenizer, eot_token=args.eot_token, eval_fraction=args.eval_fraction, chunk_size=args.chunk_size,
-                  shard_mb=args.shard_mb, text_key=args.text_key, on_error=args.on_error, workers=args.workers,
+    kwargs = dict(tokenizer=args.tokenizer, eot_token=args.eot_token, eval_fraction=args.eval_fraction,
+                  chunk_size=args.chunk_size, shard_mb=args.shard_mb, text_key=args.text_key, on_error=args.on_error,
+                  workers=args.workers,
                   tokenizer_sample_chars=int(args.tokenizer_sample_mb * 1e6), engine=args.engine,
                   beam_args=beam_args, cache_dir=args.cache_dir)
     if args.force:

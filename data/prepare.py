@@ -198,8 +198,8 @@ def run_local(job: shards.UnitJob, units: Sequence[corpus_lib.Unit], workers: in
     return workers
 
 
-def _plan(corpus, files, pretrained: Pretrained | None, vocab_size, eval_fraction, chunk_size, shard_tokens, text_key, on_error,
-          sample_chars) -> dict:
+def _plan(corpus, files, pretrained: Pretrained | None, vocab_size, eval_fraction, chunk_size, shard_tokens, text_key,
+          on_error, sample_chars) -> dict:
     """Everything the output depends on; a partial preparation resumes only under the same plan."""
     return {"format_version": FORMAT_VERSION, "corpus": corpus_lib.canonical_corpus(corpus),
             "inputs": [[f.name, f.size] for f in files], "eval_fraction": eval_fraction, "chunk_size": chunk_size,
@@ -573,10 +573,11 @@ def ensure_prepared(
 
     Idempotent. A complete dir must have been prepared with the same corpus, vocab_size (or, when
     ``tokenizer`` is given, the same tokenizer: file bytes or tiktoken encoding name, and ``eot_token`` if
-    given; vocab_size is then ignored) and eval_fraction, else ValueError. ``options`` go to ``prepare_corpus``. Processes that call this at once on the same dir
-    serialize on its lock (``prepare_lock``: a file lock on one machine, a lease object on gs:// across
-    machines): one prepares, the others wait and then read the result. (Hosts that share no filesystem and
-    use local dirs each prepare their own, identical, copy.)
+    given; vocab_size is then ignored) and eval_fraction, else ValueError. ``options`` go to
+    ``prepare_corpus``. Processes that call this at once on the same dir serialize on its lock
+    (``prepare_lock``: a file lock on one machine, a lease object on gs:// across machines): one prepares, the
+    others wait and then read the result. (Hosts that share no filesystem and use local dirs each prepare
+    their own, identical, copy.)
     """
     out = resolve(data_dir)
     for path in (out, corpus, tokenizer or ""):

@@ -137,7 +137,8 @@ def test_hub_dataset_from_the_local_cache_offline(fineweb, sample, tmp_path):
     assert got["corpus"] == "hf://datasets/HuggingFaceFW/fineweb/sample/10BT"
     assert got["n_tokens"] == sample.n_tokens and got["ids"] == sample.meta["splits"]["eval"]["ids_sha256"]
     errors = got["errors"]
-    assert "'sample/100BT' is not in the dataset's snapshot" in errors["hf://datasets/HuggingFaceFW/fineweb/sample/100BT"]
+    missing_path = errors["hf://datasets/HuggingFaceFW/fineweb/sample/100BT"]
+    assert "'sample/100BT' is not in the dataset's snapshot" in missing_path
     assert "is not in the local Hugging Face cache" in errors["hf://datasets/HuggingFaceFW/fineweb-2"]
     assert "hf download HuggingFaceFW/fineweb-2 --repo-type dataset" in errors["hf://datasets/HuggingFaceFW/fineweb-2"]
     assert "is not hf://datasets/<org>/<name>" in errors["hf://datasets/fineweb"]

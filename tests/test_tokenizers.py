@@ -306,7 +306,8 @@ def test_gpt2_by_name(works, tmp_path):
     assert (info.vocab_size, info.bos_id, info.dtype) == (50_257, 50_256, "uint16")
     flipped = tuple(info.meta["flipped_documents"])
     docs = [d for d in corpus_lib.all_documents(corpus) if shards.held_out(d.name, 0.3, flipped)]
-    np.testing.assert_array_equal(_stored(info, "eval"), [i for d in docs for i in [50_256] + enc.encode_ordinary(d.text)])
+    want = [i for d in docs for i in [50_256] + enc.encode_ordinary(d.text)]
+    np.testing.assert_array_equal(_stored(info, "eval"), want)
 
 
 def test_config_names_a_pretrained_tokenizer(prepared, files):
