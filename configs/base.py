@@ -72,6 +72,10 @@ SCHEMA = {
         #                                             or your text
         "dir": ("data_cache/shakespeare-bpe4096", "str"),  # the prepared data ("" for none: tools.bench)
         "vocab_size": (4096, "int >= 300"),  # tokenizer vocabulary trained on the corpus (byte fallback: 259 ids)
+        # a pretrained tokenizer instead (vocab_size is then ignored): a sentencepiece .model, a tokenizer.json,
+        # a .tiktoken ranks file or a tiktoken encoding name (gpt2); "": train one of vocab_size
+        "tokenizer": ("", "str"),
+        "eot_token": ("", "str"),  # the token that begins each document (tokenizer.json / tiktoken); "": its own
         "num_threads": (2, STEPS),  # grain's loading threads per process
     },
     "optimizer": {

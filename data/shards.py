@@ -7,7 +7,8 @@ Apache Beam (``data.beam``), so both write identical files. For unit ``u`` it wr
   units/<u:06d>.counts.npy                 how often each token id occurs in the unit's training tokens
   units/<u:06d>.json                       the unit's manifest, written last: its presence marks it done
 
-A split's stream within the unit is its documents in input order, each as ``[BOS] + tokens``. A part is
+A split's stream within the unit is its documents in input order, each as ``[BOS] + tokens`` (BOS: the
+tokenizer's document boundary, ``data.tokenizer``). A part is
 closed at the first document boundary at or after ``shard_tokens`` tokens (so parts hold about
 ``shard_tokens`` tokens, never zero); record ``i`` of a part holds its tokens ``[i * chunk_size, (i + 1) *
 chunk_size)`` as raw little-endian ``uint16``/``uint32``. Every file is written under a temporary name and
@@ -36,7 +37,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from data import corpus as corpus_lib
-from data.tokenizer import Tokenizer
+from data.tokenizer import load_tokenizer
 from infra.files import is_uri, join, makedirs, open_binary, read_text, upload, write_atomic
 
 SPLITS = ("train", "eval")
@@ -65,13 +66,14 @@ def token_dtype(vocab_size: int) -> np.dtype:
 class UnitJob:
     """What every unit of one preparation shares (picklable: it travels to worker processes)."""
     out: str  # the data dir being written (a local path or a URI)
-    tokenizer: str  # sentencepiece model file (a local path or a URI)
+    tokenizer: str  # the tokenizer file (a local path or a URI; its kind by its name, data.tokenizer)
     eval_fraction: float
     chunk_size: int
     shard_tokens: int
     text_key: str
     on_error: str
     flipped: tuple[str, ...] = ()  # documents on the other side of the held-out rule
+    tokenizer_options: dict = dataclasses.field(default_factory=dict, hash=False)  # data.tokenizer.options_of
 
 
 def manifest_path(out: str, index: int) -> str:
@@ -180,12 +182,11 @@ class _PartWriter:
 def prepare_unit(job: UnitJob, unit: corpus_lib.Unit, progress: Callable[[int], None] | None = None) -> dict:
     """Writes unit ``unit`` (see the module docstring) and returns its manifest."""
     t0 = time.perf_counter()
-    tok = Tokenizer(job.tokenizer)
+    tok = load_tokenizer(job.tokenizer, **job.tokenizer_options)
     dtype = token_dtype(tok.vocab_size)
     writers = {s: _PartWriter(job.out, s, unit.index, job.chunk_size, job.shard_tokens, dtype) for s in SPLITS}
     stats = {s: {"n_docs": 0, "n_chars": 0, "n_bytes": 0, "ids": hashlib.sha256()} for s in SPLITS}
-    counts = np.zeros(tok.vocab_size, np.int64)
-    problems = corpus_lib.Problems(job.on_error)
+    counts, problems = np.zeros(tok.vocab_size, np.int64), corpus_lib.Problems(job.on_error)
     bos = np.array([tok.bos_id], dtype)
     pending, pending_chars, reported = [], 0, 0
 
@@ -199,7 +200,7 @@ def prepare_unit(job: UnitJob, unit: corpus_lib.Unit, progress: Callable[[int], 
         """The pending documents in one batch; a document longer than a batch (it comes last: it filled the
         batch) in pieces of a batch's size, so that no document needs more memory than a batch."""
         long = pending.pop() if pending and len(pending[-1][0].text) > _ENCODE_CHARS else None
-        for (doc, split), ids in zip(pending, tok.sp.EncodeAsIds([d.text for d, _ in pending], num_threads=1)):
+        for (doc, split), ids in zip(pending, tok.encode_batch([d.text for d, _ in pending], num_threads=1)):
             write(np.concatenate([bos, np.asarray(ids, dtype)]), split)
         if long is not None:
             doc, split = long

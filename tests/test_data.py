@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import data
-from data import DatasetInfo, Tokenizer, ensure_prepared, eval_batches, load_info, prepare_corpus, train_iterator
+from data import (DatasetInfo, Tokenizer, ensure_prepared, eval_batches, load_info, load_tokenizer, prepare_corpus,
+                  train_iterator)
 from data import corpus as corpus_lib
 from data import pipeline, shards
 
@@ -218,7 +219,8 @@ def test_tokenizer_round_trip_and_pickle(info):
   blob = pickle.dumps(tok)
   assert len(blob) < 500  # the processor is not in the pickle
   assert pickle.loads(blob).encode("the king") == tok.encode("the king")
-  assert Tokenizer(info.tokenizer_path).encode("the king") == tok.encode("the king")
+  assert load_tokenizer(info.tokenizer_path).encode("the king") == tok.encode("the king")
+  assert isinstance(tok, Tokenizer) and tok.kind == info.tokenizer_kind == info.meta["tokenizer"]["kind"]
 
 
 def test_prepare_with_given_tokenizer(info, corpus_dir, tmp_path):
@@ -401,7 +403,7 @@ def test_pipeline_bad_inputs(info):
 
 def test_public_surface():
   assert set(data.__all__) == {"ensure_prepared", "prepare_corpus", "load_info", "DatasetInfo", "Tokenizer",
-                               "train_iterator", "eval_batches"}
+                               "load_tokenizer", "train_iterator", "eval_batches"}
 
 
 # ------------------------------------------------------------------------------------------------- slow

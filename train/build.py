@@ -49,13 +49,14 @@ def setup_platform(cfg) -> None:
 
 
 def prepare_dataset(cfg) -> data.DatasetInfo:
-    """The dataset of ``cfg.data``: prepared now (tokenizer trained, shards written) unless ``data.dir``
-    already holds it."""
+    """The dataset of ``cfg.data``: prepared now (tokenizer trained or the pretrained ``data.tokenizer`` stored,
+    shards written) unless ``data.dir`` already holds it (then it must match)."""
     c = cfg.data
     if not c.dir:
         raise ValueError("data.dir is empty: set --config.data.dir to a prepared data dir, or to where data.corpus "
                          "is to be prepared")
-    return data.ensure_prepared(c.dir, corpus=c.corpus, vocab_size=c.vocab_size)
+    return data.ensure_prepared(c.dir, corpus=c.corpus, vocab_size=c.vocab_size, tokenizer=c.tokenizer or None,
+                                eot_token=c.eot_token or None)
 
 
 def build_model_config(cfg, platform: str):

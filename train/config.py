@@ -4,8 +4,9 @@ Every command that builds a run (``train``, ``tools.compare``, ``tools.plan``, `
 ml_collections config file (``--config configs/<preset>.py``) with ``--config.<field>=<value>`` overrides and
 passes it through ``load_config`` before anything else:
 
-- local paths (``workdir``, ``data.dir``, ``init_from``, each of ``eval_tasks``) become absolute (an empty one
-  stays empty); URIs (``gs://...``) are kept, and refused at once when the libraries that reach them are not
+- local paths (``workdir``, ``data.dir``, ``init_from``, ``compiled_step``, each of ``eval_tasks``, a
+  ``data.tokenizer`` file) become absolute (an empty one stays empty, a tiktoken encoding name such as ``gpt2``
+  stays a name); URIs (``gs://...``) are kept, and refused at once when the libraries that reach them are not
   installed;
 - ``optimizer.lr`` 0 becomes the optimizer's default peak rate and an empty ``optimizer.<name>.theta`` its
   shipped weight file (``optim.registry.resolve_defaults``);
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import ml_collections
 
@@ -62,7 +64,10 @@ def load_config(cfg):
             if section[field]:
                 section[field] = resolve(section[field])
         cfg.eval_tasks = ",".join(resolve(p.strip()) for p in cfg.eval_tasks.split(",") if p.strip())
-        for path in (cfg.workdir, cfg.data.dir, cfg.init_from, cfg.data.corpus, *cfg.eval_tasks.split(",")):
+        if os.path.splitext(cfg.data.tokenizer)[1] or "/" in cfg.data.tokenizer:  # a file, not an encoding name
+            cfg.data.tokenizer = resolve(cfg.data.tokenizer)
+        for path in (cfg.workdir, cfg.data.dir, cfg.init_from, cfg.data.corpus, cfg.data.tokenizer,
+                     *cfg.eval_tasks.split(",")):
             check_storage(path)
         check_wandb(cfg.wandb)
         cfg.optimizer = resolve_defaults(cfg.optimizer)
