@@ -338,15 +338,17 @@ def test_the_local_multiple_choice_task_loads_offline(local_task):
     assert task.doc_to_text(docs[0]) == ITEMS[0]["context"] and task.doc_to_target(docs[0]) == 0
 
 
-def test_lm_eval_scores_the_export(exported, trained, local_task, tmp_path):
+def test_lm_eval_scores_the_export(trained, local_task, tmp_path):
     """``lm_eval --model hf`` on the export (the README's command) reports acc and acc_norm, and with the
     boundary token first (``add_bos_token=True``, as the harness scores) its per-ending log-likelihoods equal
     the harness's own multiple-choice scorer's (``tools.evaluate``) on the same items."""
     pytest.importorskip("lm_eval")
     pytest.importorskip("accelerate", reason="lm_eval's hf backend imports accelerate")
     from tools.evaluate import evaluate
+    from tools.export import export
 
-    out, _ = exported
+    out = str(tmp_path / "export")  # (the module's shared export is rewritten by other tests, at other steps)
+    export(trained, out)
     name, include = local_task
     cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
            f"pretrained={out},dtype=float32,add_bos_token=True", "--tasks", name, "--include_path", include,
