@@ -208,7 +208,7 @@ def _evaluation(run: Run, tasks: list[Task]) -> Callable:
     each with its bits per byte (``eval_bpb``, ``eval_bpb_full``; ``train.evaluation``), and the accuracy
     on each multiple-choice task of ``eval_tasks`` (``task/<name>/acc``, ``task/<name>/acc_norm``)."""
     eval_set = run.eval_batches(run.cfg.eval_batches)
-    scorer = TaskScorer(run, tasks) if tasks else None
+    scorer = TaskScorer(run, tasks, progress=False) if tasks else None  # (inside the train bar)
 
     def evaluate(info: StepInfo) -> dict:
         row = heldout_row(run.data, heldout_loss(run, info.state.params, eval_set)[0])
