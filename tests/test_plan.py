@@ -180,7 +180,8 @@ def test_gpt2_small_preset_plans_on_v5p_8(tmp_path):
 
 
 @pytest.mark.parametrize("preset", ["default", "cpu_tiny", "gpt2_small", "gpt3_xl", "compare_cpu",
-                                    "compare_gpt2_small", "compare_gpt3_xl"])
+                                    "compare_gpt2_small", "compare_gpt3_xl", "paper_gpt2_small", "paper_gpt3_xl",
+                                    "compare_paper_gpt3_xl"])
 def test_every_preset_plans_for_gpus(preset, analytic_gpu_plans):
     """Every shipped run config gets a plan (analytic, on H100s: 8, or as many as its mesh names), with its
     own model and batch."""

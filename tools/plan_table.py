@@ -27,6 +27,9 @@ MODELS = (
     ("gpt2-xl", "gpt2_small", {"model.name": "gpt2-xl", "model.remat": "full"}),
     ("gpt3-xl", "gpt3_xl", {}),
 )
+# the Celo2 paper's GPT-3 XL task (its modern architecture, configs/paper_gpt3_xl.py) where it would run: one pod
+# slice and eight GPU hosts
+PAPER = ("paper-gpt3-xl", "paper_gpt3_xl", {})
 OPTIMIZERS = ("adamw", "muon", "celo2")
 TOPOLOGIES = ("v5p-8", "v5p-128", "v5e-256")
 GPU_COUNTS = (8, 64)  # H100s: one host, eight hosts
@@ -55,6 +58,9 @@ def rows(only: str = ""):
     if not only or only == "gpt3-xl":
         for i, (label, overrides) in enumerate(VARIANTS):
             yield f"gpt3-xl-adamw-v5p-128-variant{i}", f"gpt3-xl adamw, {label}", "gpt3_xl", overrides, "v5p-128"
+    if not only or only == PAPER[0]:
+        for opt in OPTIMIZERS:
+            yield f"{PAPER[0]}-{opt}-v5p-128", f"{PAPER[0]} {opt}", PAPER[1], {"optimizer.name": opt}, "v5p-128"
 
 
 def gpu_rows(only: str = ""):
@@ -66,6 +72,10 @@ def gpu_rows(only: str = ""):
             for n in GPU_COUNTS:
                 yield (f"{model}-{opt}-h100x{n}", f"{model} {opt}", module, {**overrides, "optimizer.name": opt},
                        ["--gpu", "h100", "--gpus", str(n)])
+    if not only or only == PAPER[0]:
+        for opt in OPTIMIZERS:
+            yield (f"{PAPER[0]}-{opt}-h100x64", f"{PAPER[0]} {opt}", PAPER[1], {"optimizer.name": opt},
+                   ["--gpu", "h100", "--gpus", "64"])
 
 
 def plan_row(module: str, overrides: dict, target: str | list, path: str) -> dict:
@@ -158,7 +168,7 @@ def variant_ratios(out: str) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="results/plans")
-    p.add_argument("--only", default="", help="one model's rows (gpt2-small, gpt2-xl, gpt3-xl)")
+    p.add_argument("--only", default="", help="one model's rows (gpt2-small, gpt2-xl, gpt3-xl, paper-gpt3-xl)")
     p.add_argument("--cached", action="store_true", help="compile nothing: the table of the rows planned so far")
     p.add_argument("--gpu", action="store_true", help="the GPU table (8 and 64 H100s) instead of the TPU table")
     args = p.parse_args(argv)
