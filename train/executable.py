@@ -25,9 +25,9 @@ import jax
 import jaxlib
 
 from infra.files import exists, read_bytes, write_atomic
+from train.resume import config_changes
 
 FORMAT = 1
-SUFFIX = ".jaxexe"
 
 
 def _weights_digest(optimizer: dict) -> dict:
@@ -56,16 +56,9 @@ def program_key(run) -> dict:
     }
 
 
-def differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
-    """``name: file X, run Y`` for every value of two keys that differs."""
-    out = []
-    for k in sorted(set(saved) | set(now)):
-        a, b = saved.get(k), now.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += differences(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}: file {a!r}, run {b!r}")
-    return out
+def differences(saved: dict, now: dict) -> list[str]:
+    """``name: file X, run Y`` for every value of two keys that differs (``train.resume.config_changes``)."""
+    return [f"{k}: file {a!r}, run {b!r}" for k, (a, b) in config_changes(saved, now).items()]
 
 
 def save(path: str, compiled, key: dict) -> int:
