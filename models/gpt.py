@@ -123,7 +123,7 @@ class GPTConfig:
 
     @property
     def positions(self) -> str:
-        return FAMILIES[self.family].positions if self.family in FAMILIES else ""
+        return self.traits.positions
 
     @property
     def mlp_hidden(self) -> int:
