@@ -89,6 +89,10 @@ SCHEMA = {
         "decay_fraction": (0.2, "float in (0, 1]"),  # wsd: share of the steps spent decaying
         "weight_decay": (0.1, "float >= 0"),  # on matrices and embeddings only
         "clip_norm": (1.0, "float >= 0"),  # global-norm clipping, 0 disables
+        # where Muon and Celo2 run Newton-Schulz (optim/orthogonalize.py): each matrix gathered on every device
+        # that holds a shard of it (replicated), or the matrices dealt out over the devices (distributed);
+        # auto: distributed on a mesh of more than one device when the matrices hold >= 2^20 elements
+        "orthogonalize": ("auto", "one of auto|replicated|distributed"),
         # each optimizer's own settings (the defaults of optim.registry records' ``settings``)
         "adamw": {"b1": (0.9, DECAY), "b2": (0.95, DECAY), "eps": (1e-8, EPS)},
         # adam_lr_mult: lr of the AdamW branch (embeddings, vectors) relative to lr

@@ -35,6 +35,7 @@ from optim.learned import celo2_file, velo_file
 from optim.learned import velo as velo_lib
 from optim.learned.core import WEIGHTS_DIR
 from optim.learned.msgpack_file import FileFormat
+from optim.orthogonalize import REPLICATED, Placement
 from optim.schedules import make_schedule
 
 UNRESOLVED = "must be resolved first: registry.resolve_defaults / load the config through train"
@@ -76,11 +77,12 @@ class MetaTraining:
 class OptimizerSpec:
     """One optimizer.
 
-    build(section, common, lr, total_steps) -> optax transformation (without clipping): ``section`` is the
-      optimizer's own config section (a mapping with the keys of ``settings``; a learned optimizer's
+    build(section, common, lr, total_steps, placement=REPLICATED) -> optax transformation (without clipping): ``section``
+      is the optimizer's own config section (a mapping with the keys of ``settings``; a learned optimizer's
       ``theta`` is a weight-file path or a theta dict), ``common`` the shared fields (``weight_decay``),
-      ``lr`` the learning rate (a schedule, or a float for ``constant_lr`` optimizers) and ``total_steps``
-      the planned number of steps (VeLO's training-fraction features; None where the rule does not need it).
+      ``lr`` the learning rate (a schedule, or a float for ``constant_lr`` optimizers), ``total_steps``
+      the planned number of steps (VeLO's training-fraction features; None where the rule does not need it)
+      and ``placement`` where Newton-Schulz runs (``optim.orthogonalize``; used where ``orthogonalizes``).
     settings: the defaults of the config section ``optimizer.<name>`` (configs/base.py holds the same).
     labels(params): names the rule every leaf goes to (printed at start-up), for optimizers that route
       leaves; constant_lr: the schedule is ignored and ``lr`` multiplies the update.
@@ -91,6 +93,7 @@ class OptimizerSpec:
     settings: dict
     labels: Callable | None = None
     constant_lr: bool = False
+    orthogonalizes: bool = False  # runs Newton-Schulz on matrices (``optimizer.orthogonalize`` applies)
     weights: WeightFormat | None = None
     meta: MetaTraining | None = None
 
@@ -117,29 +120,30 @@ def _theta(section, weights: WeightFormat):
     return theta
 
 
-def _adamw(s, common, lr, total_steps):
+def _adamw(s, common, lr, total_steps, placement=REPLICATED):
     return optax.adamw(lr, b1=s["b1"], b2=s["b2"], eps=s["eps"], weight_decay=common["weight_decay"],
                        mask=matrices_only)
 
 
-def _muon(s, common, lr, total_steps):
+def _muon(s, common, lr, total_steps, placement=REPLICATED):
     """Muon on matrices, AdamW at ``adam_lr_mult`` x lr on the rest (``optim.muon``)."""
     ratio = s["adam_lr_mult"]
     return muon_lib.muon(lr, lambda t: ratio * lr(t), beta=s["beta"], nesterov=s["nesterov"],
-                         weight_decay=common["weight_decay"], adam_b1=s["b1"], adam_b2=s["b2"], eps=s["eps"])
+                         weight_decay=common["weight_decay"], adam_b1=s["b1"], adam_b2=s["b2"], eps=s["eps"],
+                         placement=placement)
 
 
-def _celo2(s, common, lr, total_steps, *, weights):
+def _celo2(s, common, lr, total_steps, placement=REPLICATED, *, weights):
     """Celo2 on matrices, AdamW at ``adam_lr_mult`` x lr (20: the meta-training mult_1d) on the rest."""
     return celo2_lib.celo2(lr, _theta(s, weights), weight_decay=common["weight_decay"], mult_1d=s["adam_lr_mult"],
-                           b1=s["b1"], b2=s["b2"], eps=s["eps"])
+                           b1=s["b1"], b2=s["b2"], eps=s["eps"], placement=placement)
 
 
-def _celo2_base(s, common, lr, total_steps, *, weights):
+def _celo2_base(s, common, lr, total_steps, placement=REPLICATED, *, weights):
     return celo2_lib.celo2_base(lr, _theta(s, weights), weight_decay=common["weight_decay"])
 
 
-def _velo(s, common, lr, total_steps, *, weights):
+def _velo(s, common, lr, total_steps, placement=REPLICATED, *, weights):
     """VeLO sets its own step sizes; ``lr`` multiplies its update (1 = VeLO as published). Weight decay as
     learned_optimization's wrapper: on the gradient and the loss."""
     return optax.chain(velo_lib.velo(_theta(s, weights), total_steps, weight_decay=common["weight_decay"]),
@@ -177,9 +181,9 @@ _ADAM = dict(b1=0.9, b2=0.95, eps=1e-8)
 REGISTRY: dict[str, OptimizerSpec] = {spec.name: spec for spec in [
     OptimizerSpec("adamw", _adamw, 3e-3, dict(_ADAM)),
     OptimizerSpec("muon", _muon, 0.02, dict(beta=0.95, nesterov=True, adam_lr_mult=0.15, **_ADAM),
-                  labels=muon_lib.param_labels),
+                  labels=muon_lib.param_labels, orthogonalizes=True),
     OptimizerSpec("celo2", partial(_celo2, weights=_CELO2_WEIGHTS), 1e-3, dict(theta="", adam_lr_mult=20.0, **_ADAM),
-                  labels=celo2_lib.param_labels, weights=_CELO2_WEIGHTS,
+                  labels=celo2_lib.param_labels, orthogonalizes=True, weights=_CELO2_WEIGHTS,
                   meta=MetaTraining(_celo2_rule(True), True, celo2_lib.init_theta, _feature_rule(3),
                                     "d = momentum 0.9, i.e. Muon's direction after Newton-Schulz", 1e-3, 5e-5)),
     OptimizerSpec("celo2_base", partial(_celo2_base, weights=_CELO2_BASE_WEIGHTS), 1e-3, dict(theta=""),
@@ -254,9 +258,10 @@ def _check(cfg, spec: OptimizerSpec) -> None:
         raise ValueError(f"optimizer.clip_norm={cfg.clip_norm} must be >= 0 (0 disables clipping)")
 
 
-def make_optimizer(cfg, total_steps: int) -> Optimizer:
+def make_optimizer(cfg, total_steps: int, placement: Placement = REPLICATED) -> Optimizer:
     """Build the optimizer named ``cfg.name`` (a resolved config: ``resolve_defaults``) from its section
-    ``cfg.<name>`` and the shared fields, with its schedule and global-norm clipping (``cfg.clip_norm``)."""
+    ``cfg.<name>`` and the shared fields, with its schedule and global-norm clipping (``cfg.clip_norm``);
+    ``placement``: where an orthogonalising optimizer runs Newton-Schulz (``optim.orthogonalize``)."""
     spec = get(cfg.name)
     _check(cfg, spec)
     if spec.constant_lr:
@@ -265,7 +270,7 @@ def make_optimizer(cfg, total_steps: int) -> Optimizer:
         schedule = make_schedule(cfg.schedule, cfg.lr, total_steps, cfg.warmup_steps,
                                  cfg.min_lr_ratio, cfg.decay_fraction)
     common = {k: v for k, v in cfg.items() if k not in REGISTRY}
-    tx = spec.build(cfg[spec.name], common, cfg.lr if spec.constant_lr else schedule, total_steps)
+    tx = spec.build(cfg[spec.name], common, cfg.lr if spec.constant_lr else schedule, total_steps, placement)
     if cfg.clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
     return Optimizer(optax.with_extra_args_support(tx), schedule, spec.labels)

@@ -34,11 +34,14 @@ def test_update_equals_optax_contrib_muon_with_explicit_dimension_numbers():
     ref = optax.contrib.muon(0.02, adam_learning_rate=0.003, weight_decay=0.1, adam_b2=0.95,
                              muon_weight_dimension_numbers=explicit)
     s1, s2 = ours.init(params), ref.init(params)
+    # the same state tree as optax's muon: checkpoints of either restore into the other
+    assert jax.tree.structure(s1) == jax.tree.structure(s2)
     for _ in range(2):
         u1, s1 = ours.update(grads, s1, params)
         u2, s2 = ref.update(grads, s2, params)
+        # the same math; float32 rounding differs where XLA fuses the iterations differently (updates ~1e-2)
         for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
-            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     # the per-head matrices really are orthogonalised independently: each D x H slice of the qkv
     # update has singular values near the same value (Newton-Schulz output) times the shape scale
     upd = u1["blocks"][0]["attn"]["qkv_kernel"]

@@ -179,6 +179,27 @@ def compile_step(run, save: str = "") -> dict:
             "xla_estimated_seconds": float(cost.get("optimal_seconds", 0.0))}
 
 
+def compile_optimizer_update(run) -> dict:
+    """The optimizer's update alone (``tx.update`` on gradients laid out like the params), compiled for the
+    run's devices: per device, XLA's FLOPs, temporaries and estimated seconds of the optimizer's part of a step
+    (inside the train step XLA may fuse it with the rest, so this is its share as a program of its own)."""
+    import jax
+
+    tx, abstract = run.optimizer.tx, run.layout.abstract
+
+    def update(grads, opt_state, params):
+        return tx.update(grads, opt_state, params, loss=jax.numpy.zeros(()))[0]
+
+    with jax.set_mesh(run.mesh):
+        compiled = jax.jit(update, out_shardings=run.layout.shardings.params).lower(
+            abstract.params, abstract.opt_state, abstract.params).compile()
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+    return {"xla_flops_per_device": float(cost.get("flops", 0.0)),
+            "temporary": compiled.memory_analysis().temp_size_in_bytes,
+            "xla_estimated_seconds": float(cost.get("optimal_seconds", 0.0))}
+
+
 def _peak_rss() -> int:
     """This process's peak resident memory so far (compiling a big model for many chips takes tens of GB)."""
     import resource
@@ -299,7 +320,8 @@ def make_plan(cfg, *, topology: str = "", gpu: str = "", gpus: int = 8, search: 
                        "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "tokens_per_step": run.tokens_per_step,
                        "microbatches": cfg.microbatches, "remat": m.remat, "compute_dtype": m.compute_dtype,
                        "attention": m.attention, "document_mask": m.document_mask,
-                       "loss_chunk": cfg.loss_chunk, "vocab_size": m.vocab_size, "mesh": dict(run.mesh.shape)},
+                       "loss_chunk": cfg.loss_chunk, "vocab_size": m.vocab_size, "mesh": dict(run.mesh.shape),
+                       "orthogonalize": run.placement.name if run.placement else None},
             "target": target, "notes": notes, "model_flops_per_step": run.flops_per_step,
             "analytic": estimate(run),
             "analytic_total_per_remat": {r: estimate(run, r)["total"] for r in REMAT_ORDER}}
@@ -310,6 +332,7 @@ def make_plan(cfg, *, topology: str = "", gpu: str = "", gpus: int = 8, search: 
         plan.update(compiled)
         if "out_of_hbm" not in compiled:
             plan.update(_projection(run, compiled, n_chips, chip.peak_flops))
+            plan["optimizer_update"] = compile_optimizer_update(run)
         if gpu:
             plan["lower_bound_step_seconds"] = _gpu_bound(plan, chip_name, n_chips, chip.peak_flops)
         total = compiled["per_device"]["total"]
@@ -379,7 +402,8 @@ def format_plan(plan: dict) -> str:
              f"  {c['model']} {c['params'] / 1e6:.1f}M params, {c['optimizer']}, batch {c['batch_size']} x "
              f"{c['seq_len']} = {c['tokens_per_step']:,} tokens, microbatches {c['microbatches']}, remat "
              f"{c['remat']}, {c['compute_dtype']}, attention {c['attention']}, loss_chunk {c['loss_chunk']}",
-             "  mesh " + " ".join(f"{k}={v}" for k, v in c["mesh"].items())]
+             "  mesh " + " ".join(f"{k}={v}" for k, v in c["mesh"].items())
+             + (f"; Newton-Schulz {c['orthogonalize']} (optimizer.orthogonalize)" if c.get("orthogonalize") else "")]
     lines += [f"  note: {n}" for n in plan["notes"]]
     lines.append(f"per device{'':22}{'compiled (XLA)' if compiled else '':>14}  {'analytic estimate':>17}")
     rows = [("parameters", "params", "params"), ("optimizer state", "optimizer_state", "optimizer_state"),
@@ -422,6 +446,12 @@ def _flops_lines(plan: dict) -> list[str]:
              + f", model {model:.3e} (6N + attention); ratio {(xla + kernel) / model:.2f}"]
     if "kernels" in plan:
         lines.append("custom kernels compiled: " + (", ".join(plan["kernels"]) or "none"))
+    if "optimizer_update" in plan:
+        o = plan["optimizer_update"]
+        lines.append(f"optimizer update compiled alone: XLA {o['xla_flops_per_device'] * t['devices']:.3e} FLOPs "
+                     f"(all devices), temporaries {o['temporary'] / 2**30:.2f} GiB per device"
+                     + (f", XLA's estimate {o['xla_estimated_seconds']:.4f} s" if o["xla_estimated_seconds"] > 0
+                        else ""))
     if "lower_bound_step_seconds" in plan:
         bound = plan["lower_bound_step_seconds"]
         return lines + [f"step time at least {bound:.4f} s (a lower bound, not an estimate: FLOPs at the datasheet "

@@ -19,7 +19,8 @@ import numpy as np
 
 import data
 from models import check_attention_length, count_params, model_config, resolve_attention
-from optim.registry import make_optimizer
+from optim.orthogonalize import REPLICATED, make_placement
+from optim.registry import get as get_optimizer, make_optimizer
 from train import executable
 from train import mesh as mesh_lib
 from train.config import padded_vocab
@@ -112,8 +113,17 @@ class Run:
         return params_layout(self.model_cfg, self.mesh)
 
     @cached_property
+    def placement(self):
+        """Where the optimizer runs Newton-Schulz (``optimizer.orthogonalize``, ``optim.orthogonalize``), or
+        None for an optimizer that does not orthogonalise."""
+        if not get_optimizer(self.cfg.optimizer.name).orthogonalizes:
+            return None
+        p = self.params_layout
+        return make_placement(self.cfg.optimizer.orthogonalize, self.mesh, p.abstract, p.specs)
+
+    @cached_property
     def optimizer(self):
-        return make_optimizer(self.cfg.optimizer, self.cfg.steps)
+        return make_optimizer(self.cfg.optimizer, self.cfg.steps, self.placement or REPLICATED)
 
     @cached_property
     def layout(self):

@@ -39,15 +39,15 @@ from jax import lax
 from optim.learned.core import (ACCUMULATOR_LAYOUT, ADAFACTOR_DECAYS, CHUNK_ELEMS, CPU_CHUNK_ELEMS, FEATURE_WIDTHS,
                                 GRAD_CLIP, MOMENTUM_DECAYS, RSQRT_EPS, accumulate, factored_dims, feature_blocks,
                                 fold_row_blocks, init_accumulators, num_row_blocks, resolve_theta)
+from optim.orthogonalize import QUINTIC_COEFFS, REPLICATED as IN_PLACE, Placement, newton_schulz, orthogonalize_matrices
 from optim.sharding import REPLICATED, register_state_layout
 from optim.learned.celo2_file import THETA_SHAPES, check_theta, load_theta, save_theta, theta_from_bytes, theta_to_bytes
 
-__all__ = ["ScaleByCelo2State", "Celo2Rule", "celo2_rule", "celo2_leaf_step", "scale_by_celo2", "celo2", "celo2_base",
-           "param_labels", "factored_dims", "orthogonalize_ns", "init_theta", "init_theta_from_feature", "load_theta",
+__all__ = ["ScaleByCelo2State", "Celo2Rule", "celo2_rule", "celo2_leaf_direction", "scale_by_celo2", "celo2",
+           "celo2_base", "param_labels", "factored_dims", "init_theta", "init_theta_from_feature", "load_theta",
            "save_theta", "theta_from_bytes", "theta_to_bytes"]
 
 RMS_DECAYS = (0.95,)
-NS_COEFFS = (3.4445, -4.7750, 2.0315)
 NORM_EPS = 1e-9  # input-feature and output RMS normalisation
 ACTIVATIONS = {"relu": jax.nn.relu, "tanh": jnp.tanh}
 
@@ -74,22 +74,8 @@ class ScaleByCelo2State(NamedTuple):
 register_state_layout(ScaleByCelo2State, iteration=REPLICATED, **ACCUMULATOR_LAYOUT)
 
 
-def orthogonalize_ns(x, coeffs=NS_COEFFS, iters: int = 5, eps: float = 1e-8):
-    """Newton-Schulz iteration towards U V^T of each matrix over the last two axes (leading axes batched).
-
-    Tall slices are transposed to wide; X <- X / (||X||_F + eps); then ``iters`` times
-    A = X X^T, B = b A + c A A, X <- a X + B X. No shape-dependent scaling (the RMS normalisation follows).
-    """
-    a, b, c = coeffs
-    tall = x.shape[-2] > x.shape[-1]
-    if tall:
-        x = jnp.swapaxes(x, -1, -2)
-    x = x / (jnp.linalg.norm(x, axis=(-2, -1), keepdims=True) + eps)
-    for _ in range(iters):
-        A = x @ jnp.swapaxes(x, -1, -2)
-        B = b * A + c * (A @ A)
-        x = a * x + B @ x
-    return jnp.swapaxes(x, -1, -2) if tall else x
+def _last_two_axes(p) -> tuple:
+    return tuple(range(max(p.ndim - 2, 0), p.ndim))
 
 
 def _rms_normalizer(x, axes):
@@ -133,7 +119,7 @@ class Celo2Rule(NamedTuple):
 
 def celo2_rule(orthogonalize: bool = True, initial_momentum_decays=MOMENTUM_DECAYS, initial_rms_decays=RMS_DECAYS,
                initial_adafactor_decays=ADAFACTOR_DECAYS, exp_mult: float = 0.0, rmsmult: float = 1.0,
-               mlp_activation: str = "relu", ns_coeffs=NS_COEFFS, ns_iters: int = 5, ns_eps: float = 1e-8,
+               mlp_activation: str = "relu", ns_coeffs=QUINTIC_COEFFS, ns_iters: int = 5, ns_eps: float = 1e-8,
                chunk_elems: int | None = None) -> Celo2Rule:
     """The ``Celo2Rule`` of ``scale_by_celo2``'s keywords; ValueError for decays that do not match theta's input
     widths or an unknown activation."""
@@ -193,7 +179,7 @@ def celo2_direction(inputs, theta, w0, rule: Celo2Rule):
     channels and the MLP both run over blocks of rows along the first of the last two axes.
     """
     p = inputs[1]
-    axes = tuple(range(max(p.ndim - 2, 0), p.ndim))  # input and output normalisation: last two axes
+    axes = _last_two_axes(p)  # input and output normalisation
     whole = _channels(*inputs)
     dense = [i for i, c in enumerate(whole) if c.shape == p.shape]
     stats = [i for i, c in enumerate(whole) if c.shape != p.shape]
@@ -212,8 +198,8 @@ def celo2_direction(inputs, theta, w0, rule: Celo2Rule):
     return fold_row_blocks(put, d, (*inputs, *terms), axes[0], n_rows).reshape(p.shape)
 
 
-def celo2_leaf_step(g, p, m, rms, v_row, v_col, v_diag, *, theta, w0, rule: Celo2Rule):
-    """One Celo2 step of one leaf: (step before the learning rate, new m, rms, v_row, v_col, v_diag).
+def celo2_leaf_direction(g, p, m, rms, v_row, v_col, v_diag, *, theta, w0, rule: Celo2Rule):
+    """The MLP's direction of one leaf before Newton-Schulz: (d float32, new m, rms, v_row, v_col, v_diag).
 
     With g <- clip(g, -1000, 1000) and EMAs new = beta old + (1 - beta) x (zero init, no bias correction):
     m (3 decays) of g, rms (1 decay) of g^2, and Adafactor EMAs of g^2 + 1e-30 factored over the two largest
@@ -226,26 +212,26 @@ def celo2_leaf_step(g, p, m, rms, v_row, v_col, v_diag, *, theta, w0, rule: Celo
     x rsqrt(1e-9 + mean(x^2)) over the last two axes of p, then
 
         h = act(act(sum_i x_i w0__i + b0) w1 + b1);  o = h w2 + b2;  d = o[..., 0] exp(exp_mult o[..., 1])
-        d <- NS(d) if orthogonalize and ndim >= 2;   step = rmsmult d rsqrt(1e-9 + mean(d^2))
 
-    with the means over the last two axes. A scalar leaf runs as shape (1,).
+    with the means over the last two axes. A scalar leaf runs as shape (1,). ``scale_by_celo2`` finishes the
+    step: d <- NS(d) if orthogonalize and ndim >= 2; step = rmsmult d rsqrt(1e-9 + mean(d^2)).
     """
     if p.ndim == 0:  # run as shape (1,) and squeeze back
-        step, m, rms, v_row, v_col, v_diag = celo2_leaf_step(g[None], p[None], m[None], rms[None], v_row, v_col,
-                                                             v_diag[None], theta=theta, w0=w0, rule=rule)
-        return step[0], m[0], rms[0], v_row, v_col, v_diag[0]
+        d, m, rms, v_row, v_col, v_diag = celo2_leaf_direction(g[None], p[None], m[None], rms[None], v_row, v_col,
+                                                               v_diag[None], theta=theta, w0=w0, rule=rule)
+        return d[0], m[0], rms[0], v_row, v_col, v_diag[0]
     g = jnp.clip(g, -GRAD_CLIP, GRAD_CLIP)
     new_state, fac = accumulate(g, m, rms, v_row, v_col, v_diag, rule.decays)
-    d = celo2_direction((g, p, *new_state[:2], *fac), theta, w0, rule)
-    if rule.orthogonalize and p.ndim >= 2:
-        d = orthogonalize_ns(d, rule.ns_coeffs, rule.ns_iters, rule.ns_eps)
-    step = rule.rmsmult * d * _rms_normalizer(d, tuple(range(max(p.ndim - 2, 0), p.ndim)))
-    return (step.astype(p.dtype), *new_state)
+    return (celo2_direction((g, p, *new_state[:2], *fac), theta, w0, rule), *new_state)
 
 
-def scale_by_celo2(theta, *, orthogonalize: bool = True, **rule_config: Any) -> optax.GradientTransformation:
+def scale_by_celo2(theta, *, orthogonalize: bool = True, placement: Placement = IN_PLACE,
+                   **rule_config: Any) -> optax.GradientTransformation:
     """The Celo2 learned rule; ``update(grads, state, params)`` returns the step before the learning rate
-    (``celo2_leaf_step`` per leaf; docs/learned_optimizers.md#celo2).
+    (docs/learned_optimizers.md#celo2): ``celo2_leaf_direction`` per leaf, Newton-Schulz on the leaves with
+    two or more axes (``optim.orthogonalize``, run where ``placement`` says), then the RMS normalisation
+
+        step = rmsmult d rsqrt(1e-9 + mean(d^2))      (mean over the last two axes)
 
     ``theta``: a dict or the path of a theta.state file (``load_theta``). ``rule_config``: the keywords of
     ``celo2_rule`` (initial_momentum_decays, initial_rms_decays, initial_adafactor_decays, exp_mult, rmsmult,
@@ -266,9 +252,14 @@ def scale_by_celo2(theta, *, orthogonalize: bool = True, **rule_config: Any) -> 
             raise ValueError("scale_by_celo2 needs params: the parameter value is an input feature of the rule")
         treedef = jax.tree.structure(updates)
         trees = (updates, params, state.m, state.rms, state.v_row, state.v_col, state.v_diag)
-        outs = [celo2_leaf_step(*leaves, theta=theta, w0=w0, rule=rule)
+        outs = [celo2_leaf_direction(*leaves, theta=theta, w0=w0, rule=rule)
                 for leaves in zip(*(treedef.flatten_up_to(t) for t in trees))]
-        step, m, rms, v_row, v_col, v_diag = (treedef.unflatten([o[i] for o in outs]) for i in range(6))
+        d, m, rms, v_row, v_col, v_diag = (treedef.unflatten([o[i] for o in outs]) for i in range(6))
+        if rule.orthogonalize:
+            d = orthogonalize_matrices(d, partial(newton_schulz, coeffs=rule.ns_coeffs, iters=rule.ns_iters,
+                                                  eps=rule.ns_eps), placement)
+        step = jax.tree.map(lambda d, p: (rule.rmsmult * d * _rms_normalizer(d, _last_two_axes(p))).astype(p.dtype),
+                            d, params)
         return step, ScaleByCelo2State(optax.safe_increment(state.iteration), m, rms, v_row, v_col, v_diag)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -284,7 +275,7 @@ def param_labels(params):
 
 def celo2(learning_rate: optax.ScalarOrSchedule, theta, *, weight_decay: float = 0.0,
           mult_1d: float = 20.0, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
-          **celo2_config: Any) -> optax.GradientTransformation:
+          placement: Placement = IN_PLACE, **celo2_config: Any) -> optax.GradientTransformation:
     """Celo2 as deployed (docs/learned_optimizers.md#celo2-as-deployed): leaves labelled by ``param_labels``.
 
     'celo2' leaves: p <- p - lr_t (scale_by_celo2(orthogonalize=True) + wd p).
@@ -293,7 +284,7 @@ def celo2(learning_rate: optax.ScalarOrSchedule, theta, *, weight_decay: float =
     adam_lr = ((lambda count: mult_1d * learning_rate(count)) if callable(learning_rate)
                else mult_1d * learning_rate)
     return optax.partition({
-        "celo2": optax.chain(scale_by_celo2(theta, orthogonalize=True, **celo2_config),
+        "celo2": optax.chain(scale_by_celo2(theta, orthogonalize=True, placement=placement, **celo2_config),
                              optax.add_decayed_weights(weight_decay),
                              optax.scale_by_learning_rate(learning_rate)),
         "adam": optax.adamw(adam_lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
