@@ -50,7 +50,8 @@ def _define_flags() -> None:
                                     "Run config (a python file): model, batch, mesh, dtype, data as in training.")
     flags.DEFINE_list("presets", [], "model presets to time (default: the config's model.name)")
     flags.DEFINE_list("optimizers", ["adamw", "muon", "celo2", "celo2_base", "velo"],
-                      "optimizers whose update to time (optim.registry names; empty: none)")
+                      "optimizers whose update to time (optim.registry names, NAME:PLACEMENT for an "
+                      "optimizer.orthogonalize other than the config's, e.g. muon:distributed; empty: none)")
     flags.DEFINE_list("aot", [], "presets to compile only (abstract shapes)")
     flags.DEFINE_integer("steps", 5, "timed repeats after warm-up", lower_bound=1)
     flags.DEFINE_bool("matmuls", False, "also time every matmul of each timed preset's step alone: the MFU "
@@ -101,13 +102,16 @@ def device_rates(dtype) -> dict:
 
 
 def _run(cfg, preset: str, opt_name: str):
-    """The benchmarked run of a preset and optimizer (learned ones with their shipped weights) with the rest
-    of ``cfg`` (as given: it is loaded here), which reads no data."""
+    """The benchmarked run of a preset and optimizer (learned ones with their shipped weights; ``name:placement``
+    sets ``optimizer.orthogonalize``) with the rest of ``cfg`` (as given: it is loaded here), which reads no data."""
     from train.build import build_run
     from train.config import load_config
 
     cfg = cfg.copy_and_resolve_references()
+    opt_name, _, placement = opt_name.partition(":")
     cfg.model.name, cfg.optimizer.name, cfg.optimizer.lr = preset, opt_name, 0.0  # 0: the optimizer's default
+    if placement:
+        cfg.optimizer.orthogonalize = placement
     return build_run(load_config(cfg))
 
 
@@ -254,13 +258,13 @@ def _time_step(run, compiled, steps: int) -> dict:
     return row
 
 
-def _optimizer_update(run, timed: dict) -> dict:
+def _optimizer_update(run, timed: dict, name: str) -> dict:
     """Compile ``run``'s optimizer update (+ apply) on random params and gradients; register the blocking
-    update under its name in ``timed``; return its row without the time."""
+    update under ``name`` in ``timed``; return its row without the time."""
     import jax
     import optax
 
-    layout, tx, name = run.layout, run.optimizer.tx, run.cfg.optimizer.name
+    layout, tx = run.layout, run.optimizer.tx
     params_abs, state_abs = layout.abstract.params, layout.abstract.opt_state
 
     def update(params, grads, opt_state):
@@ -285,7 +289,8 @@ def _optimizer_update(run, timed: dict) -> dict:
 
     timed[name] = one
     n = sum(x.size for x in leaves)
-    return {"optimizer": name, "state_bytes_per_param": _bytes(state_abs) / n,
+    return {"optimizer": name, "orthogonalize": run.placement.name if run.placement else None,
+            "state_bytes_per_param": _bytes(state_abs) / n,
             "update_temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes)}
 
 
@@ -294,7 +299,7 @@ def bench_optimizers(cfg, preset: str, names: list[str], steps: int) -> list[dic
     import jax
 
     timed = {}
-    rows = [{"preset": preset, **_optimizer_update(_run(cfg, preset, name), timed)} for name in names]
+    rows = [{"preset": preset, **_optimizer_update(_run(cfg, preset, name), timed, name)} for name in names]
     with jax.set_mesh(_run(cfg, preset, "adamw").mesh):
         t = _medians(timed, steps)
     for row in rows:
@@ -327,7 +332,7 @@ def _preset_line(preset: str, row: dict) -> str:
 def _optimizer_line(preset: str, row: dict) -> str:
     share = f"  ({100 * row['share_of_step']:.1f}% of an AdamW step)" if "share_of_step" in row else ""
     vs = f"  {row['vs_muon']:5.2f}x Muon" if "vs_muon" in row else ""
-    return (f"{preset:<12} {row['optimizer']:<11} update {row['update_seconds'] * 1e3:8.2f} ms{share}{vs}  "
+    return (f"{preset:<12} {row['optimizer']:<18} update {row['update_seconds'] * 1e3:8.2f} ms{share}{vs}  "
             f"state {row['state_bytes_per_param']:5.2f} B/param  update temp "
             f"{row['update_temp_bytes'] / 2**20:8.1f} MiB")
 

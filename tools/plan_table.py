@@ -31,7 +31,11 @@ MODELS = (
 # slice and eight GPU hosts
 PAPER = ("paper-gpt3-xl", "paper_gpt3_xl", {})
 OPTIMIZERS = ("adamw", "muon", "celo2")
+ORTHOGONALIZING = ("muon", "celo2")
 TOPOLOGIES = ("v5p-8", "v5p-128", "v5e-256")
+# the large models' Muon and Celo2 rows again with Newton-Schulz dealt out over the chips (optim.orthogonalize),
+# beside the rows above, whose matrices are gathered on every chip
+DISTRIBUTED = [(model, topo) for model in ("gpt2-xl", "gpt3-xl") for topo in ("v5p-8", "v5p-128")]
 GPU_COUNTS = (8, 64)  # H100s: one host, eight hosts
 # gpt3-xl on v5p-128 side by side: the XLA attention with whole-sequence logits against the fused kernel and
 # the chunked loss (each alone and together)
@@ -43,24 +47,40 @@ VARIANTS = (
 )
 
 
+def _optimizer(opt: str, placement: str = "replicated") -> tuple[str, dict]:
+    """(the row label's optimizer, its overrides): Muon's and Celo2's with their Newton-Schulz placement."""
+    if opt not in ORTHOGONALIZING:
+        return opt, {"optimizer.name": opt}
+    return f"{opt}, NS {placement}", {"optimizer.name": opt, "optimizer.orthogonalize": placement}
+
+
 def rows(only: str = ""):
     """(file name, label, config module, overrides, topology) of every row."""
     for model, module, overrides in MODELS:
         if only and model != only:
             continue
         for opt in OPTIMIZERS:
+            label, opt_overrides = _optimizer(opt)
             for topo in TOPOLOGIES:
-                yield f"{model}-{opt}-{topo}", f"{model} {opt}", module, {**overrides, "optimizer.name": opt}, topo
+                yield f"{model}-{opt}-{topo}", f"{model} {label}", module, {**overrides, **opt_overrides}, topo
+    for model, module, overrides in MODELS:
+        for topo in (t for m, t in DISTRIBUTED if m == model and (not only or only == model)):
+            for opt in ORTHOGONALIZING:
+                label, opt_overrides = _optimizer(opt, "distributed")
+                yield (f"{model}-{opt}-{topo}-distributed", f"{model} {label}", module,
+                       {**overrides, **opt_overrides}, topo)
     if not only or only == "gpt2-xl":  # d_model 1600 does not split 256 ways: fsdp=64 within data=4 does
         for opt in OPTIMIZERS:
-            yield (f"gpt2-xl-{opt}-v5e-256-data4", f"gpt2-xl {opt}, mesh data=4", "gpt2_small",
-                   {**MODELS[1][2], "optimizer.name": opt, "mesh.data": 4}, "v5e-256")
+            label, opt_overrides = _optimizer(opt)
+            yield (f"gpt2-xl-{opt}-v5e-256-data4", f"gpt2-xl {label}, mesh data=4", "gpt2_small",
+                   {**MODELS[1][2], **opt_overrides, "mesh.data": 4}, "v5e-256")
     if not only or only == "gpt3-xl":
         for i, (label, overrides) in enumerate(VARIANTS):
             yield f"gpt3-xl-adamw-v5p-128-variant{i}", f"gpt3-xl adamw, {label}", "gpt3_xl", overrides, "v5p-128"
-    if not only or only == PAPER[0]:
+    if not only or only == PAPER[0]:  # as a user runs it: Newton-Schulz distributed (optimizer.orthogonalize auto)
         for opt in OPTIMIZERS:
-            yield f"{PAPER[0]}-{opt}-v5p-128", f"{PAPER[0]} {opt}", PAPER[1], {"optimizer.name": opt}, "v5p-128"
+            label, opt_overrides = _optimizer(opt, "distributed")
+            yield f"{PAPER[0]}-{opt}-v5p-128", f"{PAPER[0]} {label}", PAPER[1], opt_overrides, "v5p-128"
 
 
 def gpu_rows(only: str = ""):
@@ -69,12 +89,14 @@ def gpu_rows(only: str = ""):
         if only and model != only:
             continue
         for opt in OPTIMIZERS:
+            label, opt_overrides = _optimizer(opt)
             for n in GPU_COUNTS:
-                yield (f"{model}-{opt}-h100x{n}", f"{model} {opt}", module, {**overrides, "optimizer.name": opt},
+                yield (f"{model}-{opt}-h100x{n}", f"{model} {label}", module, {**overrides, **opt_overrides},
                        ["--gpu", "h100", "--gpus", str(n)])
     if not only or only == PAPER[0]:
         for opt in OPTIMIZERS:
-            yield (f"{PAPER[0]}-{opt}-h100x64", f"{PAPER[0]} {opt}", PAPER[1], {"optimizer.name": opt},
+            label, opt_overrides = _optimizer(opt)
+            yield (f"{PAPER[0]}-{opt}-h100x64", f"{PAPER[0]} {label}", PAPER[1], opt_overrides,
                    ["--gpu", "h100", "--gpus", "64"])
 
 

@@ -267,6 +267,9 @@ def _train(run: Run, stop: StopRequest, stop_at: int | None, tasks: list[Task]) 
     if run.optimizer.labels is not None:
         params = run.layout.abstract.params
         logger.print(f"{cfg.optimizer.name} routing:\n" + routing_table(params, run.optimizer.labels(params)))
+    if run.placement is not None:
+        logger.print(f"Newton-Schulz: {run.placement.name} over the mesh (optimizer.orthogonalize="
+                     f"{cfg.optimizer.orthogonalize})")
     window = profile_window(cfg.profile_steps, cfg.steps)
     profiler = Profiler(cfg.workdir, window, start_step) if window else None
     if profiler:
