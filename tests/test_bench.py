@@ -1,5 +1,5 @@
 """tools.bench's matmul ceiling: the step's matmuls add up to the model's FLOPs, and the bench reports them (and the
-diagnostics step's time)."""
+diagnostics step's time); optimizers timed per Newton-Schulz placement."""
 import json
 import subprocess
 import sys
@@ -43,3 +43,17 @@ def test_bench_matmuls_need_one_device():
                           "--config.mesh.tensor=1", "--config.batch_size=2", "--config.seq_len=64", "--steps", "1",
                           "--matmuls"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 2 and "--matmuls times the whole step's matmuls on one device" in out.stderr
+
+
+def test_bench_times_an_optimizer_per_newton_schulz_placement():
+    from configs.bench import get_config
+    from tools.bench import bench_optimizers
+
+    cfg = get_config()
+    cfg.cpu_devices = 8
+    cfg.mesh.update(dict(data=2, fsdp=2, tensor=2))
+    rows = bench_optimizers(cfg, "cpu-tiny", ["muon:replicated", "muon:distributed", "adamw"], steps=1)
+    assert [(r["optimizer"], r["orthogonalize"]) for r in rows] == [
+        ("muon:replicated", "replicated"), ("muon:distributed", "distributed"), ("adamw", None)]
+    assert all(r["update_seconds"] > 0 for r in rows)
+    assert rows[0]["state_bytes_per_param"] == rows[1]["state_bytes_per_param"]  # the same state either way

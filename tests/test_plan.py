@@ -148,6 +148,11 @@ def test_small_model_compiles_for_a_tpu_topology(tmp_path):
     assert plan["per_device"]["params"] == plan["analytic"]["params"]
     assert 0.5 < plan["analytic"]["total"] / plan["per_device"]["total"] < 2.0
     assert 0 < plan["projected_mfu"] < 1 and "not a measurement" in r.stdout
+    # Newton-Schulz dealt out over the 4 chips (optimizer.orthogonalize auto), said; the update alone compiled
+    assert plan["config"]["orthogonalize"] == "distributed" and "Newton-Schulz distributed" in r.stdout
+    update = plan["optimizer_update"]
+    assert 0 < update["xla_flops_per_device"] < plan["xla_flops_per_step"] / 4 and update["temporary"] > 0
+    assert "optimizer update compiled alone" in r.stdout
     row = table_line("cpu-small muon", "v5p:2x2x1", plan)  # its row in the benchmarks file's table
     assert "| yes |" in row and f"{plan['projected_step_seconds']:.3f}" in row
 

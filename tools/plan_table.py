@@ -187,6 +187,38 @@ def variant_ratios(out: str) -> str:
     return f"\ngpt3-xl adamw on v5p-128 against {VARIANTS[0][0]}: " + "; ".join(parts) + ".\n"
 
 
+def _load(out: str, name: str) -> dict | None:
+    path = os.path.join(out, f"{name}.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        plan = json.load(f)
+    return plan if "per_device" in plan else None
+
+
+def placement_ratios(out: str) -> str:
+    """For each ``DISTRIBUTED`` row planned so far: its temporaries and projected step against AdamW's on the
+    same topology, beside the replicated row's, as lines under the table."""
+    lines = []
+    for model, topo in DISTRIBUTED:
+        adamw = _load(out, f"{model}-adamw-{topo}")
+        for opt in ORTHOGONALIZING:
+            replicated, distributed = _load(out, f"{model}-{opt}-{topo}"), _load(out, f"{model}-{opt}-{topo}-distributed")
+            if not (adamw and replicated and distributed):
+                continue
+
+            def ratios(plan):
+                temp = plan["per_device"]["temporary"] / adamw["per_device"]["temporary"]
+                steps = [p.get("projected_step_seconds") for p in (plan, adamw)]
+                return f"temporaries {temp:.2f}x" + (f", step {steps[0] / steps[1]:.3f}x" if all(steps) else "")
+            lines.append(f"- {model} {opt} on {topo}: NS replicated {ratios(replicated)}; distributed "
+                         f"{ratios(distributed)}")
+    if not lines:
+        return ""
+    return ("\nMuon and Celo2 against AdamW on the same topology (per chip; step: XLA's projected step time), "
+            "Newton-Schulz replicated and distributed:\n\n" + "\n".join(lines) + "\n")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="results/plans")
@@ -211,7 +243,7 @@ def main(argv=None) -> int:
                     json.dump(plan, f)
         lines.append(gpu_table_line(label, plan) if args.gpu else table_line(label, topology, plan))
     table = (GPU_HEADER + "\n" + "\n".join(lines) + "\n" if args.gpu else
-             HEADER + "\n" + "\n".join(lines) + "\n" + variant_ratios(args.out))
+             HEADER + "\n" + "\n".join(lines) + "\n" + variant_ratios(args.out) + placement_ratios(args.out))
     with open(os.path.join(args.out, "gpu_table.md" if args.gpu else "table.md"), "w") as f:
         f.write(table)
     print(table)
