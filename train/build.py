@@ -125,6 +125,11 @@ class Run:
     def optimizer(self):
         return make_optimizer(self.cfg.optimizer, self.cfg.steps, self.placement or REPLICATED)
 
+    def check_optimizer(self) -> None:
+        """Build the optimizer from its settings alone (no model, so no vocabulary needed: Newton-Schulz
+        replicated), so that a bad optimizer setting fails before a corpus is prepared."""
+        make_optimizer(self.cfg.optimizer, self.cfg.steps)
+
     @cached_property
     def layout(self):
         layout = make_layout(self.params_layout, self.optimizer.tx, self.mesh)

@@ -231,7 +231,7 @@ def train(cfg, *, devices=None, stop_at: int | None = None) -> dict:
     """
     cfg = load_config(cfg)
     with StopRequest() as stop:
-        build_run(cfg, devices).optimizer  # a bad optimizer setting fails before a corpus is prepared
+        build_run(cfg, devices).check_optimizer()  # a bad optimizer setting fails before a corpus is prepared
         tasks = read_tasks(cfg.eval_tasks)  # and so does a bad task file
         dataset = prepare_dataset(cfg)
         run = build_run(with_dataset(cfg, dataset.vocab_size), devices, dataset=dataset).check()
