@@ -78,7 +78,7 @@ def muon(learning_rate, adam_learning_rate, *, beta: float = 0.95, nesterov: boo
          weight_decay: float = 0.0, adam_b1: float = 0.9, adam_b2: float = 0.95, eps: float = 1e-8,
          placement: Placement = REPLICATED):
     """``optax.contrib.muon``'s transformation with this project's routing (see module docstring): Muon
-    (``scale_by_muon``, then optax's shape scaling, decoupled weight decay and the learning rate) on the
+    (``scale_by_muon``, then the shape scaling of optax's (``scale_by_shape``), decoupled weight decay and the learning rate) on the
     matrices, NAdamW (with ``nesterov``) at ``adam_learning_rate`` on the rest."""
     return optax.partition({
         "muon": optax.chain(scale_by_muon(beta=beta, nesterov=nesterov, eps=eps, placement=placement),

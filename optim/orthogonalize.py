@@ -5,9 +5,9 @@ are a batch: per q/k/v and head for attention). A matrix is split over the mesh 
 shards of d_model, heads over the tensor axis), and a Newton-Schulz iteration multiplies whole matrices. Two
 placements do that:
 
-``replicated``   each leaf is orthogonalised where it lies: XLA gathers every matrix onto every device that
-                 holds a shard of it and runs the iterations there, so each device computes (and holds, at
-                 once) every matrix of the model: the same work repeated on every device.
+``replicated``   each leaf is orthogonalised where it lies: XLA's partitioner gathers every matrix onto every
+                 device that holds a shard of it for the iterations' products, so each device holds every
+                 matrix of the model at once (the compiled FLOPs show it still splits the products' work).
 ``distributed``  the matrices are dealt out over all devices of the mesh. Leaves are flattened to batches
                  of wide matrices (a tall one transposed: NS(X^T) = NS(X)^T), matrices of one shape are
                  stacked into one batch, zero-padded to a multiple of the device count (NS(0) = 0) and
